@@ -1,0 +1,220 @@
+"""Recommendation models: biased MF, GMF, MLP and NeuMF (He et al., WWW 2017).
+
+Every model follows one naming rule that the federated code relies on instead of
+guessing: parameters of modules named ``user_*`` are **user-local** (they never leave
+the device), parameters of modules named ``item_*`` are **shared and item-indexed**
+(one row per item, so they are averaged row by row), and everything else (MLP towers,
+output layer, global bias) is **shared and dense**. Only ``nn.Embedding`` and
+``nn.Linear`` layers are used so Opacus can compute per-sample gradients for all of
+them.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+MODEL_NAMES = ("mf", "gmf", "mlp", "neumf")
+USER_PREFIX = "user_"
+ITEM_PREFIX = "item_"
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Architecture hyper-parameters; the same config builds the model on both sides."""
+
+    name: str = "gmf"
+    embedding_dim: int = 32
+    mlp_layers: tuple[int, ...] = (64, 32, 16)
+    init_std: float = 0.01
+
+    def __post_init__(self) -> None:
+        if self.name not in MODEL_NAMES:
+            raise ValueError(f"unknown model {self.name!r}; expected one of {', '.join(MODEL_NAMES)}")
+        if self.embedding_dim < 1:
+            raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
+        if any(width < 1 for width in self.mlp_layers):
+            raise ValueError(f"mlp_layers must be positive widths, got {self.mlp_layers}")
+
+
+class RecModel(nn.Module):
+    """Base class: scores (user, item) pairs and tells local from shared parameters."""
+
+    def __init__(self, num_users: int, num_items: int) -> None:
+        super().__init__()
+        self.num_users = num_users
+        self.num_items = num_items
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Return one logit (implicit) or predicted rating (explicit) per pair."""
+        raise NotImplementedError
+
+    # --- parameter roles -------------------------------------------------------
+    def local_parameter_names(self) -> list[str]:
+        """User embeddings and biases: trained on the device and never uploaded."""
+        return [name for name, _ in self.named_parameters() if name.startswith(USER_PREFIX)]
+
+    def shared_parameter_names(self) -> list[str]:
+        """Everything aggregated by the server, in a fixed order."""
+        return [name for name, _ in self.named_parameters() if not name.startswith(USER_PREFIX)]
+
+    def item_row_parameter_names(self) -> list[str]:
+        """Shared parameters with one row per item (averaged per row, not per table)."""
+        return [name for name, _ in self.named_parameters() if name.startswith(ITEM_PREFIX)]
+
+    def shared_state(self) -> OrderedDict[str, np.ndarray]:
+        """Copy of the shared parameters as float32 numpy arrays, in shared order."""
+        params = dict(self.named_parameters())
+        return OrderedDict(
+            (name, params[name].detach().cpu().numpy().copy()) for name in self.shared_parameter_names()
+        )
+
+    def local_state(self) -> OrderedDict[str, np.ndarray]:
+        """Copy of the user-local parameters as numpy arrays."""
+        params = dict(self.named_parameters())
+        return OrderedDict(
+            (name, params[name].detach().cpu().numpy().copy()) for name in self.local_parameter_names()
+        )
+
+    def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        """Overwrite the named parameters in place; names and shapes must match exactly."""
+        params = dict(self.named_parameters())
+        with torch.no_grad():
+            for name, value in arrays.items():
+                if name not in params:
+                    raise KeyError(f"model has no parameter {name!r}")
+                target = params[name]
+                if tuple(value.shape) != tuple(target.shape):
+                    raise ValueError(
+                        f"shape mismatch for {name}: got {tuple(value.shape)}, expected {tuple(target.shape)}"
+                    )
+                target.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
+
+    @torch.no_grad()
+    def score_all_items(self, users: torch.Tensor, batch_items: int = 4096) -> torch.Tensor:
+        """Scores of every item for each user in ``users``: [len(users), num_items]."""
+        all_items = torch.arange(self.num_items)
+        rows = []
+        for user in users.tolist():
+            chunks = []
+            for start in range(0, self.num_items, batch_items):
+                items = all_items[start : start + batch_items]
+                chunks.append(self(torch.full_like(items, user), items))
+            rows.append(torch.cat(chunks))
+        return torch.stack(rows) if rows else torch.empty(0, self.num_items)
+
+
+def _embedding(rows: int, dim: int, std: float) -> nn.Embedding:
+    layer = nn.Embedding(rows, dim)
+    nn.init.normal_(layer.weight, std=std)
+    return layer
+
+
+def _tower(in_features: int, widths: tuple[int, ...]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for width in widths:
+        linear = nn.Linear(in_features, width)
+        nn.init.xavier_uniform_(linear.weight)
+        nn.init.zeros_(linear.bias)
+        layers += [linear, nn.ReLU()]
+        in_features = width
+    return nn.Sequential(*layers)
+
+
+class BiasedMF(RecModel):
+    """Dot product of user and item factors plus user, item and global biases."""
+
+    def __init__(self, num_users: int, num_items: int, config: ModelConfig) -> None:
+        super().__init__(num_users, num_items)
+        dim, std = config.embedding_dim, config.init_std
+        self.user_embedding = _embedding(num_users, dim, std)
+        self.user_bias = _embedding(num_users, 1, 0.0)
+        self.item_embedding = _embedding(num_items, dim, std)
+        self.item_bias = _embedding(num_items, 1, 0.0)
+        # An Embedding(1, 1) rather than a bare Parameter, because Opacus can only
+        # compute per-sample gradients for parameters that live in supported layers.
+        self.global_bias = _embedding(1, 1, 0.0)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        dot = (self.user_embedding(users) * self.item_embedding(items)).sum(-1)
+        bias = self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1)
+        return dot + bias + self.global_bias(torch.zeros_like(users)).squeeze(-1)
+
+    @torch.no_grad()
+    def score_all_items(self, users: torch.Tensor, batch_items: int = 4096) -> torch.Tensor:
+        scores = self.user_embedding(users) @ self.item_embedding.weight.T
+        scores += self.user_bias(users) + self.item_bias.weight.T
+        return scores + self.global_bias.weight[0, 0]
+
+
+class GMF(RecModel):
+    """Generalized MF: element-wise product of embeddings, then a learned linear output."""
+
+    def __init__(self, num_users: int, num_items: int, config: ModelConfig) -> None:
+        super().__init__(num_users, num_items)
+        dim, std = config.embedding_dim, config.init_std
+        self.user_embedding = _embedding(num_users, dim, std)
+        self.item_embedding = _embedding(num_items, dim, std)
+        self.output = nn.Linear(dim, 1)
+        nn.init.normal_(self.output.weight, mean=1.0 / dim**0.5, std=0.01)
+        nn.init.zeros_(self.output.bias)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        return self.output(self.user_embedding(users) * self.item_embedding(items)).squeeze(-1)
+
+    @torch.no_grad()
+    def score_all_items(self, users: torch.Tensor, batch_items: int = 4096) -> torch.Tensor:
+        weighted_users = self.user_embedding(users) * self.output.weight
+        return weighted_users @ self.item_embedding.weight.T + self.output.bias
+
+
+class MLP(RecModel):
+    """Concatenated embeddings through a ReLU tower (the MLP branch of NCF)."""
+
+    def __init__(self, num_users: int, num_items: int, config: ModelConfig) -> None:
+        super().__init__(num_users, num_items)
+        dim, std = config.embedding_dim, config.init_std
+        self.user_embedding = _embedding(num_users, dim, std)
+        self.item_embedding = _embedding(num_items, dim, std)
+        self.tower = _tower(2 * dim, config.mlp_layers)
+        self.output = nn.Linear(config.mlp_layers[-1] if config.mlp_layers else 2 * dim, 1)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        joint = torch.cat([self.user_embedding(users), self.item_embedding(items)], dim=-1)
+        return self.output(self.tower(joint)).squeeze(-1)
+
+
+class NeuMF(RecModel):
+    """GMF and MLP branches with separate embeddings, fused by one output layer."""
+
+    def __init__(self, num_users: int, num_items: int, config: ModelConfig) -> None:
+        super().__init__(num_users, num_items)
+        dim, std = config.embedding_dim, config.init_std
+        self.user_gmf_embedding = _embedding(num_users, dim, std)
+        self.item_gmf_embedding = _embedding(num_items, dim, std)
+        self.user_mlp_embedding = _embedding(num_users, dim, std)
+        self.item_mlp_embedding = _embedding(num_items, dim, std)
+        self.tower = _tower(2 * dim, config.mlp_layers)
+        tower_out = config.mlp_layers[-1] if config.mlp_layers else 2 * dim
+        self.output = nn.Linear(dim + tower_out, 1)
+
+    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        gmf = self.user_gmf_embedding(users) * self.item_gmf_embedding(items)
+        mlp = self.tower(torch.cat([self.user_mlp_embedding(users), self.item_mlp_embedding(items)], dim=-1))
+        return self.output(torch.cat([gmf, mlp], dim=-1)).squeeze(-1)
+
+
+_MODELS: dict[str, type[RecModel]] = {"mf": BiasedMF, "gmf": GMF, "mlp": MLP, "neumf": NeuMF}
+
+
+def build_model(config: ModelConfig, num_users: int, num_items: int, *, seed: int | None = None) -> RecModel:
+    """Build a model; with ``seed`` the initial weights are reproducible."""
+    if seed is None:
+        return _MODELS[config.name](num_users, num_items, config)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _MODELS[config.name](num_users, num_items, config)
