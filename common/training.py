@@ -1,0 +1,165 @@
+"""Local training shared by the centralized baselines and the ClientApp.
+
+One loop serves both sides so a federated result and its centralized yardstick differ
+only in *where* the updates are combined, never in how examples, negatives or losses
+are built.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from common.models import RecModel
+
+LOSSES = ("bce", "bpr", "mse")
+OPTIMIZERS = ("adam", "sgd")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one local training call (``epochs`` passes over the data)."""
+
+    epochs: int = 1
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    num_negatives: int = 4
+    loss: str = "bce"
+    optimizer: str = "adam"
+    weight_decay: float = 0.0
+    proximal_mu: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ValueError(f"unknown loss {self.loss!r}; expected one of {', '.join(LOSSES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.optimizer!r}; expected one of {', '.join(OPTIMIZERS)}")
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.num_negatives < 0:
+            raise ValueError(f"num_negatives must be >= 0, got {self.num_negatives}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
+        if self.loss == "bpr" and self.num_negatives < 1:
+            raise ValueError("the bpr loss needs num_negatives >= 1")
+
+
+class PositiveSet:
+    """Membership test for (user, item) pairs, used to reject sampled 'negatives'."""
+
+    def __init__(self, users: np.ndarray, items: np.ndarray, num_items: int) -> None:
+        self.num_items = num_items
+        self._keys = np.unique(users.astype(np.int64) * num_items + items.astype(np.int64))
+
+    def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        keys = users.astype(np.int64) * self.num_items + items.astype(np.int64)
+        pos = np.searchsorted(self._keys, keys)
+        pos[pos == len(self._keys)] = 0
+        return self._keys[pos] == keys if len(self._keys) else np.zeros(len(keys), dtype=bool)
+
+
+def sample_negatives(
+    users: np.ndarray, positives: PositiveSet, rng: np.random.Generator, max_rounds: int = 50
+) -> np.ndarray:
+    """One uniformly sampled unobserved item per entry of ``users`` (rejection sampling).
+
+    Uniform sampling over the catalogue is the NCF protocol; a user who has seen almost
+    every item keeps a rare observed item after ``max_rounds`` rather than looping forever.
+    """
+    items = rng.integers(0, positives.num_items, size=len(users))
+    for _ in range(max_rounds):
+        clash = positives.contains(users, items)
+        if not clash.any():
+            break
+        items[clash] = rng.integers(0, positives.num_items, size=int(clash.sum()))
+    return items
+
+
+@dataclass(frozen=True)
+class Examples:
+    """One epoch of training examples as tensors."""
+
+    users: torch.Tensor
+    items: torch.Tensor
+    targets: torch.Tensor  # labels (bce), ratings (mse) or negative items (bpr)
+
+    def __len__(self) -> int:
+        return len(self.users)
+
+
+def build_examples(
+    users: np.ndarray,
+    items: np.ndarray,
+    ratings: np.ndarray,
+    positives: PositiveSet,
+    config: TrainConfig,
+    rng: np.random.Generator,
+) -> Examples:
+    """Pair every observed interaction with freshly sampled negatives, per the loss."""
+    if config.loss == "mse":
+        return Examples(torch.from_numpy(users), torch.from_numpy(items), torch.from_numpy(ratings.astype(np.float32)))
+    rep_users = np.repeat(users, config.num_negatives)
+    negatives = sample_negatives(rep_users, positives, rng)
+    if config.loss == "bpr":
+        rep_items = np.repeat(items, config.num_negatives)
+        return Examples(torch.from_numpy(rep_users), torch.from_numpy(rep_items), torch.from_numpy(negatives))
+    all_users = np.concatenate([users, rep_users])
+    all_items = np.concatenate([items, negatives])
+    labels = np.concatenate([np.ones(len(users), np.float32), np.zeros(len(rep_users), np.float32)])
+    return Examples(torch.from_numpy(all_users), torch.from_numpy(all_items), torch.from_numpy(labels))
+
+
+def batch_loss(model: RecModel, loss: str, users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean loss of one mini-batch."""
+    if loss == "bce":
+        return F.binary_cross_entropy_with_logits(model(users, items), targets)
+    if loss == "mse":
+        return F.mse_loss(model(users, items), targets)
+    return -F.logsigmoid(model(users, items) - model(users, targets)).mean()
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """Adam (the NCF default) or plain SGD over all trainable parameters."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    return torch.optim.SGD(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+
+
+def proximal_term(model: RecModel, reference: dict[str, torch.Tensor], mu: float) -> torch.Tensor:
+    """FedProx's (mu / 2) * ||w - w_global||^2 over the shared parameters."""
+    params = dict(model.named_parameters())
+    total = torch.zeros(())
+    for name, ref in reference.items():
+        total = total + (params[name] - ref).pow(2).sum()
+    return 0.5 * mu * total
+
+
+def train_epoch(
+    model: RecModel,
+    examples: Examples,
+    optimizer: torch.optim.Optimizer,
+    config: TrainConfig,
+    generator: torch.Generator,
+    reference: dict[str, torch.Tensor] | None = None,
+) -> float:
+    """One shuffled pass over ``examples``; returns the mean training loss."""
+    model.train()
+    order = torch.randperm(len(examples), generator=generator)
+    total, count = 0.0, 0
+    for start in range(0, len(order), config.batch_size):
+        idx = order[start : start + config.batch_size]
+        loss = batch_loss(model, config.loss, examples.users[idx], examples.items[idx], examples.targets[idx])
+        if reference is not None and config.proximal_mu > 0:
+            loss = loss + proximal_term(model, reference, config.proximal_mu)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        total += float(loss.detach()) * len(idx)
+        count += len(idx)
+    return total / max(count, 1)

@@ -1,0 +1,104 @@
+"""The wire format of a client update, shared by the ClientApp and the ServerApp.
+
+A user touches a few dozen of thousands of items, so averaging whole item tables dilutes
+each item's update by the share of clients that never saw it. Each client therefore
+uploads, for every shared parameter, its **delta** (item-indexed tables with untouched
+rows zeroed) and one dense **touched-items vector** (1.0 where the client trained that
+item row). The server only needs the example-weighted *mean* of uploads, which is exactly
+what Flower's FedAvg or SecAgg+ compute, and divides the item rows of the summed delta by
+the summed touched vector. Because everything is a plain weighted sum, secure
+aggregation never has to reveal which items one client touched.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+TOUCHED_KEY = "item_touched"
+
+
+@dataclass(frozen=True)
+class UpdateLayout:
+    """Names and shapes of the shared parameters, in the order they travel."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    item_rows: frozenset[str]
+    num_items: int
+
+    @classmethod
+    def from_state(cls, shared: "OrderedDict[str, np.ndarray]", item_rows: list[str], num_items: int) -> "UpdateLayout":
+        return cls(tuple(shared), tuple(tuple(a.shape) for a in shared.values()), frozenset(item_rows), num_items)
+
+    def upload_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the uploaded arrays: one per shared parameter, then the touched vector."""
+        return [*self.shapes, (self.num_items,)]
+
+
+def encode_update(
+    layout: UpdateLayout,
+    before: dict[str, np.ndarray],
+    after: dict[str, np.ndarray],
+    touched_items: np.ndarray,
+    *,
+    rowwise: bool = True,
+) -> list[np.ndarray]:
+    """Arrays a client uploads: masked deltas followed by the touched-items vector.
+
+    With ``rowwise=False`` every row counts as touched, which turns the server's decode
+    into plain FedAvg over whole tables (kept for comparison).
+    """
+    touched = np.zeros(layout.num_items, dtype=np.float32)
+    if rowwise:
+        touched[np.unique(touched_items)] = 1.0
+    else:
+        touched[:] = 1.0
+    upload = []
+    for name in layout.names:
+        delta = (after[name] - before[name]).astype(np.float32, copy=False)
+        if name in layout.item_rows:
+            delta = delta * touched.reshape(-1, *([1] * (delta.ndim - 1)))
+        upload.append(delta)
+    upload.append(touched)
+    return upload
+
+
+def decode_mean_update(
+    layout: UpdateLayout,
+    current: list[np.ndarray],
+    mean_upload: list[np.ndarray],
+    *,
+    server_learning_rate: float = 1.0,
+) -> list[np.ndarray]:
+    """New shared parameters from the example-weighted mean of the clients' uploads.
+
+    Item rows are divided by the (weighted) share of clients that touched them; rows no
+    client touched keep their current value. Dense parameters step along the mean delta.
+    """
+    if len(mean_upload) != len(layout.names) + 1:
+        raise ValueError(f"expected {len(layout.names) + 1} arrays in the aggregate, got {len(mean_upload)}")
+    touched = mean_upload[-1].astype(np.float64)
+    safe = np.where(touched > 0, touched, 1.0)
+    new = []
+    for name, value, delta in zip(layout.names, current, mean_upload[:-1]):
+        step = delta.astype(np.float64)
+        if name in layout.item_rows:
+            step = step / safe.reshape(-1, *([1] * (step.ndim - 1)))
+        new.append((value + server_learning_rate * step).astype(np.float32))
+    return new
+
+
+def validate_upload(layout: UpdateLayout, upload: list[np.ndarray]) -> None:
+    """Reject an upload whose arrays do not match the layout (count, shape, finiteness)."""
+    expected = layout.upload_shapes()
+    if len(upload) != len(expected):
+        raise ValueError(f"update has {len(upload)} arrays, expected {len(expected)}")
+    for index, (array, shape) in enumerate(zip(upload, expected)):
+        if tuple(array.shape) != shape:
+            name = layout.names[index] if index < len(layout.names) else TOUCHED_KEY
+            raise ValueError(f"update array {name} has shape {tuple(array.shape)}, expected {shape}")
+        if not np.all(np.isfinite(array)):
+            raise ValueError(f"update array {index} contains NaN or Inf")
