@@ -1,0 +1,140 @@
+"""Typed view of the Flower run-config, validated once before any training starts.
+
+The run-config in ``pyproject.toml`` is the single source of defaults; this module only
+checks types and ranges and turns strings like ``"64,32,16"`` into Python values, so
+both apps fail fast with one clear line instead of deep inside a round.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from common.models import MODEL_NAMES, ModelConfig
+from common.training import LOSSES, OPTIMIZERS, TrainConfig
+
+STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+PARTITIONINGS = ("user", "group")
+
+
+class ConfigError(ValueError):
+    """A run-config value that is missing, of the wrong type or out of range."""
+
+
+@dataclass(frozen=True)
+class FedRecConfig:
+    """Every run-config key, with the type the apps use."""
+
+    dataset: str
+    data_path: str
+    synthetic_users: int
+    synthetic_items: int
+    synthetic_mean_interactions: int
+    csv_user_col: str
+    csv_item_col: str
+    csv_rating_col: str
+    csv_timestamp_col: str
+    csv_delimiter: str
+    implicit_threshold: float
+    seed: int
+    eval_negatives: int
+    partitioning: str
+    users_per_client: int
+    model: str
+    embedding_dim: int
+    mlp_layers: str
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    local_optimizer: str
+    num_negatives: int
+    loss: str
+    num_server_rounds: int
+    strategy: str
+    server_learning_rate: float
+    proximal_mu: float
+    row_wise_aggregation: bool
+    fraction_train: float
+    clients_per_round: int
+    min_train_clients: int
+    min_available_clients: int
+    fraction_evaluate: float
+    evaluate_every: int
+    final_full_evaluation: bool
+    run_dir: str
+    checkpoint_every: int
+
+    @property
+    def model_config(self) -> ModelConfig:
+        return ModelConfig(name=self.model, embedding_dim=self.embedding_dim, mlp_layers=parse_layers(self.mlp_layers))
+
+    @property
+    def train_config(self) -> TrainConfig:
+        return TrainConfig(
+            epochs=self.local_epochs,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            num_negatives=self.num_negatives,
+            loss=self.loss,
+            optimizer=self.local_optimizer,
+            proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
+        )
+
+
+def parse_layers(text: str) -> tuple[int, ...]:
+    """``"64,32,16"`` -> ``(64, 32, 16)``."""
+    try:
+        return tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"mlp-layers must be comma-separated integers like '64,32,16', got {text!r}") from None
+
+
+_CHOICES = {
+    "model": MODEL_NAMES,
+    "loss": LOSSES,
+    "local_optimizer": OPTIMIZERS,
+    "strategy": STRATEGIES,
+    "partitioning": PARTITIONINGS,
+}
+_POSITIVE = {
+    "synthetic_users", "synthetic_items", "synthetic_mean_interactions", "users_per_client", "embedding_dim",
+    "local_epochs", "batch_size", "num_server_rounds", "evaluate_every", "checkpoint_every", "eval_negatives",
+    "learning_rate", "server_learning_rate", "min_train_clients", "min_available_clients",
+}
+_NON_NEGATIVE = {"num_negatives", "clients_per_round", "proximal_mu", "implicit_threshold"}
+_FRACTIONS = {"fraction_train", "fraction_evaluate"}
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
+    """Validate a Flower run-config (keys with dashes) into a :class:`FedRecConfig`."""
+    values: dict[str, Any] = {}
+    for spec in fields(FedRecConfig):
+        key = spec.name.replace("_", "-")
+        if key not in run_config:
+            raise ConfigError(f"run-config is missing '{key}' (see [tool.flwr.app.config] in pyproject.toml)")
+        values[spec.name] = _coerce(key, run_config[key], spec.type)
+    for name, choices in _CHOICES.items():
+        if values[name] not in choices:
+            raise ConfigError(f"{name.replace('_', '-')} must be one of {', '.join(choices)}; got {values[name]!r}")
+    for name in _POSITIVE:
+        if values[name] <= 0:
+            raise ConfigError(f"{name.replace('_', '-')} must be > 0; got {values[name]!r}")
+    for name in _NON_NEGATIVE:
+        if values[name] < 0:
+            raise ConfigError(f"{name.replace('_', '-')} must be >= 0; got {values[name]!r}")
+    for name in _FRACTIONS:
+        if not 0.0 < values[name] <= 1.0:
+            raise ConfigError(f"{name.replace('_', '-')} must be in (0, 1]; got {values[name]!r}")
+    if values["loss"] == "bpr" and values["num_negatives"] < 1:
+        raise ConfigError("loss 'bpr' needs num-negatives >= 1")
+    parse_layers(values["mlp_layers"])
+    return FedRecConfig(**values)
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    expected = {"int": int, "float": float, "bool": bool, "str": str}[str(annotation)]
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool) or not isinstance(value, expected):
+        raise ConfigError(f"run-config '{key}' must be {expected.__name__}; got {value!r} ({type(value).__name__})")
+    return value

@@ -1,0 +1,54 @@
+"""Run-config validation: pyproject defaults parse, bad values fail with one clear line."""
+
+import pytest
+
+from common.config import ConfigError, parse_run_config
+from simulations.engine import fused_run_config
+
+
+def test_pyproject_defaults_parse():
+    config = parse_run_config(fused_run_config())
+    assert config.dataset == "synthetic"
+    assert config.model_config.mlp_layers == (64, 32, 16)
+    assert config.train_config.proximal_mu == 0.0  # only FedProx sends a proximal term
+
+
+def test_fedprox_turns_on_the_proximal_term():
+    config = parse_run_config(fused_run_config({"strategy": "fedprox", "proximal-mu": 0.5}))
+    assert config.train_config.proximal_mu == 0.5
+
+
+def test_unknown_key_is_rejected_before_anything_runs():
+    with pytest.raises(ConfigError, match="unknown run-config key.*learning-rat"):
+        fused_run_config({"learning-rat": 0.1})
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({"model": "svd"}, "model must be one of"),
+        ({"strategy": "krum"}, "strategy must be one of"),
+        ({"batch-size": 0}, "batch-size must be > 0"),
+        ({"learning-rate": -1.0}, "learning-rate must be > 0"),
+        ({"fraction-train": 1.5}, r"fraction-train must be in \(0, 1\]"),
+        ({"num-negatives": -1}, "num-negatives must be >= 0"),
+        ({"local-epochs": "two"}, "'local-epochs' must be int"),
+        ({"row-wise-aggregation": 1}, "'row-wise-aggregation' must be bool"),
+        ({"mlp-layers": "64,x"}, "mlp-layers must be comma-separated"),
+        ({"loss": "bpr", "num-negatives": 0}, "bpr"),
+    ],
+)
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_run_config(fused_run_config(override))
+
+
+def test_missing_key_names_the_key_and_where_defaults_live():
+    config = fused_run_config()
+    del config["seed"]
+    with pytest.raises(ConfigError, match="missing 'seed'.*pyproject.toml"):
+        parse_run_config(config)
+
+
+def test_int_is_accepted_where_a_float_is_expected():
+    assert parse_run_config(fused_run_config({"learning-rate": 1})).learning_rate == 1.0
