@@ -29,7 +29,9 @@ _MOVIELENS = {
     "movielens-latest": "ratings.csv",
 }
 DATASET_NAMES: tuple[str, ...] = ("synthetic", *_MOVIELENS, "csv", "parquet")
-_SYNTHETIC_OPTIONS = {"dim", "mean_interactions", "min_interactions", "popularity_exponent"}
+_SYNTHETIC_OPTIONS = frozenset({"dim", "mean_interactions", "min_interactions", "popularity_exponent"})
+_CSV_OPTIONS = frozenset({"user_col", "item_col", "rating_col", "timestamp_col", "delimiter", "has_header"})
+_PARQUET_OPTIONS = frozenset({"user_col", "item_col", "rating_col", "timestamp_col"})
 
 
 def load_dataset(
@@ -45,23 +47,30 @@ def load_dataset(
     """Load dataset ``name`` (one of :data:`DATASET_NAMES`).
 
     ``synthetic`` needs no path and uses ``num_users``/``num_items``/``seed``
-    (extra options: dim, mean_interactions, min_interactions,
-    popularity_exponent). ``csv``/``parquet`` pass ``csv_options`` (user_col,
-    item_col, rating_col, timestamp_col, and for CSV delimiter/has_header) to
-    the loader. MovieLens names need ``path`` to the user's download (folder
-    or ratings file). ``implicit_threshold`` converts to implicit feedback
-    (rows with rating >= threshold, rating 1.0). Nothing is cached.
+    plus the options dim, mean_interactions, min_interactions,
+    popularity_exponent. ``csv``/``parquet`` use the options user_col,
+    item_col, rating_col, timestamp_col (CSV also delimiter, has_header).
+    MovieLens names need ``path`` to the user's download (folder or ratings
+    file). A caller (CLI, Flower app) may pass every option from its config
+    whatever the dataset: options that don't apply to ``name`` are ignored,
+    but an option name no dataset knows is an error (catches typos).
+    ``implicit_threshold`` converts to implicit feedback (rows with
+    rating >= threshold, rating 1.0). Nothing is cached.
     """
     if name not in DATASET_NAMES:
         raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASET_NAMES)}")
+    unknown = set(csv_options) - _SYNTHETIC_OPTIONS - _CSV_OPTIONS
+    if unknown:
+        raise DataError(
+            f"unknown dataset option(s): {', '.join(sorted(unknown))}; valid: "
+            f"{', '.join(sorted(_SYNTHETIC_OPTIONS | _CSV_OPTIONS))}"
+        )
+
+    def options(valid: frozenset[str]) -> dict[str, Any]:
+        return {k: v for k, v in csv_options.items() if k in valid}
+
     if name == "synthetic":
-        unknown = set(csv_options) - _SYNTHETIC_OPTIONS
-        if unknown:
-            raise DataError(
-                f"unknown option(s) for synthetic data: {', '.join(sorted(unknown))}; "
-                f"valid: {', '.join(sorted(_SYNTHETIC_OPTIONS))}"
-            )
-        data = generate_synthetic(num_users, num_items, seed=seed, **csv_options)
+        data = generate_synthetic(num_users, num_items, seed=seed, **options(_SYNTHETIC_OPTIONS))
     else:
         if path is None:
             raise DataError(
@@ -70,8 +79,6 @@ def load_dataset(
                 + " and pass its location with --data-path"
             )
         if name in _MOVIELENS:
-            if csv_options:
-                raise DataError(f"{name} takes no loader options, got: {', '.join(sorted(csv_options))}")
             file = find_movielens_file(path)
             expected = _MOVIELENS[name]
             if file.suffix != os.path.splitext(expected)[1]:
@@ -80,10 +87,13 @@ def load_dataset(
                     path=file,
                 )
             data = load_movielens(file)
-        elif name == "csv":
-            data = load_csv(path, **csv_options)
         else:
-            data = load_parquet(path, **csv_options)
+            opts = options(_CSV_OPTIONS if name == "csv" else _PARQUET_OPTIONS)
+            missing = [k for k in ("user_col", "item_col") if opts.get(k) is None]
+            if missing:
+                raise DataError(f"dataset {name!r} needs the option(s) {', '.join(missing)}", path=path)
+            loader = load_csv if name == "csv" else load_parquet
+            data = loader(path, **opts)
     if implicit_threshold is not None:
         data = data.implicit(implicit_threshold)
     return data

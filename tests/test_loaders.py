@@ -267,7 +267,18 @@ def test_load_dataset_errors(tmp_path):
     err = raises_data_error(load_dataset, "movielens-25m", path=tmp_path)
     assert "does not look like movielens-25m" in err.message
     err = raises_data_error(load_dataset, "synthetic", bogus=1)
-    assert "bogus" in err.message
+    assert "unknown dataset option(s): bogus" in err.message
+    err = raises_data_error(load_dataset, "csv", path=tmp_path / "u.data", item_col="i")
+    assert "needs the option(s) user_col" in err.message
+
+
+def test_load_dataset_ignores_options_meant_for_other_datasets(tmp_path):
+    # The CLI passes its whole config; CSV options must not break synthetic/MovieLens.
+    common = dict(user_col="u", item_col="i", rating_col=None, delimiter=",", mean_interactions=6)
+    d = load_dataset("synthetic", num_users=20, num_items=30, **common)
+    assert 4 < len(d) / 20 < 9
+    write(tmp_path / "u.data", ML100K)
+    assert len(load_dataset("movielens-100k", path=tmp_path, **common)) == 4
 
 
 def test_error_in_later_block_reports_physical_line(tmp_path, monkeypatch):
