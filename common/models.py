@@ -95,17 +95,17 @@ class RecModel(nn.Module):
                 target.copy_(torch.from_numpy(np.asarray(value, dtype=np.float32)))
 
     @torch.no_grad()
-    def score_all_items(self, users: torch.Tensor, batch_items: int = 4096) -> torch.Tensor:
-        """Scores of every item for each user in ``users``: [len(users), num_items]."""
-        all_items = torch.arange(self.num_items)
-        rows = []
-        for user in users.tolist():
-            chunks = []
-            for start in range(0, self.num_items, batch_items):
-                items = all_items[start : start + batch_items]
-                chunks.append(self(torch.full_like(items, user), items))
-            rows.append(torch.cat(chunks))
-        return torch.stack(rows) if rows else torch.empty(0, self.num_items)
+    def score_all_items(self, users: torch.Tensor, batch_pairs: int = 65536) -> torch.Tensor:
+        """Scores of every item for each user in ``users``: [len(users), num_items].
+
+        Generic path for models without a closed form: all (user, item) pairs in
+        chunks of ``batch_pairs`` through ``forward``.
+        """
+        n_users, n_items = len(users), self.num_items
+        flat_users = users.repeat_interleave(n_items)
+        flat_items = torch.arange(n_items).repeat(n_users)
+        scores = [self(flat_users[s : s + batch_pairs], flat_items[s : s + batch_pairs]) for s in range(0, len(flat_users), batch_pairs)]
+        return torch.cat(scores).reshape(n_users, n_items) if scores else torch.empty(0, n_items)
 
 
 def _embedding(rows: int, dim: int, std: float) -> nn.Embedding:
@@ -145,7 +145,7 @@ class BiasedMF(RecModel):
         return dot + bias + self.global_bias(torch.zeros_like(users)).squeeze(-1)
 
     @torch.no_grad()
-    def score_all_items(self, users: torch.Tensor, batch_items: int = 4096) -> torch.Tensor:
+    def score_all_items(self, users: torch.Tensor, batch_pairs: int = 65536) -> torch.Tensor:
         scores = self.user_embedding(users) @ self.item_embedding.weight.T
         scores += self.user_bias(users) + self.item_bias.weight.T
         return scores + self.global_bias.weight[0, 0]
@@ -167,7 +167,7 @@ class GMF(RecModel):
         return self.output(self.user_embedding(users) * self.item_embedding(items)).squeeze(-1)
 
     @torch.no_grad()
-    def score_all_items(self, users: torch.Tensor, batch_items: int = 4096) -> torch.Tensor:
+    def score_all_items(self, users: torch.Tensor, batch_pairs: int = 65536) -> torch.Tensor:
         weighted_users = self.user_embedding(users) * self.output.weight
         return weighted_users @ self.item_embedding.weight.T + self.output.bias
 

@@ -1,0 +1,179 @@
+"""From a run-config to what each client holds: its users' training rows and eval items.
+
+In simulation every virtual SuperNode derives its own slice from the same seeded
+dataset, split and evaluation negatives, so a federated figure is measured on exactly
+the split (and the same 99 negatives per user) as the centralized baseline.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from common.config import FedRecConfig
+from common.datasets import load_dataset
+from common.interactions import Interactions
+from common.negatives import sample_negatives
+from common.partition import ClientPartition, fixed_size_groups, index_rows_by_user, one_user_per_client
+from common.splits import Split, leave_one_out
+
+
+@dataclass(frozen=True)
+class EvalData:
+    """Leave-one-out evaluation: one held-out item per user plus sampled negatives."""
+
+    users: np.ndarray  # users with a held-out item
+    items: np.ndarray  # their held-out item
+    negatives: np.ndarray  # [len(users), n] sampled items the user never interacted with
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """The full dataset, its split and evaluation negatives (identical for every run with the same seed)."""
+
+    data: Interactions
+    split: Split
+    test: EvalData
+    validation: EvalData
+
+    @property
+    def num_users(self) -> int:
+        return self.data.num_users
+
+    @property
+    def num_items(self) -> int:
+        return self.data.num_items
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's private data, with users re-indexed 0..n-1 for its local embedding table."""
+
+    global_users: np.ndarray  # global index of local user j
+    train_users: np.ndarray  # local user index per training row
+    train_items: np.ndarray
+    train_ratings: np.ndarray
+    test: EvalData  # users are local indices
+    validation: EvalData
+    num_items: int
+
+    @property
+    def num_users(self) -> int:
+        return len(self.global_users)
+
+    def seen_items(self, *, include_validation: bool = False) -> list[np.ndarray]:
+        """Items excluded from full ranking per local user (see :func:`seen_items`)."""
+        return seen_items(self.train_users, self.train_items, self.num_users, self.validation if include_validation else None)
+
+
+def seen_items(users: np.ndarray, items: np.ndarray, num_users: int, also: EvalData | None = None) -> list[np.ndarray]:
+    """Sorted items each user interacted with, to exclude from full ranking.
+
+    The test ranking also excludes the validation item (a known interaction, not a
+    candidate); the validation ranking excludes training items only.
+    """
+    if also is not None and len(also.users):
+        users, items = np.concatenate([users, also.users]), np.concatenate([items, also.items])
+    order = np.argsort(users, kind="stable")
+    bounds = np.searchsorted(users[order], np.arange(num_users + 1))
+    sorted_items = items[order]
+    return [np.unique(sorted_items[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+
+
+def _eval_data(part: Interactions, known, num_negatives: int, seed: int) -> EvalData:
+    users, items = part.users, part.items
+    negatives = sample_negatives(known, users, num_negatives, seed=seed)
+    return EvalData(users=users, items=items, negatives=negatives)
+
+
+def prepare(config: FedRecConfig) -> PreparedData:
+    """Load, split (leave-one-out by time) and sample evaluation negatives."""
+    options: dict = {}
+    if config.dataset == "synthetic":
+        options["mean_interactions"] = config.synthetic_mean_interactions
+    elif config.dataset in ("csv", "parquet"):
+        options.update(
+            user_col=config.csv_user_col,
+            item_col=config.csv_item_col,
+            rating_col=config.csv_rating_col or None,
+            timestamp_col=config.csv_timestamp_col or None,
+        )
+        if config.dataset == "csv":
+            options["delimiter"] = config.csv_delimiter
+    data = load_dataset(
+        config.dataset,
+        path=config.data_path or None,
+        seed=config.seed,
+        num_users=config.synthetic_users,
+        num_items=config.synthetic_items,
+        implicit_threshold=config.implicit_threshold or None,
+        **options,
+    )
+    split = leave_one_out(data)
+    known = data.to_csr()
+    return PreparedData(
+        data=data,
+        split=split,
+        test=_eval_data(split.test, known, config.eval_negatives, config.seed),
+        validation=_eval_data(split.validation, known, config.eval_negatives, config.seed + 1),
+    )
+
+
+@lru_cache(maxsize=2)
+def prepare_cached(config: FedRecConfig) -> PreparedData:
+    """Per-process cache: a simulation worker prepares the data once, not once per round."""
+    return prepare(config)
+
+
+def partitions(config: FedRecConfig, num_users: int) -> list[ClientPartition]:
+    """Phones (one user each) or kiosks (groups of ``users-per-client`` users)."""
+    if config.partitioning == "user":
+        return one_user_per_client(num_users)
+    return fixed_size_groups(num_users, config.users_per_client, seed=config.seed)
+
+
+class ClientSlicer:
+    """Cuts :class:`PreparedData` into per-client :class:`ClientData` in O(client rows)."""
+
+    def __init__(self, prepared: PreparedData, parts: list[ClientPartition]) -> None:
+        self.prepared = prepared
+        self.parts = parts
+        self._train_index = index_rows_by_user(prepared.split.train)
+        self._test_pos = {int(u): i for i, u in enumerate(prepared.test.users)}
+        self._val_pos = {int(u): i for i, u in enumerate(prepared.validation.users)}
+
+    def __len__(self) -> int:
+        return len(self.parts)
+
+    def client(self, partition_id: int) -> ClientData:
+        if not 0 <= partition_id < len(self.parts):
+            raise ValueError(f"partition-id {partition_id} out of range: this dataset has {len(self.parts)} clients")
+        users = self.parts[partition_id].users
+        order, offsets = self._train_index
+        rows = np.concatenate([order[offsets[u] : offsets[u + 1]] for u in users]) if len(users) else np.empty(0, np.int64)
+        train = self.prepared.split.train
+        local_of = np.full(self.prepared.num_users, -1, dtype=np.int64)
+        local_of[users] = np.arange(len(users))
+        return ClientData(
+            global_users=users,
+            train_users=local_of[train.users[rows]],
+            train_items=train.items[rows],
+            train_ratings=train.ratings[rows],
+            test=self._pick(self.prepared.test, self._test_pos, users, local_of),
+            validation=self._pick(self.prepared.validation, self._val_pos, users, local_of),
+            num_items=self.prepared.num_items,
+        )
+
+    @staticmethod
+    def _pick(eval_data: EvalData, position: dict[int, int], users: np.ndarray, local_of: np.ndarray) -> EvalData:
+        idx = np.array([position[int(u)] for u in users if int(u) in position], dtype=np.int64)
+        return EvalData(users=local_of[eval_data.users[idx]], items=eval_data.items[idx], negatives=eval_data.negatives[idx])
+
+
+@lru_cache(maxsize=2)
+def slicer_cached(config: FedRecConfig) -> ClientSlicer:
+    """Per-process cache of the slicer (data, split, negatives and row index)."""
+    prepared = prepare_cached(config)
+    return ClientSlicer(prepared, partitions(config, prepared.num_users))

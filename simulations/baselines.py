@@ -1,0 +1,110 @@
+"""Centralized baselines on the exact split the federation uses: the yardstick.
+
+ItemPop ranks by training popularity. MF/GMF/MLP/NeuMF train on all training rows in
+one place with the shared training loop, select the epoch with the best validation
+HR@10, and report test metrics of that epoch.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+
+from common.evaluation import evaluate_model, evaluate_ranking, popularity_scorers
+from common.federation import PreparedData, seen_items
+from common.metrics import summarize
+from common.models import ModelConfig, build_model
+from common.training import PositiveSet, TrainConfig, build_examples, make_optimizer, train_epoch
+
+BASELINES = ("itempop", "mf", "gmf", "mlp", "neumf")
+
+
+@dataclass
+class BaselineResult:
+    """Test (and validation) metric means of one baseline, plus how it got there."""
+
+    model: str
+    test: dict[str, float]
+    validation: dict[str, float]
+    seconds: float
+    best_epoch: int = 0
+    epochs: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def _exclusions(prepared: PreparedData) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    train = prepared.split.train
+    val_seen = seen_items(train.users, train.items, prepared.num_users)
+    test_seen = seen_items(train.users, train.items, prepared.num_users, prepared.validation)
+    return val_seen, test_seen
+
+
+def item_popularity(prepared: PreparedData) -> np.ndarray:
+    """Training interactions per item."""
+    return np.bincount(prepared.split.train.items, minlength=prepared.num_items)
+
+
+def run_itempop(prepared: PreparedData, k: int = 10) -> BaselineResult:
+    started = time.perf_counter()
+    pairs, all_items = popularity_scorers(item_popularity(prepared))
+    val_seen, test_seen = _exclusions(prepared)
+    t, v = prepared.test, prepared.validation
+    test = summarize(evaluate_ranking(pairs, all_items, t.users, t.items, t.negatives, test_seen, k=k))
+    val = summarize(evaluate_ranking(pairs, all_items, v.users, v.items, v.negatives, val_seen, k=k))
+    return BaselineResult("itempop", test, val, time.perf_counter() - started)
+
+
+def run_trained(
+    prepared: PreparedData,
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    *,
+    seed: int = 0,
+    k: int = 10,
+    progress: Callable[[str], None] | None = None,
+) -> BaselineResult:
+    """Train centrally for ``train_config.epochs``; report test metrics at the best validation epoch."""
+    started = time.perf_counter()
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(seed)
+    train = prepared.split.train
+    model = build_model(model_config, prepared.num_users, prepared.num_items, seed=seed)
+    optimizer = make_optimizer(model, train_config)
+    positives = PositiveSet(train.users, train.items, prepared.num_items)
+    val_seen, test_seen = _exclusions(prepared)
+    v = prepared.validation
+    best_score, best_epoch, best_state = -1.0, 0, copy.deepcopy(model.state_dict())
+    history = []
+    for epoch in range(1, train_config.epochs + 1):
+        examples = build_examples(train.users, train.items, train.ratings, positives, train_config, rng)
+        loss = train_epoch(model, examples, optimizer, train_config, generator)
+        val = summarize(evaluate_model(model, v.users, v.items, v.negatives, val_seen, k, full=False)) if len(v.users) else {}
+        score = val.get(f"sampled_hr@{k}", -loss)
+        history.append({"epoch": epoch, "loss": loss, **val})
+        if score > best_score:
+            best_score, best_epoch, best_state = score, epoch, copy.deepcopy(model.state_dict())
+        if progress:
+            progress(
+                f"  epoch {epoch:3d}/{train_config.epochs}  loss {loss:.4f}  "
+                f"val HR@{k} {val.get(f'sampled_hr@{k}', float('nan')):.4f}  "
+                f"NDCG@{k} {val.get(f'sampled_ndcg@{k}', float('nan')):.4f}  "
+                f"[{time.perf_counter() - started:.0f}s]"
+            )
+    model.load_state_dict(best_state)
+    t = prepared.test
+    test = summarize(evaluate_model(model, t.users, t.items, t.negatives, test_seen, k))
+    val_best = {key: value for key, value in history[best_epoch - 1].items() if key not in ("epoch", "loss")}
+    return BaselineResult(
+        model_config.name, test, val_best, time.perf_counter() - started, best_epoch, train_config.epochs, history
+    )
+
+
+def stderr_progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
