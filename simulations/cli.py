@@ -98,6 +98,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     with open(summary_path, encoding="utf-8") as handle:
         summary = json.load(handle)
     final = summary.get("final_evaluation", {})
+    if not final.get("test_count"):
+        print(f"fedrec: error: no client evaluated successfully; see the log above and {config.run_dir}", file=sys.stderr)
+        return 1
     print(
         f"final ({final.get('test_count', 0):.0f} users): "
         f"HR@10 {final.get('test_sampled_hr@10', float('nan')):.4f}  "

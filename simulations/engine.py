@@ -16,6 +16,7 @@ from typing import Any, Mapping
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no phoning home: runs must work offline
 
 from flwr.app import Context, RecordDict  # noqa: E402
+from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common.config import get_fused_config_from_dir  # noqa: E402
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES  # noqa: E402
 from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes  # noqa: E402
@@ -54,10 +55,16 @@ def run_in_process(
     *,
     num_cpus_per_client: float = 1.0,
     verbose: bool = False,
+    client_app: ClientApp | None = None,
 ) -> Context:
-    """Run ServerApp and ``num_supernodes`` ClientApps locally; returns the server Context."""
-    from client.client_app import app as client_app  # imported here: server and client stay apart
+    """Run ServerApp and ``num_supernodes`` ClientApps locally; returns the server Context.
+
+    ``client_app`` replaces fedrec's ClientApp (tests wrap it with inspecting mods).
+    """
     from server.server_app import app as server_app
+
+    if client_app is None:
+        from client.client_app import app as client_app
 
     run_config = fused_run_config(overrides)
     run_id = generate_rand_int_from_bytes(RUN_ID_NUM_BYTES)
@@ -81,6 +88,7 @@ def run_in_process(
         app_dir=str(app_dir()),
         run=run,
         server_app_context=context,
+        is_app=True,  # makes every SuperNode fuse the run-config from app_dir, as under `flwr run`
         verbose_logging=verbose,
         exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
     )

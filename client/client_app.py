@@ -1,0 +1,81 @@
+"""fedrec ClientApp: trains on a device's own interactions, keeps user embeddings local.
+
+The user-local parameters live in ``Context.state`` (one ArrayRecord) across rounds and
+are never part of a reply. The app speaks Flower's legacy fit/evaluate messages so that
+``secaggplus_mod`` can wrap the very same training code when secure aggregation is on.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context
+from flwr.client import NumPyClient
+from flwr.clientapp import ClientApp
+
+from client.local import evaluate_client, train_round
+from common.config import FedRecConfig, parse_run_config
+from common.federation import ClientData, slicer_cached
+
+LOCAL_STATE_KEY = "fedrec.user-local"
+
+
+def load_local_state(context: Context) -> dict[str, np.ndarray] | None:
+    """User embeddings kept on this device from earlier rounds (None on first contact)."""
+    record = context.state.array_records.get(LOCAL_STATE_KEY)
+    if record is None:
+        return None
+    return {name: array.numpy() for name, array in record.items()}
+
+
+def save_local_state(context: Context, state: dict[str, np.ndarray]) -> None:
+    context.state.array_records[LOCAL_STATE_KEY] = ArrayRecord({name: Array(value) for name, value in state.items()})
+
+
+def client_data_for(config: FedRecConfig, context: Context) -> ClientData:
+    """This SuperNode's slice of the data, chosen by its ``partition-id`` node-config."""
+    slicer = slicer_cached(config)
+    partition_id = int(context.node_config["partition-id"])
+    num_partitions = int(context.node_config.get("num-partitions", len(slicer)))
+    if num_partitions != len(slicer):
+        raise ValueError(
+            f"this federation has {num_partitions} SuperNodes but the data yields {len(slicer)} clients "
+            f"(partitioning={config.partitioning!r}); set num-supernodes to {len(slicer)}"
+        )
+    return slicer.client(partition_id)
+
+
+class FedRecClient(NumPyClient):
+    """Legacy NumPyClient whose fit/evaluate delegate to :mod:`client.local`."""
+
+    def __init__(self, context: Context) -> None:
+        self.context = context
+        self.config = parse_run_config(context.run_config)
+        self.data = client_data_for(self.config, context)
+
+    def fit(self, parameters, config):  # type: ignore[override]
+        result = train_round(
+            self.config.model_config,
+            self.config.train_config,
+            self.data,
+            parameters,
+            load_local_state(self.context),
+            seed=self.config.seed,
+            server_round=int(config.get("server-round", 0)),
+            rowwise=self.config.row_wise_aggregation,
+        )
+        save_local_state(self.context, result.local_state)
+        return result.upload, result.num_examples, result.metrics
+
+    def evaluate(self, parameters, config):  # type: ignore[override]
+        metrics = evaluate_client(
+            self.config.model_config, self.data, parameters, load_local_state(self.context), seed=self.config.seed
+        )
+        num_users = int(metrics.get("test_count", 0))
+        return 0.0, num_users, metrics
+
+
+def client_fn(context: Context):
+    return FedRecClient(context).to_client()
+
+
+app = ClientApp(client_fn=client_fn)

@@ -1,0 +1,120 @@
+"""What a device does in one round, free of Flower so it can be tested and profiled alone.
+
+The device holds its users' embeddings (``local_state``) and raw interactions; it receives
+the shared parameters, trains both on its own rows, keeps the new user embeddings and
+returns only the encoded shared update.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from common.evaluation import evaluate_model
+from common.federation import ClientData
+from common.metrics import sums
+from common.models import ModelConfig, RecModel, build_model
+from common.training import PositiveSet, TrainConfig, build_examples, make_optimizer, train_epoch
+from common.updates import UpdateLayout, encode_update
+
+
+@dataclass
+class RoundResult:
+    """A client's reply: the upload plus what it keeps and what it may report."""
+
+    upload: list[np.ndarray]
+    num_examples: int
+    local_state: dict[str, np.ndarray]
+    metrics: dict[str, float]
+
+
+def build_local_model(
+    model_config: ModelConfig,
+    data: ClientData,
+    shared: list[np.ndarray],
+    local_state: dict[str, np.ndarray] | None,
+    seed: int,
+) -> RecModel:
+    """The client's model: its own user rows, the server's shared parameters.
+
+    A new user's embedding is initialised on the device with a seed derived from its
+    global index, so it is reproducible without the server ever choosing it.
+    """
+    model = build_model(model_config, data.num_users, data.num_items, seed=seed)
+    names = model.shared_parameter_names()
+    if len(shared) != len(names):
+        raise ValueError(f"received {len(shared)} shared arrays, the {model_config.name} model has {len(names)}")
+    model.load_arrays(dict(zip(names, shared)))
+    if local_state:
+        model.load_arrays(local_state)
+    return model
+
+
+def user_seed(seed: int, data: ClientData) -> int:
+    """Seed for this client's fresh user embeddings."""
+    return int(seed * 1_000_003 + int(data.global_users[0]) if len(data.global_users) else seed) % (2**31)
+
+
+def train_round(
+    model_config: ModelConfig,
+    train_config: TrainConfig,
+    data: ClientData,
+    shared: list[np.ndarray],
+    local_state: dict[str, np.ndarray] | None,
+    *,
+    seed: int,
+    server_round: int,
+    rowwise: bool = True,
+) -> RoundResult:
+    """Train locally for ``train_config.epochs`` and encode the shared update."""
+    started = time.perf_counter()
+    model = build_local_model(model_config, data, shared, local_state, user_seed(seed, data))
+    before = model.shared_state()
+    layout = UpdateLayout.from_state(before, model.item_row_parameter_names(), data.num_items)
+    rng = np.random.default_rng([seed, server_round, int(data.global_users[0]) if len(data.global_users) else 0])
+    generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    positives = PositiveSet(data.train_users, data.train_items, data.num_items)
+    optimizer = make_optimizer(model, train_config)
+    reference = (
+        {name: torch.from_numpy(value.copy()) for name, value in before.items()} if train_config.proximal_mu > 0 else None
+    )
+    touched: list[np.ndarray] = []
+    loss = 0.0
+    for _ in range(train_config.epochs):
+        examples = build_examples(data.train_users, data.train_items, data.train_ratings, positives, train_config, rng)
+        touched.append(examples.items.numpy())
+        if train_config.loss == "bpr":
+            touched.append(examples.targets.numpy())
+        loss = train_epoch(model, examples, optimizer, train_config, generator, reference)
+    upload = encode_update(layout, before, model.shared_state(), np.concatenate(touched), rowwise=rowwise)
+    metrics = {
+        "train_loss": loss,
+        "train_seconds": time.perf_counter() - started,
+        "upload_bytes": float(sum(a.nbytes for a in upload)),
+        "download_bytes": float(sum(a.nbytes for a in shared)),
+        "items_touched": float(upload[-1].sum()) if rowwise else float(len(np.unique(np.concatenate(touched)))),
+    }
+    return RoundResult(upload, len(data.train_items), dict(model.local_state()), metrics)
+
+
+def evaluate_client(
+    model_config: ModelConfig,
+    data: ClientData,
+    shared: list[np.ndarray],
+    local_state: dict[str, np.ndarray] | None,
+    *,
+    seed: int,
+    k: int = 10,
+) -> dict[str, float]:
+    """Sums of per-user metrics (test and validation) for the server to average by users."""
+    model = build_local_model(model_config, data, shared, local_state, user_seed(seed, data))
+    result: dict[str, float] = {}
+    for prefix, part in (("test", data.test), ("val", data.validation)):
+        seen = data.seen_items(include_validation=prefix == "test")
+        per_user = evaluate_model(model, part.users, part.items, part.negatives, seen, k)
+        if per_user:
+            result.update({f"{prefix}_{key}": value for key, value in sums(per_user).items()})
+    return result

@@ -1,0 +1,134 @@
+"""The run directory: everything a run leaves behind, written so a crash loses nothing.
+
+Layout::
+
+    config.json          resolved run-config and its SHA-256 (ties reports to the run)
+    metrics.jsonl        one JSON object per round and phase (fit / evaluate)
+    metrics.csv          the same rows as a table (rewritten each round)
+    traffic.jsonl        bytes sent and received per client per round, and its timings
+    checkpoints/         shared model every N rounds and ``final.npz``
+    summary.json         final metrics and wall time, written when the run ends
+
+Every file is replaced atomically (write to a temporary file, then ``os.replace``) or
+appended line by line, so a killed server leaves the last complete round on disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+
+def config_hash(run_config: Mapping[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of the run-config."""
+    return hashlib.sha256(json.dumps(dict(run_config), sort_keys=True).encode()).hexdigest()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so readers see the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return _jsonable(value.item())
+    return value
+
+
+class RunRecorder:
+    """Writes per-round metrics, client traffic and checkpoints into one directory."""
+
+    def __init__(self, run_dir: str | os.PathLike, run_config: Mapping[str, Any], checkpoint_every: int) -> None:
+        self.path = Path(run_dir)
+        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
+        self.checkpoint_every = checkpoint_every
+        self.rows: list[dict[str, Any]] = []
+        self.started = time.time()
+        resolved = {"run_config": dict(run_config), "config_sha256": config_hash(run_config), "started_at": self.started}
+        atomic_write_bytes(self.path / "config.json", json.dumps(resolved, indent=2, sort_keys=True).encode())
+        for name in ("metrics.jsonl", "traffic.jsonl"):
+            (self.path / name).write_text("")
+
+    def _append(self, name: str, row: Mapping[str, Any]) -> None:
+        with open(self.path / name, "a", encoding="utf-8") as handle:
+            handle.write(json.dumps({k: _jsonable(v) for k, v in row.items()}) + "\n")
+            handle.flush()
+
+    def _record(self, row: dict[str, Any]) -> None:
+        row = {k: _jsonable(v) for k, v in row.items()}
+        self.rows.append(row)
+        self._append("metrics.jsonl", row)
+        columns = list(dict.fromkeys(key for r in self.rows for key in r))
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(self.rows)
+        atomic_write_bytes(self.path / "metrics.csv", buffer.getvalue().encode())
+
+    def round_trained(
+        self, server_round: int, summary: Mapping[str, Any], client_metrics: list[Mapping[str, Any]], seconds: float
+    ) -> None:
+        """One fit round: aggregate figures plus each client's traffic and timing."""
+        self._record({"round": server_round, "phase": "fit", "round_seconds": seconds, **summary})
+        for metrics in client_metrics:
+            self._append(
+                "traffic.jsonl",
+                {
+                    "round": server_round,
+                    "node_id": metrics.get("node_id"),
+                    "upload_bytes": metrics.get("upload_bytes"),
+                    "download_bytes": metrics.get("download_bytes"),
+                    "train_seconds": metrics.get("train_seconds"),
+                },
+            )
+
+    def round_evaluated(self, server_round: int, summary: Mapping[str, Any]) -> None:
+        self._record({"round": server_round, "phase": "evaluate", **summary})
+
+    def maybe_checkpoint(self, server_round: int, names: tuple[str, ...], arrays: list[np.ndarray], *, final: bool) -> None:
+        """Save the shared model every ``checkpoint_every`` rounds and after the last one."""
+        targets = []
+        if server_round % self.checkpoint_every == 0:
+            targets.append(f"round-{server_round:05d}.npz")
+        if final:
+            targets.append("final.npz")
+        for target in targets:
+            buffer = io.BytesIO()
+            np.savez(buffer, __round__=np.array(server_round), **dict(zip(names, arrays)))
+            atomic_write_bytes(self.path / "checkpoints" / target, buffer.getvalue())
+
+    def finish(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write ``summary.json``: last evaluation, best validation round, wall time."""
+        evaluations = [r for r in self.rows if r["phase"] == "evaluate"]
+        summary: dict[str, Any] = {"wall_seconds": time.time() - self.started, "rounds": max((r["round"] for r in self.rows), default=0)}
+        if evaluations:
+            summary["final_evaluation"] = evaluations[-1]
+            scored = [r for r in evaluations if r.get("val_sampled_hr@10") is not None]
+            if scored:
+                summary["best_validation_evaluation"] = max(scored, key=lambda r: r["val_sampled_hr@10"])
+        summary.update(extra or {})
+        atomic_write_bytes(self.path / "summary.json", json.dumps(summary, indent=2).encode())
+        return summary
+
+
+def load_checkpoint(path: str | os.PathLike) -> tuple[int, dict[str, np.ndarray]]:
+    """Round number and named shared arrays from a checkpoint written by :class:`RunRecorder`."""
+    with np.load(path) as archive:
+        arrays = {k: archive[k] for k in archive.files if k != "__round__"}
+        return int(archive["__round__"]), arrays

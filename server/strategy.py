@@ -1,0 +1,237 @@
+"""fedrec's server strategy: Flower's FedAvg / FedProx / FedAdam / FedYogi over sparse item updates.
+
+``FedRecStrategy`` is a thin wrapper in the style of Flower's DP wrappers. It samples
+clients, turns the example-weighted mean of the clients' uploads (computed here, or by
+SecAgg+ before it reaches us) into new shared parameters with per-item-row averaging
+(:mod:`common.updates`), and hands that to the wrapped Flower strategy, whose own rule
+(plain average, or an Adam/Yogi step on the pseudo-gradient) makes the final update.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import ERROR, WARNING
+
+import numpy as np
+from flwr.common import (
+    Code,
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.logger import log
+from flwr.server.client_manager import ClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+
+from common.config import FedRecConfig
+from common.metrics import merge_sums
+from common.updates import UpdateLayout, decode_mean_update, validate_upload
+from server.run_dir import RunRecorder
+
+
+def build_inner_strategy(config: FedRecConfig, initial: Parameters) -> Strategy:
+    """The Flower strategy that turns the decoded mean into the next global model."""
+    common = dict(initial_parameters=initial, accept_failures=True)
+    if config.strategy == "fedavg":
+        return FedAvg(**common)
+    if config.strategy == "fedprox":
+        return FedProx(proximal_mu=config.proximal_mu, **common)
+    if config.strategy == "fedadam":
+        return FedAdam(eta=config.server_learning_rate, **common)
+    return FedYogi(eta=config.server_learning_rate, **common)
+
+
+def weighted_mean(results: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]:
+    """Example-weighted mean of the uploads: what SecAgg+ would hand us, computed in the clear."""
+    total = float(sum(res.num_examples for _, res in results))
+    mean: list[np.ndarray] | None = None
+    for _, res in results:
+        arrays = parameters_to_ndarrays(res.parameters)
+        weight = res.num_examples / total
+        if mean is None:
+            mean = [a.astype(np.float64) * weight for a in arrays]
+        else:
+            for acc, a in zip(mean, arrays):
+                acc += a * weight
+    assert mean is not None
+    return mean
+
+
+def describe_failure(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseException) -> str:
+    """One line on why a client failed, for the server log."""
+    if isinstance(failure, BaseException):
+        text = str(failure)
+        if "Message:" in text:  # Ray wraps the ClientApp's exception in a long traceback
+            text = text.rsplit("Message:", 1)[1]
+        text = text.replace("\\n", "\n").strip().split("\n")[0]
+        return text.strip(" '\"<>") or repr(failure)
+    return f"node {failure[0].node_id}: {failure[1].status.message}"
+
+
+def split_prefixed(metrics: list[dict[str, Scalar]], prefix: str) -> list[dict[str, float]]:
+    """Per-client sums under ``prefix_`` with the prefix removed (for :func:`merge_sums`)."""
+    parts = []
+    for m in metrics:
+        part = {k[len(prefix) + 1 :]: float(v) for k, v in m.items() if k.startswith(prefix + "_")}
+        if part.get("count", 0) > 0:
+            parts.append(part)
+    return parts
+
+
+class FedRecStrategy(Strategy):
+    """Sampling, evaluation schedule, row-wise decoding and recording around a Flower strategy."""
+
+    def __init__(
+        self,
+        config: FedRecConfig,
+        layout: UpdateLayout,
+        initial: list[np.ndarray],
+        recorder: RunRecorder,
+        *,
+        uploads_are_aggregated: bool = False,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.layout = layout
+        self.current = [a.astype(np.float32) for a in initial]
+        self.inner = build_inner_strategy(config, ndarrays_to_parameters(self.current))
+        self.recorder = recorder
+        self.uploads_are_aggregated = uploads_are_aggregated
+        self._round_started = time.perf_counter()
+
+    def __repr__(self) -> str:
+        return f"FedRecStrategy(inner={self.inner!r}, rowwise={self.config.row_wise_aggregation})"
+
+    # --- setup ---------------------------------------------------------------------
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return ndarrays_to_parameters(self.current)
+
+    def _sample(self, client_manager: ClientManager, fraction: float, count: int, minimum: int) -> list[ClientProxy]:
+        available = client_manager.num_available()
+        size = count if count > 0 else max(int(available * fraction), minimum)
+        size = min(size, available) if available >= self.config.min_available_clients else size
+        return client_manager.sample(num_clients=size, min_num_clients=self.config.min_available_clients)
+
+    # --- training ------------------------------------------------------------------
+    def configure_fit(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, FitIns]]:
+        self._round_started = time.perf_counter()
+        clients = self._sample(
+            client_manager, self.config.fraction_train, self.config.clients_per_round, self.config.min_train_clients
+        )
+        fit_ins = FitIns(parameters, {"server-round": server_round})
+        return [(client, fit_ins) for client in clients]
+
+    def aggregate_fit(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, FitRes]],
+        failures: list[tuple[ClientProxy, FitRes] | BaseException],
+    ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        valid, rejected = self._validated(results)
+        summary: dict[str, Scalar] = {
+            "clients_ok": len(valid),
+            "clients_failed": len(failures),
+            "clients_rejected": rejected,
+        }
+        if len(valid) < self.config.min_train_clients:
+            log(WARNING, "round %s: %s usable updates < min-train-clients; model unchanged", server_round, len(valid))
+            if failures:
+                log(ERROR, "round %s: first client failure: %s", server_round, describe_failure(failures[0]))
+            self.recorder.round_trained(server_round, summary, [], time.perf_counter() - self._round_started)
+            return None, summary
+        mean_upload = (
+            parameters_to_ndarrays(valid[0][1].parameters) if self.uploads_are_aggregated else weighted_mean(valid)
+        )
+        lr = self.config.server_learning_rate if self.config.strategy in ("fedavg", "fedprox") else 1.0
+        decoded = decode_mean_update(self.layout, self.current, mean_upload, server_learning_rate=lr)
+        total = sum(res.num_examples for _, res in valid)
+        single = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(decoded), total, {})
+        new_parameters, _ = self.inner.aggregate_fit(server_round, [(valid[0][0], single)], [])
+        if new_parameters is None:
+            return None, summary
+        self.current = parameters_to_ndarrays(new_parameters)
+        client_metrics = [{**res.metrics, "node_id": proxy.node_id} for proxy, res in valid]
+        summary.update(self._fit_summary(client_metrics, mean_upload[-1]))
+        self.recorder.round_trained(server_round, summary, client_metrics, time.perf_counter() - self._round_started)
+        self.recorder.maybe_checkpoint(server_round, self.layout.names, self.current, final=self._is_last(server_round))
+        return new_parameters, summary
+
+    def _validated(self, results: list[tuple[ClientProxy, FitRes]]) -> tuple[list[tuple[ClientProxy, FitRes]], int]:
+        """Drop malformed uploads (wrong count/shape, NaN/Inf, no examples) with a logged reason."""
+        if self.uploads_are_aggregated:
+            return results, 0
+        valid = []
+        for proxy, res in results:
+            try:
+                if res.num_examples <= 0:
+                    raise ValueError("reported no training examples")
+                validate_upload(self.layout, parameters_to_ndarrays(res.parameters))
+            except ValueError as err:
+                log(WARNING, "rejecting update from node %s: %s", proxy.node_id, err)
+                continue
+            valid.append((proxy, res))
+        return valid, len(results) - len(valid)
+
+    @staticmethod
+    def _fit_summary(client_metrics: list[dict[str, Scalar]], mean_touched: np.ndarray) -> dict[str, Scalar]:
+        def mean(key: str) -> float:
+            values = [float(m[key]) for m in client_metrics if key in m]
+            return float(np.mean(values)) if values else float("nan")
+
+        return {
+            "train_loss": mean("train_loss"),
+            "client_train_seconds": mean("train_seconds"),
+            "upload_bytes_per_client": mean("upload_bytes"),
+            "download_bytes_per_client": mean("download_bytes"),
+            "items_touched_per_client": mean("items_touched"),
+            "item_rows_updated": int(np.count_nonzero(mean_touched)),
+        }
+
+    # --- evaluation ----------------------------------------------------------------
+    def _is_last(self, server_round: int) -> bool:
+        return server_round == self.config.num_server_rounds
+
+    def configure_evaluate(
+        self, server_round: int, parameters: Parameters, client_manager: ClientManager
+    ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        last = self._is_last(server_round)
+        if not last and server_round % self.config.evaluate_every != 0:
+            return []
+        if last and self.config.final_full_evaluation:
+            clients = client_manager.sample(num_clients=client_manager.num_available())
+        else:
+            clients = self._sample(client_manager, self.config.fraction_evaluate, 0, 1)
+        ins = EvaluateIns(parameters, {"server-round": server_round})
+        return [(client, ins) for client in clients]
+
+    def aggregate_evaluate(
+        self,
+        server_round: int,
+        results: list[tuple[ClientProxy, EvaluateRes]],
+        failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        if failures:
+            log(WARNING, "round %s: %s evaluation failures, first: %s", server_round, len(failures), describe_failure(failures[0]))
+        metrics_list = [dict(res.metrics) for _, res in results]
+        summary: dict[str, Scalar] = {"eval_clients": len(results), "eval_failures": len(failures)}
+        for prefix in ("test", "val"):
+            merged = merge_sums(split_prefixed(metrics_list, prefix))
+            summary.update({f"{prefix}_{k}": v for k, v in merged.items()})
+        if self._is_last(server_round) and self.config.final_full_evaluation:
+            summary["eval_population"] = "all"
+        self.recorder.round_evaluated(server_round, summary)
+        loss = summary.get("test_loss")
+        return (float(loss) if loss is not None else None), summary
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        """No centralized evaluation: the server has no user embeddings to score with."""
+        return None

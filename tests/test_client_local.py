@@ -1,0 +1,114 @@
+"""A client's round without Flower: what it keeps, what it uploads, that it learns."""
+
+import numpy as np
+import pytest
+
+import torch
+
+from client.local import build_local_model, evaluate_client, train_round
+from common.federation import ClientData, EvalData
+from common.models import ModelConfig, build_model
+from common.training import TrainConfig
+from common.updates import UpdateLayout, decode_mean_update
+
+NUM_ITEMS = 30
+
+
+def _client(items=(1, 2, 3, 4, 5, 6), test_item=7) -> ClientData:
+    rng = np.random.default_rng(0)
+    negatives = rng.choice(np.setdiff1d(np.arange(NUM_ITEMS), [*items, test_item]), size=(1, 10), replace=False)
+    return ClientData(
+        global_users=np.array([12]),
+        train_users=np.zeros(len(items), np.int64),
+        train_items=np.array(items, np.int64),
+        train_ratings=np.ones(len(items), np.float32),
+        test=EvalData(np.array([0]), np.array([test_item]), negatives),
+        validation=EvalData(np.array([], np.int64), np.array([], np.int64), np.empty((0, 10), np.int64)),
+        num_items=NUM_ITEMS,
+    )
+
+
+@pytest.mark.parametrize("name", ["mf", "gmf", "mlp", "neumf"])
+def test_upload_holds_only_shared_deltas_and_touched_vector(name):
+    config = ModelConfig(name=name, embedding_dim=4, mlp_layers=(8, 4))
+    server_model = build_model(config, 0, NUM_ITEMS, seed=1)
+    shared = list(server_model.shared_state().values())
+    result = train_round(config, TrainConfig(epochs=2, batch_size=4, learning_rate=0.05), _client(), shared, None, seed=3, server_round=1)
+    layout = UpdateLayout.from_state(server_model.shared_state(), server_model.item_row_parameter_names(), NUM_ITEMS)
+    assert [a.shape for a in result.upload] == layout.upload_shapes()
+    # the device keeps its user tables; none of their values appear in what it uploads
+    assert set(result.local_state) == set(build_model(config, 1, NUM_ITEMS).local_parameter_names())
+    for name, value in result.local_state.items():
+        if value.shape[-1] < 2:  # a scalar bias can coincide with any number by chance
+            continue
+        for row in value:
+            for array in result.upload:
+                rows = array.reshape(-1, array.shape[-1]) if array.ndim > 1 else array.reshape(1, -1)
+                if rows.shape[-1] == row.size:
+                    assert not np.any(np.all(np.isclose(rows, row, atol=1e-7), axis=1)), f"{name} row leaked"
+    touched = result.upload[-1]
+    assert set(np.flatnonzero(touched)) >= {1, 2, 3, 4, 5, 6}, "positives are touched"
+    assert result.num_examples == 6
+
+
+def test_untouched_item_rows_are_zero_in_the_upload():
+    config = ModelConfig(name="gmf", embedding_dim=4)
+    shared = list(build_model(config, 0, NUM_ITEMS, seed=1).shared_state().values())
+    result = train_round(config, TrainConfig(epochs=1, batch_size=4, num_negatives=1), _client(), shared, None, seed=3, server_round=1)
+    touched = result.upload[-1].astype(bool)
+    assert not touched.all(), "with 1 negative per positive most items stay untouched"
+    item_delta = result.upload[0]  # item_embedding.weight comes first in GMF's shared order
+    assert item_delta.shape == (NUM_ITEMS, 4)
+    assert np.all(item_delta[~touched] == 0)
+    assert np.any(item_delta[touched] != 0)
+
+
+def test_user_embedding_persists_and_improves_across_rounds():
+    config = ModelConfig(name="gmf", embedding_dim=8)
+    train = TrainConfig(epochs=2, batch_size=4, learning_rate=0.05)
+    data = _client(items=tuple(range(10)), test_item=10)
+    shared = list(build_model(config, 0, NUM_ITEMS, seed=1).shared_state().values())
+    model = build_model(config, 0, NUM_ITEMS, seed=1)
+    layout = UpdateLayout.from_state(model.shared_state(), model.item_row_parameter_names(), NUM_ITEMS)
+    state, losses = None, []
+    for server_round in range(1, 6):
+        result = train_round(config, train, data, shared, state, seed=3, server_round=server_round)
+        if state is not None:  # the embedding it kept is the one it continues from
+            assert not np.array_equal(result.local_state["user_embedding.weight"], state["user_embedding.weight"])
+        state = result.local_state
+        losses.append(result.metrics["train_loss"])
+        shared = decode_mean_update(layout, shared, result.upload)
+    assert losses[-1] < losses[0] * 0.8, losses
+    # the kept embedding is what fits this user: its positives outscore other items by far more
+    # than with a freshly initialised embedding under the same global model
+    def margin(local_state):
+        model = build_local_model(config, data, shared, local_state, seed=99)
+        with torch.no_grad():
+            scores = model(torch.zeros(NUM_ITEMS, dtype=torch.long), torch.arange(NUM_ITEMS)).numpy()
+        return scores[:10].mean() - scores[10:].mean()
+
+    assert margin(state) > margin(None) + 0.5
+
+
+def test_same_seed_same_round_is_bit_for_bit_reproducible():
+    config = ModelConfig(name="neumf", embedding_dim=4, mlp_layers=(8, 4))
+    shared = list(build_model(config, 0, NUM_ITEMS, seed=1).shared_state().values())
+    a = train_round(config, TrainConfig(), _client(), shared, None, seed=5, server_round=2)
+    b = train_round(config, TrainConfig(), _client(), shared, None, seed=5, server_round=2)
+    for x, y in zip(a.upload, b.upload):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_evaluate_client_reports_sums_and_counts_per_user():
+    config = ModelConfig(name="mf", embedding_dim=4)
+    shared = list(build_model(config, 0, NUM_ITEMS, seed=1).shared_state().values())
+    metrics = evaluate_client(config, _client(), shared, None, seed=1)
+    assert metrics["test_count"] == 1
+    assert 0.0 <= metrics["test_sampled_hr@10"] <= 1.0
+    assert "test_full_ndcg@10" in metrics and "val_count" not in metrics  # no validation item here
+
+
+def test_wrong_number_of_shared_arrays_is_a_clear_error():
+    config = ModelConfig(name="gmf", embedding_dim=4)
+    with pytest.raises(ValueError, match="received 1 shared arrays"):
+        train_round(config, TrainConfig(), _client(), [np.zeros((NUM_ITEMS, 4), np.float32)], None, seed=1, server_round=1)

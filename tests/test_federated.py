@@ -1,0 +1,164 @@
+"""Real Flower simulations on tiny synthetic fleets: what clients send, what the run leaves.
+
+A client mod records every reply a ClientApp sends (and the device state it keeps) to
+disk; the tests then check that nothing user-local or raw ever left a device.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.clientapp import ClientApp
+
+from client.client_app import LOCAL_STATE_KEY, client_fn
+from common.config import parse_run_config
+from common.federation import slicer_cached
+from common.models import build_model
+from common.updates import UpdateLayout
+from server.run_dir import load_checkpoint
+from simulations.engine import fused_run_config, run_in_process
+
+ALLOWED_FIT_METRICS = {"train_loss", "train_seconds", "upload_bytes", "download_bytes", "items_touched"}
+
+
+def recording_mod(out_dir: Path):
+    """A Flower mod that pickles each reply and the node's kept state after it."""
+
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        content = reply.content if reply.has_content() else None
+        record = {
+            "type": msg.metadata.message_type,
+            "node_config": dict(context.node_config),
+            "arrays": (
+                {name: [a.numpy() for a in rec.values()] for name, rec in content.array_records.items()} if content else {}
+            ),
+            "configs": {name: dict(rec) for name, rec in content.config_records.items()} if content else {},
+            "kept": (
+                {k: v.numpy() for k, v in context.state.array_records[LOCAL_STATE_KEY].items()}
+                if LOCAL_STATE_KEY in context.state.array_records
+                else {}
+            ),
+        }
+        (out_dir / f"{uuid.uuid4().hex}.pkl").write_bytes(pickle.dumps(record))
+        return reply
+
+    return mod
+
+
+def simulate(tmp: Path, overrides: dict) -> tuple[dict, list[dict]]:
+    replies = tmp / "replies"
+    replies.mkdir()
+    overrides = {"run-dir": str(tmp / "run"), **overrides}
+    config = parse_run_config(fused_run_config(overrides))
+    app = ClientApp(client_fn=client_fn, mods=[recording_mod(replies)])
+    run_in_process(overrides, len(slicer_cached(config)), client_app=app)
+    return overrides, [pickle.loads(p.read_bytes()) for p in sorted(replies.iterdir())]
+
+
+SMALL = {
+    "synthetic-users": 12,
+    "synthetic-items": 80,
+    "eval-negatives": 20,
+    "synthetic-mean-interactions": 10,
+    "num-server-rounds": 3,
+    "evaluate-every": 2,
+    "fraction-evaluate": 1.0,
+    "checkpoint-every": 2,
+    "embedding-dim": 8,
+    "mlp-layers": "16,8",
+}
+
+
+@pytest.fixture(scope="module")
+def phone_run(tmp_path_factory):
+    return simulate(tmp_path_factory.mktemp("phones"), {**SMALL, "model": "neumf"})
+
+
+def _layout(overrides: dict) -> UpdateLayout:
+    config = parse_run_config(fused_run_config(overrides))
+    model = build_model(config.model_config, 0, config.synthetic_items)
+    return UpdateLayout.from_state(model.shared_state(), model.item_row_parameter_names(), config.synthetic_items)
+
+
+def _fit_replies(replies):
+    return [r for r in replies if r["type"] == "train"]
+
+
+def test_clients_send_only_shared_deltas_and_the_touched_vector(phone_run):
+    overrides, replies = phone_run
+    fits = _fit_replies(replies)
+    assert len(fits) == 3 * 12, "every client trained every round"
+    expected = _layout(overrides).upload_shapes()
+    for reply in fits:
+        arrays = [a for arrays in reply["arrays"].values() for a in arrays]
+        assert [a.shape for a in arrays] == expected
+        metrics = reply["configs"]["fitres.metrics"]
+        assert set(metrics) <= ALLOWED_FIT_METRICS
+        for record in reply["configs"].values():  # only scalars: no item lists, no ids
+            assert all(isinstance(v, (int, float, str, bool)) for v in record.values())
+
+
+def test_no_user_local_value_appears_in_any_reply(phone_run):
+    _, replies = phone_run
+    fits = _fit_replies(replies)
+    assert all(r["kept"] for r in fits), "each client keeps its user tables in Context.state"
+    for reply in fits:
+        for name, kept in reply["kept"].items():
+            assert name.startswith("user_")
+            for row in kept:
+                for arrays in reply["arrays"].values():
+                    for array in arrays:
+                        if array.ndim == 2 and array.shape[1] == row.size:
+                            assert not np.any(np.all(np.isclose(array, row, atol=1e-7), axis=1)), name
+    evals = [r for r in replies if r["type"] == "evaluate"]
+    assert evals and all(not any(r["arrays"].values()) for r in evals), "evaluation replies carry no arrays"
+
+
+def test_user_embedding_persists_across_rounds_in_context_state(phone_run):
+    _, replies = phone_run
+    by_node: dict[int, list[np.ndarray]] = {}
+    for reply in _fit_replies(replies):
+        by_node.setdefault(reply["node_config"]["partition-id"], []).append(reply["kept"]["user_gmf_embedding.weight"])
+    assert len(by_node) == 12
+    for history in by_node.values():
+        assert len(history) == 3
+        assert len({h.tobytes() for h in history}) == 3, "the kept embedding changes every round"
+
+
+def test_run_directory_is_complete(phone_run):
+    overrides, _ = phone_run
+    run = Path(overrides["run-dir"])
+    config = json.loads((run / "config.json").read_text())
+    assert config["run_config"]["model"] == "neumf" and len(config["config_sha256"]) == 64
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows if r["phase"] == "fit"] == [1, 2, 3]
+    assert [r["round"] for r in rows if r["phase"] == "evaluate"] == [2, 3]
+    final = rows[-1]
+    assert final["eval_population"] == "all" and final["test_count"] == 12
+    assert 0.0 <= final["test_sampled_hr@10"] <= 1.0 and "test_full_ndcg@10" in final
+    assert (run / "metrics.csv").read_text().splitlines()[0].startswith("round,phase")
+    traffic = [json.loads(line) for line in (run / "traffic.jsonl").read_text().splitlines()]
+    assert len(traffic) == 36 and all(t["upload_bytes"] > 0 and t["download_bytes"] > 0 for t in traffic)
+    assert {p.name for p in (run / "checkpoints").iterdir()} == {"round-00002.npz", "final.npz"}
+    last_round, arrays = load_checkpoint(run / "checkpoints" / "final.npz")
+    assert last_round == 3 and set(arrays) == set(_layout(overrides).names)
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds"] == 3 and summary["final_evaluation"]["round"] == 3
+
+
+def test_kiosks_hold_several_users_and_sampling_by_count(tmp_path):
+    overrides, replies = simulate(
+        tmp_path,
+        {**SMALL, "model": "mf", "partitioning": "group", "users-per-client": 4, "clients-per-round": 2, "min-train-clients": 2},
+    )
+    fits = _fit_replies(replies)
+    assert len(fits) == 3 * 2, "two of three kiosks per round"
+    assert all(r["kept"]["user_embedding.weight"].shape == (4, 8) for r in fits)
+    final = [json.loads(line) for line in (Path(overrides["run-dir"]) / "metrics.jsonl").read_text().splitlines()][-1]
+    assert final["eval_clients"] == 3 and final["test_count"] == 12
