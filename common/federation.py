@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from common.config import FedRecConfig
+from common.config import ConfigError, FedRecConfig
 from common.datasets import load_dataset
 from common.interactions import Interactions
 from common.negatives import sample_negatives
@@ -84,7 +84,10 @@ def seen_items(users: np.ndarray, items: np.ndarray, num_users: int, also: EvalD
 
 def _eval_data(part: Interactions, known, num_negatives: int, seed: int) -> EvalData:
     users, items = part.users, part.items
-    negatives = sample_negatives(known, users, num_negatives, seed=seed)
+    try:
+        negatives = sample_negatives(known, users, num_negatives, seed=seed)
+    except ValueError as err:
+        raise ConfigError(f"eval-negatives={num_negatives} is too many for this dataset: {err}") from None
     return EvalData(users=users, items=items, negatives=negatives)
 
 
