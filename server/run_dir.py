@@ -9,7 +9,8 @@ Layout::
     checkpoints/         shared model every N rounds and ``final.npz``
     summary.json         final metrics and wall time, written when the run ends
 
-Every file is replaced atomically (write to a temporary file, then ``os.replace``) or
+An earlier run in the same directory is moved aside, never overwritten. Every file is
+replaced atomically (write to a temporary file, then ``os.replace``) or
 appended line by line, so a killed server leaves the last complete round on disk.
 """
 
@@ -51,11 +52,26 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+def keep_previous_run(path: Path) -> Path | None:
+    """Move an earlier run in ``path`` aside (``path.<timestamp>``) instead of overwriting it."""
+    if not path.exists() or not any(path.iterdir()):
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(path.stat().st_mtime))
+    target = path.with_name(f"{path.name}.{stamp}")
+    suffix = 1
+    while target.exists():
+        target = path.with_name(f"{path.name}.{stamp}-{suffix}")
+        suffix += 1
+    path.rename(target)
+    return target
+
+
 class RunRecorder:
     """Writes per-round metrics, client traffic and checkpoints into one directory."""
 
     def __init__(self, run_dir: str | os.PathLike, run_config: Mapping[str, Any], checkpoint_every: int) -> None:
         self.path = Path(run_dir)
+        self.previous = keep_previous_run(self.path)
         (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.checkpoint_every = checkpoint_every
         self.rows: list[dict[str, Any]] = []

@@ -77,3 +77,4 @@ def test_validate_upload_rejects_wrong_count_shape_and_nan():
         validate_upload(layout, bad)
     with pytest.raises(ValueError, match="expected 3 arrays"):
         decode_mean_update(layout, list(global_state.values()), good[:2])
+
