@@ -18,8 +18,9 @@ import torch
 
 from common.evaluation import evaluate_model, evaluate_ranking, popularity_scorers
 from common.federation import PreparedData, seen_items
-from common.metrics import summarize
-from common.models import ModelConfig, build_model
+from common.interactions import Interactions
+from common.metrics import mae, rmse, summarize
+from common.models import ModelConfig, RecModel, build_model
 from common.training import PositiveSet, TrainConfig, build_examples, make_optimizer, train_epoch
 
 BASELINES = ("itempop", "mf", "gmf", "mlp", "neumf")
@@ -100,10 +101,20 @@ def run_trained(
     model.load_state_dict(best_state)
     t = prepared.test
     test = summarize(evaluate_model(model, t.users, t.items, t.negatives, test_seen, k))
+    if train_config.loss == "mse":  # explicit feedback: also how well ratings are predicted
+        test.update(rating_errors(model, prepared.split.test))
     val_best = {key: value for key, value in history[best_epoch - 1].items() if key not in ("epoch", "loss")}
     return BaselineResult(
         model_config.name, test, val_best, time.perf_counter() - started, best_epoch, train_config.epochs, history
     )
+
+
+@torch.no_grad()
+def rating_errors(model: RecModel, part: Interactions) -> dict[str, float]:
+    """RMSE and MAE of predicted ratings on held-out (user, item, rating) rows."""
+    model.eval()
+    predicted = model(torch.from_numpy(part.users), torch.from_numpy(part.items)).numpy()
+    return {"rmse": rmse(predicted, part.ratings), "mae": mae(predicted, part.ratings)}
 
 
 def stderr_progress(line: str) -> None:

@@ -62,7 +62,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     prepared = prepare(config)
     train_config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, num_negatives=args.negatives,
-        loss=config.loss, optimizer="adam", weight_decay=args.weight_decay,
+        loss=args.loss or config.loss, optimizer="adam", weight_decay=args.weight_decay,
     )
     results = []
     for name in models:
@@ -123,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.add_argument("--batch-size", type=int, default=256)
     baseline.add_argument("--negatives", type=int, default=4)
     baseline.add_argument("--dim", type=int, default=None, help="embedding size (default: run-config embedding-dim)")
+    baseline.add_argument("--loss", choices=("bce", "bpr", "mse"), help="bce/bpr (implicit) or mse (explicit ratings)")
     baseline.add_argument("--weight-decay", type=float, default=0.0)
     baseline.add_argument("--json", help="also write the results to this JSON file")
     baseline.set_defaults(func=cmd_baseline)

@@ -27,8 +27,13 @@ def baseline_table(results: Iterable[BaselineResult], prepared: PreparedData) ->
         "| model | " + " | ".join(title for title, _ in COLUMNS) + " | best epoch | seconds |",
         "|---" * (len(COLUMNS) + 3) + "|",
     ]
+    results = list(results)
     for r in results:
         cells = " | ".join(f"{r.test.get(key, float('nan')):.4f}" for _, key in COLUMNS)
         epoch = f"{r.best_epoch}/{r.epochs}" if r.epochs else "-"
         lines.append(f"| {r.model} | {cells} | {epoch} | {r.seconds:.1f} |")
+    explicit = [r for r in results if "rmse" in r.test]
+    if explicit:
+        lines.append("")
+        lines.extend(f"{r.model}: rating RMSE {r.test['rmse']:.4f}  MAE {r.test['mae']:.4f}" for r in explicit)
     return "\n".join(lines)

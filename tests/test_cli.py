@@ -63,3 +63,13 @@ def test_too_few_items_for_the_evaluation_negatives_is_a_config_error(capsys):
     assert main(["baseline", "--model", "itempop", "-c", "synthetic-users=50 synthetic-items=60"]) == 2
     err = capsys.readouterr().err
     assert "eval-negatives" in err and "Traceback" not in err
+
+
+def test_explicit_ratings_baseline_reports_rmse_and_mae(capsys):
+    code = main(["baseline", "--model", "mf", "--loss", "mse", "--epochs", "2", "--dim", "8", "--lr", "0.01",
+                 "-c", "synthetic-users=150 synthetic-items=300"])
+    out = capsys.readouterr().out
+    assert code == 0
+    line = next(line for line in out.splitlines() if line.startswith("mf: rating RMSE"))
+    rmse_value = float(line.split()[3])
+    assert 0.0 < rmse_value < 4.0  # ratings are 1..5: a trained model is well inside the range
