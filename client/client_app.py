@@ -68,7 +68,12 @@ class FedRecClient(NumPyClient):
 
     def evaluate(self, parameters, config):  # type: ignore[override]
         metrics = evaluate_client(
-            self.config.model_config, self.data, parameters, load_local_state(self.context), seed=self.config.seed
+            self.config.model_config,
+            self.data,
+            parameters,
+            load_local_state(self.context),
+            seed=self.config.seed,
+            refit=self.config.refit_config,
         )
         num_users = int(metrics.get("test_count", 0))
         return 0.0, num_users, metrics

@@ -100,6 +100,29 @@ def train_round(
     return RoundResult(upload, len(data.train_items), dict(model.local_state()), metrics)
 
 
+def refit_user_rows(model: RecModel, data: ClientData, config: TrainConfig, *, seed: int) -> float:
+    """Fit only the user-local rows to the current shared model (item side frozen).
+
+    The user embedding was last trained against the previous round's item side; after
+    the server's update it is slightly stale. A few local steps re-align it.
+    """
+    local = set(model.local_parameter_names())
+    frozen = [p for name, p in model.named_parameters() if name not in local]
+    for param in frozen:
+        param.requires_grad_(False)
+    rng = np.random.default_rng([seed, 7, int(data.global_users[0]) if len(data.global_users) else 0])
+    generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    positives = PositiveSet(data.train_users, data.train_items, data.num_items)
+    optimizer = make_optimizer(model, config)
+    loss = 0.0
+    for _ in range(config.epochs):
+        examples = build_examples(data.train_users, data.train_items, data.train_ratings, positives, config, rng)
+        loss = train_epoch(model, examples, optimizer, config, generator)
+    for param in frozen:
+        param.requires_grad_(True)
+    return loss
+
+
 def evaluate_client(
     model_config: ModelConfig,
     data: ClientData,
@@ -108,9 +131,17 @@ def evaluate_client(
     *,
     seed: int,
     k: int = 10,
+    refit: TrainConfig | None = None,
 ) -> dict[str, float]:
-    """Sums of per-user metrics (test and validation) for the server to average by users."""
+    """Sums of per-user metrics (test and validation) for the server to average by users.
+
+    With ``refit``, the user rows are first re-fitted on the device against the global
+    item side it just received (:func:`refit_user_rows`), as a device would before
+    showing recommendations; nothing of it is uploaded.
+    """
     model = build_local_model(model_config, data, shared, local_state, user_seed(seed, data))
+    if refit is not None and refit.epochs > 0:
+        refit_user_rows(model, data, refit, seed=seed)
     result: dict[str, float] = {}
     for prefix, part in (("test", data.test), ("val", data.validation)):
         seen = data.seen_items(include_validation=prefix == "test")

@@ -7,7 +7,7 @@ both apps fail fast with one clear line instead of deep inside a round.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
 from common.models import MODEL_NAMES, ModelConfig
@@ -61,6 +61,7 @@ class FedRecConfig:
     fraction_evaluate: float
     evaluate_every: int
     final_full_evaluation: bool
+    eval_refit_epochs: int
     run_dir: str
     checkpoint_every: int
 
@@ -79,6 +80,13 @@ class FedRecConfig:
             optimizer=self.local_optimizer,
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
         )
+
+    @property
+    def refit_config(self) -> TrainConfig | None:
+        """Local training of the user rows alone before evaluation (None: evaluate as kept)."""
+        if self.eval_refit_epochs == 0:
+            return None
+        return replace(self.train_config, epochs=self.eval_refit_epochs, proximal_mu=0.0)
 
 
 def parse_layers(text: str) -> tuple[int, ...]:
@@ -101,7 +109,7 @@ _POSITIVE = {
     "local_epochs", "batch_size", "num_server_rounds", "evaluate_every", "checkpoint_every", "eval_negatives",
     "learning_rate", "server_learning_rate", "min_train_clients", "min_available_clients",
 }
-_NON_NEGATIVE = {"num_negatives", "clients_per_round", "proximal_mu", "implicit_threshold"}
+_NON_NEGATIVE = {"eval_refit_epochs", "num_negatives", "clients_per_round", "proximal_mu", "implicit_threshold"}
 _FRACTIONS = {"fraction_train", "fraction_evaluate"}
 
 

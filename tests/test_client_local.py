@@ -5,7 +5,7 @@ import pytest
 
 import torch
 
-from client.local import build_local_model, evaluate_client, train_round
+from client.local import build_local_model, evaluate_client, refit_user_rows, train_round
 from common.federation import ClientData, EvalData
 from common.models import ModelConfig, build_model
 from common.training import TrainConfig
@@ -112,3 +112,16 @@ def test_wrong_number_of_shared_arrays_is_a_clear_error():
     config = ModelConfig(name="gmf", embedding_dim=4)
     with pytest.raises(ValueError, match="received 1 shared arrays"):
         train_round(config, TrainConfig(), _client(), [np.zeros((NUM_ITEMS, 4), np.float32)], None, seed=1, server_round=1)
+
+
+def test_refit_moves_only_the_user_rows():
+    config = ModelConfig(name="neumf", embedding_dim=4, mlp_layers=(8, 4))
+    data = _client()
+    shared = list(build_model(config, 0, NUM_ITEMS, seed=1).shared_state().values())
+    model = build_local_model(config, data, shared, None, seed=2)
+    before_shared, before_local = model.shared_state(), model.local_state()
+    refit_user_rows(model, data, TrainConfig(epochs=2, batch_size=4, learning_rate=0.05), seed=1)
+    for name, value in model.shared_state().items():
+        np.testing.assert_array_equal(value, before_shared[name])
+    assert all(not np.array_equal(v, before_local[k]) for k, v in model.local_state().items())
+    assert all(p.requires_grad for p in model.parameters()), "training is re-enabled afterwards"
