@@ -53,9 +53,37 @@ def build_local_model(
     return model
 
 
+def client_key(data: ClientData) -> int:
+    """A stable number for this client (its first user's index) to derive its seeds from."""
+    return int(data.global_users[0]) if len(data.global_users) else 0
+
+
 def user_seed(seed: int, data: ClientData) -> int:
     """Seed for this client's fresh user embeddings."""
-    return int(seed * 1_000_003 + int(data.global_users[0]) if len(data.global_users) else seed) % (2**31)
+    return (seed * 1_000_003 + client_key(data)) % (2**31)
+
+
+def local_epochs(
+    model: RecModel,
+    data: ClientData,
+    config: TrainConfig,
+    seed: list[int],
+    reference: dict[str, torch.Tensor] | None = None,
+) -> tuple[float, np.ndarray]:
+    """``config.epochs`` passes with fresh negatives; returns the last loss and every item trained."""
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    positives = PositiveSet(data.train_users, data.train_items, data.num_items)
+    optimizer = make_optimizer(model, config)
+    touched: list[np.ndarray] = []
+    loss = 0.0
+    for _ in range(config.epochs):
+        examples = build_examples(data.train_users, data.train_items, data.train_ratings, positives, config, rng)
+        touched.append(examples.items.numpy())
+        if config.loss == "bpr":
+            touched.append(examples.targets.numpy())
+        loss = train_epoch(model, examples, optimizer, config, generator, reference)
+    return loss, np.concatenate(touched)
 
 
 def train_round(
@@ -74,28 +102,17 @@ def train_round(
     model = build_local_model(model_config, data, shared, local_state, user_seed(seed, data))
     before = model.shared_state()
     layout = UpdateLayout.from_state(before, model.item_row_parameter_names(), data.num_items)
-    rng = np.random.default_rng([seed, server_round, int(data.global_users[0]) if len(data.global_users) else 0])
-    generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    positives = PositiveSet(data.train_users, data.train_items, data.num_items)
-    optimizer = make_optimizer(model, train_config)
     reference = (
         {name: torch.from_numpy(value.copy()) for name, value in before.items()} if train_config.proximal_mu > 0 else None
     )
-    touched: list[np.ndarray] = []
-    loss = 0.0
-    for _ in range(train_config.epochs):
-        examples = build_examples(data.train_users, data.train_items, data.train_ratings, positives, train_config, rng)
-        touched.append(examples.items.numpy())
-        if train_config.loss == "bpr":
-            touched.append(examples.targets.numpy())
-        loss = train_epoch(model, examples, optimizer, train_config, generator, reference)
-    upload = encode_update(layout, before, model.shared_state(), np.concatenate(touched), rowwise=rowwise)
+    loss, touched = local_epochs(model, data, train_config, [seed, server_round, client_key(data)], reference)
+    upload = encode_update(layout, before, model.shared_state(), touched, rowwise=rowwise)
     metrics = {
         "train_loss": loss,
         "train_seconds": time.perf_counter() - started,
         "upload_bytes": float(sum(a.nbytes for a in upload)),
         "download_bytes": float(sum(a.nbytes for a in shared)),
-        "items_touched": float(upload[-1].sum()) if rowwise else float(len(np.unique(np.concatenate(touched)))),
+        "items_touched": float(len(np.unique(touched))),
     }
     return RoundResult(upload, len(data.train_items), dict(model.local_state()), metrics)
 
@@ -110,14 +127,7 @@ def refit_user_rows(model: RecModel, data: ClientData, config: TrainConfig, *, s
     frozen = [p for name, p in model.named_parameters() if name not in local]
     for param in frozen:
         param.requires_grad_(False)
-    rng = np.random.default_rng([seed, 7, int(data.global_users[0]) if len(data.global_users) else 0])
-    generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    positives = PositiveSet(data.train_users, data.train_items, data.num_items)
-    optimizer = make_optimizer(model, config)
-    loss = 0.0
-    for _ in range(config.epochs):
-        examples = build_examples(data.train_users, data.train_items, data.train_ratings, positives, config, rng)
-        loss = train_epoch(model, examples, optimizer, config, generator)
+    loss, _ = local_epochs(model, data, config, [seed, 7, client_key(data)])
     for param in frozen:
         param.requires_grad_(True)
     return loss
