@@ -76,6 +76,8 @@ class FedRecClient(NumPyClient):
             refit=self.config.refit_config,
         )
         num_users = int(metrics.get("test_count", 0))
+        # The legacy API wants a loss; fedrec's evaluation is the ranking metrics above,
+        # so 0.0 is a placeholder the server ignores (FedRecStrategy reads the metrics).
         return 0.0, num_users, metrics
 
 
