@@ -52,6 +52,7 @@ class FedRecConfig:
     num_server_rounds: int
     strategy: str
     server_learning_rate: float
+    server_eta: float
     proximal_mu: float
     row_wise_aggregation: bool
     fraction_train: float
@@ -107,7 +108,7 @@ _CHOICES = {
 _POSITIVE = {
     "synthetic_users", "synthetic_items", "synthetic_mean_interactions", "users_per_client", "embedding_dim",
     "local_epochs", "batch_size", "num_server_rounds", "evaluate_every", "checkpoint_every", "eval_negatives",
-    "learning_rate", "server_learning_rate", "min_train_clients", "min_available_clients",
+    "learning_rate", "server_learning_rate", "server_eta", "min_train_clients", "min_available_clients",
 }
 _NON_NEGATIVE = {"eval_refit_epochs", "num_negatives", "clients_per_round", "proximal_mu", "implicit_threshold"}
 _FRACTIONS = {"fraction_train", "fraction_evaluate"}

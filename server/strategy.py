@@ -44,8 +44,8 @@ def build_inner_strategy(config: FedRecConfig, initial: Parameters) -> Strategy:
     if config.strategy == "fedprox":
         return FedProx(proximal_mu=config.proximal_mu, **common)
     if config.strategy == "fedadam":
-        return FedAdam(eta=config.server_learning_rate, **common)
-    return FedYogi(eta=config.server_learning_rate, **common)
+        return FedAdam(eta=config.server_eta, **common)
+    return FedYogi(eta=config.server_eta, **common)
 
 
 def weighted_mean(results: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]:

@@ -1,0 +1,76 @@
+"""FedRecStrategy without a federation: validation, row-wise decoding, Flower's server rules."""
+
+from collections import OrderedDict
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+
+from common.config import parse_run_config
+from common.updates import UpdateLayout, encode_update
+from server.run_dir import RunRecorder
+from server.strategy import FedRecStrategy
+from simulations.engine import fused_run_config
+
+GLOBAL = OrderedDict(item_embedding=np.zeros((4, 2), np.float32), output=np.zeros(3, np.float32))
+LAYOUT = UpdateLayout.from_state(GLOBAL, ["item_embedding"], num_items=4)
+
+
+def _result(node_id, after, touched, num_examples=1, metrics=None):
+    upload = encode_update(LAYOUT, GLOBAL, after, np.array(touched))
+    res = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(upload), num_examples, metrics or {"train_loss": 0.1})
+    return SimpleNamespace(node_id=node_id), res
+
+
+def _strategy(tmp_path, **overrides):
+    config = parse_run_config(fused_run_config({"num-server-rounds": 3, "min-train-clients": 1, **overrides}))
+    recorder = RunRecorder(tmp_path / "run", {}, checkpoint_every=10)
+    return FedRecStrategy(config, LAYOUT, list(GLOBAL.values()), recorder)
+
+
+def _after(item_value, output_value):
+    return {"item_embedding": np.full((4, 2), item_value, np.float32), "output": np.full(3, output_value, np.float32)}
+
+
+def test_fedavg_applies_the_row_wise_mean_times_the_server_learning_rate(tmp_path):
+    strategy = _strategy(tmp_path, strategy="fedavg", **{"server-learning-rate": 2.0})
+    results = [_result(1, _after(1.0, 1.0), [0]), _result(2, _after(3.0, 3.0), [0, 1])]
+    params, summary = strategy.aggregate_fit(1, results, [])
+    item, output = parameters_to_ndarrays(params)
+    np.testing.assert_allclose(item[:, 0], [2 * 2.0, 2 * 3.0, 0, 0])  # row 0: mean(1,3); row 1: only client 2
+    np.testing.assert_allclose(output, 2 * 2.0)
+    assert summary["clients_ok"] == 2 and summary["item_rows_updated"] == 2
+
+
+def test_fedadam_takes_an_adam_step_of_size_eta_not_the_raw_mean(tmp_path):
+    strategy = _strategy(tmp_path, strategy="fedadam", **{"server-eta": 0.01})
+    params, _ = strategy.aggregate_fit(1, [_result(1, _after(1.0, 1.0), [0, 1, 2, 3])], [])
+    item, _ = parameters_to_ndarrays(params)
+    assert np.all(np.abs(item) <= 0.01 * 1.0001) and np.all(item > 0), "Adam's first step is about eta per coordinate"
+
+
+def test_malformed_updates_are_rejected_and_counted(tmp_path):
+    strategy = _strategy(tmp_path)
+    good = _result(1, _after(1.0, 1.0), [0])
+    nan_after = _after(1.0, 1.0)
+    nan_after["output"][0] = np.nan
+    bad_nan = _result(2, nan_after, [0])
+    bad_shape = (SimpleNamespace(node_id=3), FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.zeros(2)]), 1, {}))
+    no_examples = _result(4, _after(1.0, 1.0), [0], num_examples=0)
+    params, summary = strategy.aggregate_fit(1, [good, bad_nan, bad_shape, no_examples], [])
+    assert summary["clients_ok"] == 1 and summary["clients_rejected"] == 3
+    assert np.isfinite(np.concatenate([a.ravel() for a in parameters_to_ndarrays(params)])).all()
+
+
+def test_too_few_usable_updates_leave_the_model_unchanged(tmp_path):
+    strategy = _strategy(tmp_path, **{"min-train-clients": 2})
+    params, summary = strategy.aggregate_fit(1, [_result(1, _after(1.0, 1.0), [0])], [RuntimeError("boom")])
+    assert params is None and summary["clients_failed"] == 1
+
+
+@pytest.mark.parametrize("server_round, expected", [(1, False), (2, True), (3, True)])
+def test_evaluation_schedule_every_n_rounds_and_the_last(tmp_path, server_round, expected):
+    strategy = _strategy(tmp_path, **{"evaluate-every": 2})
+    manager = SimpleNamespace(num_available=lambda: 4, sample=lambda num_clients, **_: list(range(num_clients)))
+    assert bool(strategy.configure_evaluate(server_round, ndarrays_to_parameters([]), manager)) is expected
