@@ -68,17 +68,15 @@ class RecModel(nn.Module):
 
     def shared_state(self) -> OrderedDict[str, np.ndarray]:
         """Copy of the shared parameters as float32 numpy arrays, in shared order."""
-        params = dict(self.named_parameters())
-        return OrderedDict(
-            (name, params[name].detach().cpu().numpy().copy()) for name in self.shared_parameter_names()
-        )
+        return self._copy_parameters(self.shared_parameter_names())
 
     def local_state(self) -> OrderedDict[str, np.ndarray]:
         """Copy of the user-local parameters as numpy arrays."""
+        return self._copy_parameters(self.local_parameter_names())
+
+    def _copy_parameters(self, names: list[str]) -> OrderedDict[str, np.ndarray]:
         params = dict(self.named_parameters())
-        return OrderedDict(
-            (name, params[name].detach().cpu().numpy().copy()) for name in self.local_parameter_names()
-        )
+        return OrderedDict((name, params[name].detach().cpu().numpy().copy()) for name in names)
 
     def load_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         """Overwrite the named parameters in place; names and shapes must match exactly."""
@@ -114,7 +112,8 @@ def _embedding(rows: int, dim: int, std: float) -> nn.Embedding:
     return layer
 
 
-def _tower(in_features: int, widths: tuple[int, ...]) -> nn.Sequential:
+def _tower(in_features: int, widths: tuple[int, ...]) -> tuple[nn.Sequential, int]:
+    """ReLU tower and its output width (the input width when there are no layers)."""
     layers: list[nn.Module] = []
     for width in widths:
         linear = nn.Linear(in_features, width)
@@ -122,7 +121,7 @@ def _tower(in_features: int, widths: tuple[int, ...]) -> nn.Sequential:
         nn.init.zeros_(linear.bias)
         layers += [linear, nn.ReLU()]
         in_features = width
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers), in_features
 
 
 class BiasedMF(RecModel):
@@ -180,8 +179,8 @@ class MLP(RecModel):
         dim, std = config.embedding_dim, config.init_std
         self.user_embedding = _embedding(num_users, dim, std)
         self.item_embedding = _embedding(num_items, dim, std)
-        self.tower = _tower(2 * dim, config.mlp_layers)
-        self.output = nn.Linear(config.mlp_layers[-1] if config.mlp_layers else 2 * dim, 1)
+        self.tower, tower_out = _tower(2 * dim, config.mlp_layers)
+        self.output = nn.Linear(tower_out, 1)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         joint = torch.cat([self.user_embedding(users), self.item_embedding(items)], dim=-1)
@@ -198,8 +197,7 @@ class NeuMF(RecModel):
         self.item_gmf_embedding = _embedding(num_items, dim, std)
         self.user_mlp_embedding = _embedding(num_users, dim, std)
         self.item_mlp_embedding = _embedding(num_items, dim, std)
-        self.tower = _tower(2 * dim, config.mlp_layers)
-        tower_out = config.mlp_layers[-1] if config.mlp_layers else 2 * dim
+        self.tower, tower_out = _tower(2 * dim, config.mlp_layers)
         self.output = nn.Linear(dim + tower_out, 1)
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:

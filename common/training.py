@@ -63,10 +63,13 @@ class PositiveSet:
         return self._keys[pos] == keys if len(self._keys) else np.zeros(len(keys), dtype=bool)
 
 
-def sample_negatives(
+def sample_training_negatives(
     users: np.ndarray, positives: PositiveSet, rng: np.random.Generator, max_rounds: int = 50
 ) -> np.ndarray:
     """One uniformly sampled unobserved item per entry of ``users`` (rejection sampling).
+
+    Not :func:`common.negatives.sample_negatives`, which draws the fixed, distinct
+    evaluation negatives; these are redrawn every epoch and may repeat.
 
     Uniform sampling over the catalogue is the NCF protocol; a user who has seen almost
     every item keeps a rare observed item after ``max_rounds`` rather than looping forever.
@@ -104,7 +107,7 @@ def build_examples(
     if config.loss == "mse":
         return Examples(torch.from_numpy(users), torch.from_numpy(items), torch.from_numpy(ratings.astype(np.float32)))
     rep_users = np.repeat(users, config.num_negatives)
-    negatives = sample_negatives(rep_users, positives, rng)
+    negatives = sample_training_negatives(rep_users, positives, rng)
     if config.loss == "bpr":
         rep_items = np.repeat(items, config.num_negatives)
         return Examples(torch.from_numpy(rep_users), torch.from_numpy(rep_items), torch.from_numpy(negatives))

@@ -72,7 +72,6 @@ def run_trained(
 ) -> BaselineResult:
     """Train centrally for ``train_config.epochs``; report test metrics at the best validation epoch."""
     started = time.perf_counter()
-    torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
     train = prepared.split.train

@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+from dataclasses import replace
 from typing import Any, Sequence
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -70,7 +71,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         if name == "itempop":
             results.append(run_itempop(prepared))
         else:
-            model_config = _config(_overrides(args, {"model": name, "embedding-dim": args.dim})).model_config
+            model_config = replace(config.model_config, name=name)
             results.append(run_trained(prepared, model_config, train_config, seed=config.seed, progress=stderr_progress))
     print(baseline_table(results, prepared))
     if args.json:
