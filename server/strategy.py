@@ -116,7 +116,8 @@ class FedRecStrategy(Strategy):
     def _sample(self, client_manager: ClientManager, fraction: float, count: int, minimum: int) -> list[ClientProxy]:
         available = client_manager.num_available()
         size = count if count > 0 else max(int(available * fraction), minimum)
-        size = min(size, available) if available >= self.config.min_available_clients else size
+        # Never ask for more clients than will be there: Flower's sampler returns none then.
+        size = min(size, max(available, self.config.min_available_clients))
         return client_manager.sample(num_clients=size, min_num_clients=self.config.min_available_clients)
 
     # --- training ------------------------------------------------------------------
