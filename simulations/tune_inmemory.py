@@ -8,7 +8,9 @@ federated runs come from ``fedrec simulate``.
     python -m simulations.tune_inmemory '{"learning-rate": 0.02, "batch-size": 32}' ROUNDS EVAL_EVERY
 
 The JSON holds run-config overrides (MovieLens-100K at ../shared/datasets/ml-100k by
-default); ``_slr`` sets the server learning rate, ``_adam`` a server Adam step size instead.
+default); ``_slr`` sets the server learning rate, ``_adam`` a server Adam step size instead,
+``_clients`` samples that many clients per round (seeded), ``_decay`` multiplies the server
+learning rate by that factor every round.
 """
 
 import json
@@ -50,9 +52,12 @@ slr = OV.get("_slr", cfg.server_learning_rate)
 # optional server adam
 mom = OV.get("_adam"); mt = vt = None
 t0 = time.time()
+per_round = OV.get("_clients", n); decay = OV.get("_decay", 1.0)
+sampler = np.random.default_rng(cfg.seed)
 with Pool(2, initializer=init) as pool:
     for rnd in range(1, ROUNDS + 1):
-        res = pool.map(fit, [(p, shared, states.get(p), rnd) for p in range(n)], chunksize=32)
+        chosen = sorted(sampler.choice(n, size=per_round, replace=False)) if per_round < n else range(n)
+        res = pool.map(fit, [(p, shared, states.get(p), rnd) for p in chosen], chunksize=8)
         tot = sum(r[2] for r in res); mean = None
         for pid, up, ne, st, loss in res:
             states[pid] = st; w = ne / tot
@@ -66,6 +71,7 @@ with Pool(2, initializer=init) as pool:
             shared = [x + eta * a / (np.sqrt(b) + tau) for x, a, b in zip(shared, mt, vt)]
         else:
             shared = decode_mean_update(layout, shared, mean, server_learning_rate=slr)
+            slr *= decay
         if rnd % EVERY == 0 or rnd == ROUNDS:
             e = pool.map(ev, [(p, shared, states.get(p)) for p in range(n)], chunksize=32)
             parts = [{k[5:]: v for k, v in x.items() if k.startswith("test_")} for x in e]
