@@ -8,9 +8,13 @@ are never part of a reply. The app speaks Flower's legacy fit/evaluate messages 
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context
+from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.local import evaluate_client, train_round
 from common.config import FedRecConfig, parse_run_config
@@ -64,7 +68,11 @@ class FedRecClient(NumPyClient):
             rowwise=self.config.row_wise_aggregation,
         )
         save_local_state(self.context, result.local_state)
-        return result.upload, result.num_examples, result.metrics
+        weight = result.num_examples
+        if self.config.secure_aggregation:
+            # SecAgg+ quantizes the weight against max-weight and would overflow above it.
+            weight = min(weight, int(self.config.secagg_max_weight))
+        return result.upload, weight, result.metrics
 
     def evaluate(self, parameters, config):  # type: ignore[override]
         metrics = evaluate_client(
@@ -85,4 +93,22 @@ def client_fn(context: Context):
     return FedRecClient(context).to_client()
 
 
-app = ClientApp(client_fn=client_fn)
+def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Flower's ``secaggplus_mod`` when the run has ``secure-aggregation = true``.
+
+    The same ClientApp serves both modes. With SecAgg+ on, a training request that does not
+    carry the protocol's stage is refused, so a server cannot quietly downgrade a client to
+    sending its update in the clear.
+    """
+    if not parse_run_config(context.run_config).secure_aggregation:
+        return call_next(msg, context)
+    if msg.metadata.message_type == MessageType.TRAIN and RECORD_KEY_CONFIGS not in msg.content.config_records:
+        raise RuntimeError(
+            "this run has secure-aggregation = true but the server sent a plain training request; "
+            "refusing to upload an unmasked update"
+        )
+    return secaggplus_mod(msg, context, call_next)
+
+
+MODS = [secure_aggregation_mod]
+app = ClientApp(client_fn=client_fn, mods=MODS)

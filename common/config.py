@@ -65,6 +65,12 @@ class FedRecConfig:
     eval_refit_epochs: int
     run_dir: str
     checkpoint_every: int
+    secure_aggregation: bool
+    secagg_num_shares: int
+    secagg_reconstruction_threshold: int
+    secagg_clipping_range: float
+    secagg_quantization_range: int
+    secagg_max_weight: float
 
     @property
     def model_config(self) -> ModelConfig:
@@ -109,6 +115,8 @@ _POSITIVE = {
     "synthetic_users", "synthetic_items", "synthetic_mean_interactions", "users_per_client", "embedding_dim",
     "local_epochs", "batch_size", "num_server_rounds", "evaluate_every", "checkpoint_every", "eval_negatives",
     "learning_rate", "server_learning_rate", "server_eta", "min_train_clients", "min_available_clients",
+    "secagg_num_shares", "secagg_reconstruction_threshold", "secagg_clipping_range", "secagg_quantization_range",
+    "secagg_max_weight",
 }
 _NON_NEGATIVE = {"eval_refit_epochs", "num_negatives", "clients_per_round", "proximal_mu", "implicit_threshold"}
 _FRACTIONS = {"fraction_train", "fraction_evaluate"}
@@ -137,6 +145,13 @@ def parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
     if values["loss"] == "bpr" and values["num_negatives"] < 1:
         raise ConfigError("loss 'bpr' needs num-negatives >= 1")
     parse_layers(values["mlp_layers"])
+    if values["secagg_reconstruction_threshold"] > values["secagg_num_shares"]:
+        raise ConfigError(
+            f"secagg-reconstruction-threshold ({values['secagg_reconstruction_threshold']}) must not exceed "
+            f"secagg-num-shares ({values['secagg_num_shares']})"
+        )
+    if values["secure_aggregation"] and values["secagg_num_shares"] < 3:
+        raise ConfigError("secure-aggregation needs secagg-num-shares >= 3 (SecAgg+ shares each secret among neighbours)")
     return FedRecConfig(**values)
 
 

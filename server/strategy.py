@@ -64,6 +64,19 @@ def weighted_mean(results: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]
     return mean
 
 
+SECAGG_MODULUS = 2**32  # SecAggPlusWorkflow's default modulus_range
+
+
+def check_secagg_capacity(num_clients: int, quantization_range: int) -> None:
+    """SecAgg+ sums quantized uploads modulo 2**32; too many clients would wrap around silently."""
+    if num_clients * quantization_range >= SECAGG_MODULUS:
+        raise ValueError(
+            f"{num_clients} clients per round x secagg-quantization-range {quantization_range} overflows "
+            f"SecAgg+'s modulus 2**32; lower secagg-quantization-range to below {SECAGG_MODULUS // num_clients} "
+            "or sample fewer clients per round"
+        )
+
+
 def describe_failure(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseException) -> str:
     """One line on why a client failed, for the server log."""
     if isinstance(failure, BaseException):
@@ -128,6 +141,8 @@ class FedRecStrategy(Strategy):
         clients = self._sample(
             client_manager, self.config.fraction_train, self.config.clients_per_round, self.config.min_train_clients
         )
+        if self.uploads_are_aggregated:
+            check_secagg_capacity(len(clients), self.config.secagg_quantization_range)
         fit_ins = FitIns(parameters, {"server-round": server_round})
         return [(client, fit_ins) for client in clients]
 
@@ -169,6 +184,12 @@ class FedRecStrategy(Strategy):
     def _validated(self, results: list[tuple[ClientProxy, FitRes]]) -> tuple[list[tuple[ClientProxy, FitRes]], int]:
         """Drop malformed uploads (wrong count/shape, NaN/Inf, no examples) with a logged reason."""
         if self.uploads_are_aggregated:
+            # One masked sum for all clients: only the aggregate itself can be checked.
+            try:
+                validate_upload(self.layout, parameters_to_ndarrays(results[0][1].parameters)) if results else None
+            except ValueError as err:
+                log(ERROR, "rejecting the securely aggregated update: %s", err)
+                return [], len(results)
             return results, 0
         valid = []
         for proxy, res in results:

@@ -36,6 +36,9 @@ def test_unknown_key_is_rejected_before_anything_runs():
         ({"row-wise-aggregation": 1}, "'row-wise-aggregation' must be bool"),
         ({"mlp-layers": "64,x"}, "mlp-layers must be comma-separated"),
         ({"loss": "bpr", "num-negatives": 0}, "bpr"),
+        ({"secagg-num-shares": 3, "secagg-reconstruction-threshold": 4}, "must not exceed secagg-num-shares"),
+        ({"secure-aggregation": True, "secagg-num-shares": 2}, "secagg-num-shares >= 3"),
+        ({"secagg-quantization-range": 0}, "secagg-quantization-range must be > 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from flwr.clientapp import ClientApp
 
-from client.client_app import LOCAL_STATE_KEY, client_fn
+from client.client_app import LOCAL_STATE_KEY, MODS, client_fn
 from common.config import parse_run_config
 from common.federation import slicer_cached
 from common.models import build_model
@@ -56,7 +56,8 @@ def simulate(tmp: Path, overrides: dict) -> tuple[dict, list[dict]]:
     replies.mkdir()
     overrides = {"run-dir": str(tmp / "run"), **overrides}
     config = parse_run_config(fused_run_config(overrides))
-    app = ClientApp(client_fn=client_fn, mods=[recording_mod(replies)])
+    # The recorder sits outermost, so it sees exactly what leaves the device (after SecAgg+).
+    app = ClientApp(client_fn=client_fn, mods=[recording_mod(replies), *MODS])
     run_in_process(overrides, len(slicer_cached(config)), client_app=app)
     return overrides, [pickle.loads(p.read_bytes()) for p in sorted(replies.iterdir())]
 
@@ -162,3 +163,23 @@ def test_kiosks_hold_several_users_and_sampling_by_count(tmp_path):
     assert all(r["kept"]["user_embedding.weight"].shape == (4, 8) for r in fits)
     final = [json.loads(line) for line in (Path(overrides["run-dir"]) / "metrics.jsonl").read_text().splitlines()][-1]
     assert final["eval_clients"] == 3 and final["test_count"] == 12
+
+
+def test_secure_aggregation_hides_updates_and_matches_the_plain_mean(tmp_path):
+    plain_dir, secure_dir = tmp_path / "plain", tmp_path / "secure"
+    plain_dir.mkdir()
+    secure_dir.mkdir()
+    base = {**SMALL, "num-server-rounds": 2, "evaluate-every": 5}
+    plain, _ = simulate(plain_dir, base)
+    secure, replies = simulate(secure_dir, {**base, "secure-aggregation": True})
+    train = _fit_replies(replies)
+    # Four SecAgg+ stages per round; only the masked-vector stage carries the update.
+    assert len(train) == 2 * 12 * 4
+    assert all(not any(r["arrays"].values()) for r in train), "no update travels as plain arrays"
+    masked = [r for r in train if any("masked" in str(k) for rec in r["configs"].values() for k in rec)]
+    assert len(masked) == 2 * 12
+    _, plain_model = load_checkpoint(Path(plain["run-dir"]) / "checkpoints" / "final.npz")
+    _, secure_model = load_checkpoint(Path(secure["run-dir"]) / "checkpoints" / "final.npz")
+    for name, value in plain_model.items():
+        # Same seeds, same clients: only SecAgg+'s quantization (2**22 levels over [-8, 8]) differs.
+        np.testing.assert_allclose(secure_model[name], value, atol=2e-3, err_msg=name)

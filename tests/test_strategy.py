@@ -10,7 +10,7 @@ from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters
 from common.config import parse_run_config
 from common.updates import UpdateLayout, encode_update
 from server.run_dir import RunRecorder
-from server.strategy import FedRecStrategy
+from server.strategy import FedRecStrategy, check_secagg_capacity
 from simulations.engine import fused_run_config
 
 GLOBAL = OrderedDict(item_embedding=np.zeros((4, 2), np.float32), output=np.zeros(3, np.float32))
@@ -23,10 +23,10 @@ def _result(node_id, after, touched, num_examples=1, metrics=None):
     return SimpleNamespace(node_id=node_id), res
 
 
-def _strategy(tmp_path, **overrides):
+def _strategy(tmp_path, aggregated=False, **overrides):
     config = parse_run_config(fused_run_config({"num-server-rounds": 3, "min-train-clients": 1, **overrides}))
     recorder = RunRecorder(tmp_path / "run", {}, checkpoint_every=10)
-    return FedRecStrategy(config, LAYOUT, list(GLOBAL.values()), recorder)
+    return FedRecStrategy(config, LAYOUT, list(GLOBAL.values()), recorder, uploads_are_aggregated=aggregated)
 
 
 def _after(item_value, output_value):
@@ -74,3 +74,26 @@ def test_evaluation_schedule_every_n_rounds_and_the_last(tmp_path, server_round,
     strategy = _strategy(tmp_path, **{"evaluate-every": 2})
     manager = SimpleNamespace(num_available=lambda: 4, sample=lambda num_clients, **_: list(range(num_clients)))
     assert bool(strategy.configure_evaluate(server_round, ndarrays_to_parameters([]), manager)) is expected
+
+
+def test_secagg_capacity_refuses_rounds_that_would_wrap_the_modulus():
+    check_secagg_capacity(1023, 2**22)  # 1023 * 2**22 < 2**32
+    with pytest.raises(ValueError, match="overflows SecAgg"):
+        check_secagg_capacity(1024, 2**22)
+
+
+def test_a_securely_aggregated_update_is_used_as_the_mean_and_still_checked(tmp_path):
+    strategy = _strategy(tmp_path, aggregated=True, strategy="fedavg", **{"server-learning-rate": 1.0})
+    # SecAgg+ hands every client's FitRes the same aggregate: the mean, already weighted.
+    mean = encode_update(LAYOUT, GLOBAL, _after(0.5, 0.25), np.array([0, 1]))
+    mean[-1] = mean[-1] * 0.5  # half the clients touched rows 0 and 1
+    results = [(SimpleNamespace(node_id=n), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(mean), 1, {})) for n in (1, 2)]
+    params, summary = strategy.aggregate_fit(1, results, [])
+    item, output = parameters_to_ndarrays(params)
+    np.testing.assert_allclose(item[:, 0], [1.0, 1.0, 0, 0])  # 0.5 summed over the touching half
+    np.testing.assert_allclose(output, 0.25)
+    broken = [a.copy() for a in mean]
+    broken[1][0] = np.inf
+    bad = [(SimpleNamespace(node_id=1), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(broken), 1, {}))]
+    params, summary = _strategy(tmp_path / "b", aggregated=True).aggregate_fit(1, bad, [])
+    assert params is None and summary["clients_rejected"] == 1
