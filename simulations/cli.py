@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 from dataclasses import replace
 from typing import Any, Sequence
@@ -113,6 +114,55 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_certs(args: argparse.Namespace) -> int:
+    """Write a CA and a SuperLink certificate, then show the flags that use them."""
+    from common.config import ConfigError
+    from server.credentials import CA_CERT, CA_KEY, DEFAULT_HOSTS, SERVER_CERT, SERVER_KEY, make_certificates
+
+    if args.days < 1:
+        raise ConfigError(f"--days must be at least 1; got {args.days}")
+    # The loopback names stay in: the SuperLink's own SuperExec dials 127.0.0.1 (or ::1)
+    # and verifies the certificate against --ssl-ca-certfile like any other client.
+    extra = [h.strip() for h in args.host]
+    hosts = list(dict.fromkeys([*DEFAULT_HOSTS, *extra]))
+    try:
+        paths = make_certificates(args.out, hosts, days=args.days, force=args.force)
+    except ValueError as err:  # an empty or non-ASCII --host
+        raise ConfigError(f"--host: {err}") from err
+    for path in paths.values():
+        print(f"wrote {path}")
+    ca, cert, key = (shlex.quote(str(paths[n].resolve())) for n in (CA_CERT, SERVER_CERT, SERVER_KEY))
+    first = (extra or hosts)[0]
+    dial = first if ":" not in first or first.startswith("[") else f"[{first}]"
+    print(f"\nserver certificate for: {', '.join(hosts)} (valid {args.days} days)")
+    print(f"SuperLink:  flower-superlink --ssl-ca-certfile {ca} --ssl-certfile {cert} --ssl-keyfile {key}")
+    print(f"SuperNode:  flower-supernode --superlink {dial}:8000 --root-certificates {ca} ...")
+    print(f"flwr CLI:   root-certificates = {json.dumps(str(paths[CA_CERT].resolve()))}  "
+          "(in the [superlink.<name>] section of ~/.flwr/config.toml)")
+    print(f"Copy only {CA_CERT} to SuperNodes and users; {SERVER_KEY} stays on the SuperLink "
+          f"and {CA_KEY} off both.")
+    return 0
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    """Write SuperNode key pairs, then show how to register and use them."""
+    from common.config import ConfigError
+    from server.credentials import make_supernode_keys, supernode_key_names
+
+    if args.count < 1:
+        raise ConfigError(f"--count must be at least 1; got {args.count}")
+    paths = make_supernode_keys(args.out, args.count, force=args.force)
+    for path in paths.values():
+        print(f"wrote {path}")
+    key, pub = (shlex.quote(str(paths[n].resolve())) for n in supernode_key_names(1))
+    print("\nSuperLink:  flower-superlink --enable-supernode-auth <TLS flags from `fedrec certs`>")
+    print("Register:   flwr supernode register <supernode-N.pub> [<superlink-connection>]   (once per node)")
+    print(f"            e.g. flwr supernode register {pub}")
+    print(f"SuperNode:  flower-supernode --auth-supernode-private-key {key} --root-certificates <ca.crt> ...")
+    print("Each supernode-N.key goes to SuperNode N only; the .pub files to whoever runs `flwr supernode register`.")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrec", description="Federated, privacy-preserving recommendation on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,6 +185,22 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--run-dir", help="where metrics, checkpoints and the summary go")
     simulate.add_argument("--verbose", action="store_true", help="debug logs from Flower and Ray")
     simulate.set_defaults(func=cmd_simulate)
+
+    certs = sub.add_parser("certs", help="write a CA and a SuperLink TLS certificate (ca.crt, server.pem, server.key)")
+    certs.add_argument("--out", required=True, help="directory for the files (created if missing)")
+    certs.add_argument(
+        "--host", action="append", default=[], metavar="H",
+        help="name or IP the SuperNodes dial, repeatable; added to localhost 127.0.0.1 ::1, which are always in",
+    )
+    certs.add_argument("--days", type=int, default=365, help="validity of both certificates")
+    certs.add_argument("--force", action="store_true", help="overwrite existing files")
+    certs.set_defaults(func=cmd_certs)
+
+    keys = sub.add_parser("keys", help="write SuperNode authentication key pairs (supernode-N.key / .pub)")
+    keys.add_argument("--out", required=True, help="directory for the files (created if missing)")
+    keys.add_argument("--count", type=int, required=True, help="number of SuperNodes")
+    keys.add_argument("--force", action="store_true", help="overwrite existing files")
+    keys.set_defaults(func=cmd_keys)
     return parser
 
 
@@ -145,6 +211,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     try:
         return int(args.func(args))
+    except FileExistsError as err:
+        print(f"fedrec: error: {err.filename or err} exists; pass --force to overwrite", file=sys.stderr)
+        return 2
     except (DataError, ConfigError, FileNotFoundError) as err:
         print(f"fedrec: error: {err}", file=sys.stderr)
         return 2
