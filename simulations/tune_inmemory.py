@@ -9,7 +9,8 @@ federated runs come from ``fedrec simulate``.
 
 The JSON holds run-config overrides (MovieLens-100K at ../shared/datasets/ml-100k by
 default); ``_slr`` sets the server learning rate, ``_adam`` a server Adam step size instead,
-``_clients`` samples that many clients per round (seeded), ``_decay`` multiplies the server
+``eval-refit-epochs`` re-fits user rows before evaluating, ``_clients`` samples that many
+clients per round (seeded), ``_decay`` multiplies the server
 learning rate by that factor every round.
 """
 
@@ -42,8 +43,7 @@ def fit(args):
     return pid, r.upload, r.num_examples, r.local_state, r.metrics["train_loss"]
 def ev(args):
     pid, shared, state = args
-    a = evaluate_client(cfg.model_config, S.client(pid), shared, state, seed=cfg.seed)
-    return a
+    return evaluate_client(cfg.model_config, S.client(pid), shared, state, seed=cfg.seed, refit=cfg.refit_config)
 S = slicer_cached(cfg); n = len(S)
 m = build_model(cfg.model_config, 0, S.prepared.num_items, seed=cfg.seed)
 sh = m.shared_state(); layout = UpdateLayout.from_state(sh, m.item_row_parameter_names(), S.prepared.num_items)

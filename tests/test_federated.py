@@ -13,13 +13,17 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flwr.app.message_type import MessageType
 from flwr.clientapp import ClientApp
+from flwr.common import parameters_to_ndarrays
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
+from flwr.compat.common.recorddict_compat import recorddict_to_fitres
 
 from client.client_app import LOCAL_STATE_KEY, MODS, client_fn
 from common.config import parse_run_config
 from common.federation import slicer_cached
 from common.models import build_model
-from common.updates import UpdateLayout
+from common.updates import UpdateLayout, decode_mean_update
 from server.run_dir import load_checkpoint
 from simulations.engine import fused_run_config, run_in_process
 
@@ -51,13 +55,14 @@ def recording_mod(out_dir: Path):
     return mod
 
 
-def simulate(tmp: Path, overrides: dict) -> tuple[dict, list[dict]]:
+def simulate(tmp: Path, overrides: dict, *, outer=(), inner=()) -> tuple[dict, list[dict]]:
+    """Run fedrec's app; ``outer`` mods act before SecAgg+, ``inner`` ones see the plain reply."""
     replies = tmp / "replies"
     replies.mkdir()
     overrides = {"run-dir": str(tmp / "run"), **overrides}
     config = parse_run_config(fused_run_config(overrides))
     # The recorder sits outermost, so it sees exactly what leaves the device (after SecAgg+).
-    app = ClientApp(client_fn=client_fn, mods=[recording_mod(replies), *MODS])
+    app = ClientApp(client_fn=client_fn, mods=[recording_mod(replies), *outer, *MODS, *inner])
     run_in_process(overrides, len(slicer_cached(config)), client_app=app)
     return overrides, [pickle.loads(p.read_bytes()) for p in sorted(replies.iterdir())]
 
@@ -182,4 +187,54 @@ def test_secure_aggregation_hides_updates_and_matches_the_plain_mean(tmp_path):
     _, secure_model = load_checkpoint(Path(secure["run-dir"]) / "checkpoints" / "final.npz")
     for name, value in plain_model.items():
         # Same seeds, same clients: only SecAgg+'s quantization (2**22 levels over [-8, 8]) differs.
+        np.testing.assert_allclose(secure_model[name], value, atol=2e-3, err_msg=name)
+
+
+DROPPED = {3, 7}  # partition ids that vanish after sharing their keys
+
+
+def dropout_mod(msg, context, call_next):
+    """The device disappears right before it would send its masked update."""
+    configs = msg.content.config_records.get(RECORD_KEY_CONFIGS) if msg.metadata.message_type == MessageType.TRAIN else None
+    if configs and configs.get(Key.STAGE) == Stage.COLLECT_MASKED_VECTORS and context.node_config["partition-id"] in DROPPED:
+        raise ConnectionError("device went offline")
+    return call_next(msg, context)
+
+
+def plain_upload_recorder(out_dir: Path):
+    """Inside SecAgg+: the update before masking, which only the test gets to see."""
+
+    def mod(msg, context, call_next):
+        reply = call_next(msg, context)
+        if msg.metadata.message_type == MessageType.TRAIN:
+            fitres = recorddict_to_fitres(reply.content, keep_input=True)
+            record = (fitres.num_examples, parameters_to_ndarrays(fitres.parameters))
+            (out_dir / f"{context.node_config['partition-id']}.pkl").write_bytes(pickle.dumps(record))
+        return reply
+
+    return mod
+
+
+def test_secure_aggregation_survives_dropouts_and_aggregates_the_survivors(tmp_path):
+    plain_dir = tmp_path / "plain-uploads"
+    plain_dir.mkdir()
+    overrides = {**SMALL, "num-server-rounds": 1, "evaluate-every": 5, "secure-aggregation": True,
+                 "secagg-num-shares": 5, "secagg-reconstruction-threshold": 3}
+    overrides, _ = simulate(tmp_path, overrides, outer=[dropout_mod], inner=[plain_upload_recorder(plain_dir)])
+    run = Path(overrides["run-dir"])
+    fit = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()][0]
+    # Flower's SecAgg+ workflow may list a dropped node once per stage it missed.
+    assert fit["phase"] == "fit" and fit["clients_ok"] == 12 - len(DROPPED) and fit["clients_failed"] >= len(DROPPED)
+    uploads = {int(p.stem): pickle.loads(p.read_bytes()) for p in plain_dir.iterdir()}
+    survivors = [uploads[pid] for pid in sorted(uploads) if pid not in DROPPED]
+    assert len(survivors) == 12 - len(DROPPED)
+    total = sum(n for n, _ in survivors)
+    mean = [sum(n / total * arrays[i].astype(np.float64) for n, arrays in survivors) for i in range(len(survivors[0][1]))]
+    config = parse_run_config(fused_run_config(overrides))
+    model = build_model(config.model_config, 0, config.synthetic_items, seed=config.seed)
+    layout = _layout(overrides)
+    expected = decode_mean_update(layout, list(model.shared_state().values()), mean,
+                                  server_learning_rate=config.server_learning_rate)
+    _, secure_model = load_checkpoint(run / "checkpoints" / "final.npz")
+    for name, value in zip(layout.names, expected):
         np.testing.assert_allclose(secure_model[name], value, atol=2e-3, err_msg=name)
