@@ -11,7 +11,7 @@ The JSON holds run-config overrides (MovieLens-100K at ../shared/datasets/ml-100
 default); ``_slr`` sets the server learning rate, ``_adam`` a server Adam step size instead,
 ``eval-refit-epochs`` re-fits user rows before evaluating, ``_clients`` samples that many
 clients per round (seeded), ``_decay`` multiplies the server
-learning rate by that factor every round.
+learning rate by that factor every round, ``_mom`` adds server momentum (FedAvgM).
 """
 
 import json
@@ -69,6 +69,10 @@ with Pool(2, initializer=init) as pool:
             mt = [b1 * x + (1 - b1) * y for x, y in zip(mt, d)] if mt else [(1 - b1) * y for y in d]
             vt = [b2 * x + (1 - b2) * y * y for x, y in zip(vt, d)] if vt else [(1 - b2) * y * y for y in d]
             shared = [x + eta * a / (np.sqrt(b) + tau) for x, a, b in zip(shared, mt, vt)]
+        elif OV.get("_mom"):
+            step = [a - b for a, b in zip(decode_mean_update(layout, shared, mean, server_learning_rate=1.0), shared)]
+            vel = [OV["_mom"] * v + d for v, d in zip(vel, step)] if rnd > 1 else step
+            shared = [x + slr * v for x, v in zip(shared, vel)]
         else:
             shared = decode_mean_update(layout, shared, mean, server_learning_rate=slr)
             slr *= decay
