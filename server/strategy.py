@@ -186,7 +186,8 @@ class FedRecStrategy(Strategy):
         if self.uploads_are_aggregated:
             # One masked sum for all clients: only the aggregate itself can be checked.
             try:
-                validate_upload(self.layout, parameters_to_ndarrays(results[0][1].parameters)) if results else None
+                if results:
+                    validate_upload(self.layout, parameters_to_ndarrays(results[0][1].parameters))
             except ValueError as err:
                 log(ERROR, "rejecting the securely aggregated update: %s", err)
                 return [], len(results)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import tempfile
 from pathlib import Path
@@ -60,7 +59,7 @@ def byte_counter(path: Path):
             down = content_bytes(msg.content)
             up = content_bytes(reply.content) if reply.has_content() else 0
             with open(path, "a", encoding="utf-8") as out:
-                out.write(json.dumps({"pid": os.getpid(), "down": down, "up": up}) + "\n")
+                out.write(json.dumps({"down": down, "up": up}) + "\n")
         return reply
 
     return mod
