@@ -163,6 +163,62 @@ def cmd_keys(args: argparse.Namespace) -> int:
     return 0
 
 
+def flower_env(base: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment for Flower's processes: this interpreter's scripts first on PATH.
+
+    SuperLinks and SuperNodes start ``flower-superexec`` by name, so it has to resolve to
+    the same installation as fedrec even when the virtual environment is not activated.
+    """
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = os.pathsep.join([os.path.dirname(sys.executable), env.get("PATH", "")])
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    return env
+
+
+def _exec(command: list[str], dry_run: bool) -> int:
+    """Print ``command``; then become it (signals reach Flower directly) unless a dry run."""
+    print(shlex.join(command), flush=True)
+    if dry_run:
+        return 0
+    env = flower_env()
+    os.execvpe(command[0], command, env)
+    return 0  # not reached
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    """Run a SuperLink over TLS with SuperNode authentication."""
+    from server.deployment import superlink_command, write_flwr_connection
+
+    command = superlink_command(
+        args.certs, host=args.host, port=args.port, database=args.database,
+        supernode_auth=not args.no_supernode_auth,
+    )
+    if args.connection:
+        dial = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
+        path = write_flwr_connection(
+            os.environ.get("FLWR_HOME", os.path.expanduser("~/.flwr")), args.connection,
+            f"{dial}:{args.port}", os.path.join(args.certs, "ca.crt"),
+        )
+        print(f"flwr CLI connection {args.connection!r} -> {dial}:{args.port} written to {path}")
+    return _exec(command, args.dry_run)
+
+
+def cmd_supernode(args: argparse.Namespace) -> int:
+    """Run a SuperNode bound to one data partition, over TLS, authenticated by its key."""
+    from client.deployment import supernode_command
+
+    try:
+        command = supernode_command(
+            args.superlink, partition_id=args.partition_id, num_partitions=args.num_partitions,
+            ca_cert=args.ca, private_key=args.key, clientappio_port=args.port,
+        )
+    except ValueError as err:
+        from common.config import ConfigError
+
+        raise ConfigError(f"--partition-id: {err}") from err
+    return _exec(command, args.dry_run)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrec", description="Federated, privacy-preserving recommendation on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -201,6 +257,29 @@ def build_parser() -> argparse.ArgumentParser:
     keys.add_argument("--count", type=int, required=True, help="number of SuperNodes")
     keys.add_argument("--force", action="store_true", help="overwrite existing files")
     keys.set_defaults(func=cmd_keys)
+
+    superlink = sub.add_parser("superlink", help="run flower-superlink with TLS and SuperNode authentication")
+    superlink.add_argument("--certs", required=True, help="directory written by `fedrec certs`")
+    superlink.add_argument("--host", default="127.0.0.1", help="interface to listen on (0.0.0.0 across machines)")
+    superlink.add_argument("--port", type=int, default=8000, help="HTTPS port of the Fleet and Control APIs")
+    superlink.add_argument("--database", help="SQLite file, so registered SuperNodes survive a restart")
+    superlink.add_argument("--no-supernode-auth", action="store_true", help="accept any SuperNode (not recommended)")
+    superlink.add_argument(
+        "--connection", metavar="NAME",
+        help="also write [superlink.NAME] (address + ca.crt) to $FLWR_HOME/config.toml for `flwr run . NAME`",
+    )
+    superlink.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    superlink.set_defaults(func=cmd_superlink)
+
+    supernode = sub.add_parser("supernode", help="run flower-supernode for one data partition over TLS")
+    supernode.add_argument("--superlink", required=True, metavar="HOST:PORT", help="the SuperLink's address")
+    supernode.add_argument("--ca", required=True, help="ca.crt from `fedrec certs` (the only file a device needs)")
+    supernode.add_argument("--key", help="this node's supernode-N.key from `fedrec keys` (its .pub registered)")
+    supernode.add_argument("--partition-id", type=int, required=True, help="this node's data partition")
+    supernode.add_argument("--num-partitions", type=int, required=True, help="partitions in the federation")
+    supernode.add_argument("--port", type=int, default=9094, help="local ClientAppIo port; unique per node on one machine")
+    supernode.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
+    supernode.set_defaults(func=cmd_supernode)
     return parser
 
 

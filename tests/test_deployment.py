@@ -1,0 +1,240 @@
+"""End to end on loopback: a real SuperLink and three real SuperNodes, TLS, node auth, SecAgg+.
+
+The test starts ``flower-superlink`` and ``flower-supernode`` processes with the exact
+commands ``fedrec superlink`` / ``fedrec supernode`` run, registers the nodes' keys with
+``flwr supernode register``, submits fedrec with ``flwr run`` and checks the run dir. It also
+checks the two refusals a deployment relies on: a SuperNode whose key was never registered,
+and a SuperNode that does not trust the federation's CA. Everything listens on 127.0.0.1
+only, and every process is stopped by the test within a bounded time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from client.deployment import supernode_command
+from server.credentials import make_certificates, make_supernode_keys
+from server.deployment import superlink_command, write_flwr_connection
+from simulations.cli import flower_env
+
+REPO = Path(__file__).resolve().parent.parent
+NODES = 3
+CONNECTION = "e2e"
+RUN_CONFIG = (
+    "num-server-rounds=2 secure-aggregation=true local-epochs=1 evaluate-every=2 "
+    "synthetic-users=30 partitioning='group' users-per-client=10"  # 30 users / 10 = 3 kiosks
+)
+STARTUP_SECONDS = 90
+RUN_SECONDS = 600
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every live process below ``pid`` (Flower starts SuperExec and app processes)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _stop(process: subprocess.Popen) -> None:
+    """SIGTERM the process and everything it started; SIGKILL what is left after 20 s."""
+    victims = [process.pid, *_descendants(process.pid)]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        pass
+    for pid in [process.pid, *_descendants(process.pid), *victims]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    process.wait(timeout=10)
+
+
+def _wait_for(log: Path, text: str, count: int, process: subprocess.Popen, seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if log.read_text(errors="replace").count(text) >= count:
+            return
+        if process.poll() is not None:
+            break
+        time.sleep(0.5)
+    tail = log.read_text(errors="replace")[-3000:]
+    pytest.fail(f"{text!r} x{count} not seen in {log.name} within {seconds:.0f}s:\n{tail}")
+
+
+class Federation:
+    """The processes and files of one loopback federation."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.certs = root / "certs"
+        self.keys = root / "keys"
+        self.home = root / "flwr-home"
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        self.env = flower_env() | {"FLWR_HOME": str(self.home)}
+        self.processes: list[subprocess.Popen] = []
+        self.superlink_log = root / "superlink.log"
+
+    def start(self, command: list[str], log: Path) -> subprocess.Popen:
+        with log.open("wb") as out:
+            process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, env=self.env, cwd=self.root,
+                start_new_session=True,
+            )
+        self.processes.append(process)
+        return process
+
+    def flwr(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            ["flwr", *args], env=self.env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        )
+
+    def supernode(self, index: int, partition: int, *, ca: bool = True, attempts: int | None = None):
+        command = supernode_command(
+            self.address, partition_id=partition, num_partitions=NODES,
+            ca_cert=self.certs / "ca.crt" if ca else None,
+            private_key=self.keys / f"supernode-{index}.key",
+            clientappio_port=_free_port(),
+            max_retries=attempts, max_wait_seconds=30 if attempts is not None else None,
+        )
+        return command
+
+    def stop(self) -> None:
+        for process in reversed(self.processes):
+            _stop(process)
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory):
+    fed = Federation(tmp_path_factory.mktemp("deployment"))
+    make_certificates(fed.certs)  # SANs: localhost, 127.0.0.1, ::1
+    make_supernode_keys(fed.keys, NODES + 1)  # the last one is never registered
+    write_flwr_connection(fed.home, CONNECTION, fed.address, fed.certs / "ca.crt")
+    try:
+        superlink = fed.start(superlink_command(fed.certs, port=fed.port), fed.superlink_log)
+        _wait_for(fed.superlink_log, "Uvicorn running on https://", 1, superlink, STARTUP_SECONDS)
+        for index in range(1, NODES + 1):
+            registered = fed.flwr("supernode", "register", str(fed.keys / f"supernode-{index}.pub"), CONNECTION)
+            assert registered.returncode == 0 and "registered successfully" in registered.stdout, (
+                registered.stdout + registered.stderr
+            )
+        for index in range(1, NODES + 1):
+            fed.start(fed.supernode(index, index - 1), fed.root / f"supernode-{index}.log")
+        _wait_for(fed.superlink_log, "[Fleet.ActivateNode] Activated", NODES, superlink, STARTUP_SECONDS)
+        yield fed
+    finally:
+        fed.stop()
+
+
+def test_two_secagg_rounds_over_tls_with_authenticated_supernodes(federation, tmp_path):
+    run_dir = tmp_path / "run"
+    result = federation.flwr(
+        "run", ".", CONNECTION, "--stream",
+        "--run-config", f"{RUN_CONFIG} run-dir='{run_dir}'",
+        timeout=RUN_SECONDS,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["run_config"]["secure-aggregation"] is True
+    fits = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fits = [row for row in fits if row["phase"] == "fit"]
+    assert [row["round"] for row in fits] == [1, 2]
+    assert all(row["clients_ok"] == NODES and row["clients_failed"] == 0 for row in fits), fits
+    # Flower's SecAggPlusWorkflow logs this once per round, after unmasking the sum.
+    assert output.count("Secure aggregation completed") == 2, output[-4000:]
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["rounds"] == 2
+    final = summary["final_evaluation"]
+    assert final["eval_clients"] == NODES and final["eval_failures"] == 0
+    assert 0.0 <= final["test_sampled_hr@10"] <= 1.0
+    assert (run_dir / "checkpoints" / "final.npz").is_file()
+
+
+def test_supernode_with_unregistered_key_is_refused(federation):
+    log = federation.root / "unregistered.log"
+    process = federation.start(federation.supernode(NODES + 1, 0, attempts=1), log)
+    process.wait(timeout=STARTUP_SECONDS)
+    output = log.read_text(errors="replace")
+    assert process.returncode != 0, output
+    assert "Failed to activate SuperNode" in output, output
+    assert "No SuperNode found with the given public key" in federation.superlink_log.read_text()
+    assert federation.superlink_log.read_text().count("[Fleet.ActivateNode] Activated") == NODES
+
+
+def test_supernode_and_cli_without_the_ca_cannot_connect(federation):
+    log = federation.root / "no-ca.log"
+    # A registered key, so the only thing missing is trust in the federation's CA.
+    process = federation.start(federation.supernode(1, 0, ca=False, attempts=1), log)
+    process.wait(timeout=STARTUP_SECONDS)
+    output = log.read_text(errors="replace")
+    assert process.returncode != 0, output
+    assert "CERTIFICATE_VERIFY_FAILED" in output, output
+
+    # The flwr CLI: the same SuperLink answers with the CA and refuses without it.
+    with_ca = federation.flwr("ls", CONNECTION, timeout=STARTUP_SECONDS)
+    assert with_ca.returncode == 0, with_ca.stdout + with_ca.stderr
+    write_flwr_connection(federation.home, "no-ca", federation.address, None)
+    without_ca = federation.flwr("ls", "no-ca", timeout=STARTUP_SECONDS)
+    assert without_ca.returncode != 0
+    assert "Connection to the SuperLink is unavailable" in without_ca.stdout + without_ca.stderr
+
+
+def test_flwr_connection_is_added_next_to_existing_ones(tmp_path):
+    import tomllib
+
+    ca = tmp_path / "ca.crt"
+    ca.write_text("not read here")
+    write_flwr_connection(tmp_path, "first", "10.0.0.1:8000", ca)
+    path = write_flwr_connection(tmp_path, "second", "10.0.0.2:8000", None)
+    links = tomllib.loads(path.read_text())["superlink"]
+    assert links["default"] == "first"
+    assert links["first"] == {"address": "10.0.0.1:8000", "root-certificates": str(ca.resolve())}
+    assert links["second"] == {"address": "10.0.0.2:8000"}
+
+
+def test_launch_commands_refuse_missing_files_and_bad_partitions(tmp_path, capsys):
+    from simulations.cli import main
+
+    with pytest.raises(FileNotFoundError, match="fedrec certs"):
+        superlink_command(tmp_path)
+    with pytest.raises(ValueError, match=r"partition-id must be in \[0, 3\); got 3"):
+        supernode_command("127.0.0.1:8000", partition_id=3, num_partitions=3, ca_cert=None, private_key=None)
+    assert main(["supernode", "--superlink", "h:1", "--ca", str(tmp_path / "ca.crt"),
+                 "--partition-id", "0", "--num-partitions", "3", "--dry-run"]) == 2
+    assert "ca.crt not found" in capsys.readouterr().err
