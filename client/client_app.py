@@ -66,10 +66,13 @@ class FedRecClient(NumPyClient):
             seed=self.config.seed,
             server_round=int(config.get("server-round", 0)),
             rowwise=self.config.row_wise_aggregation,
+            clipping_norm=self.config.user_dp_clipping_norm if self.config.user_dp else None,
         )
         save_local_state(self.context, result.local_state)
         weight = result.num_examples
-        if self.config.secure_aggregation:
+        if self.config.user_dp:
+            weight = 1  # DP-FedAvg: every client counts once, whatever its data size
+        elif self.config.secure_aggregation:
             # SecAgg+ quantizes the weight against max-weight and would overflow above it.
             weight = min(weight, int(self.config.secagg_max_weight))
         return result.upload, weight, result.metrics

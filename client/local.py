@@ -18,7 +18,7 @@ from common.federation import ClientData
 from common.metrics import sums
 from common.models import ModelConfig, RecModel, build_model
 from common.training import PositiveSet, TrainConfig, build_examples, make_optimizer, train_epoch
-from common.updates import UpdateLayout, encode_update
+from common.updates import UpdateLayout, clip_deltas, encode_update
 
 
 @dataclass
@@ -96,8 +96,14 @@ def train_round(
     seed: int,
     server_round: int,
     rowwise: bool = True,
+    clipping_norm: float | None = None,
 ) -> RoundResult:
-    """Train locally for ``train_config.epochs`` and encode the shared update."""
+    """Train locally for ``train_config.epochs`` and encode the shared update.
+
+    With ``clipping_norm`` (user-level DP) the deltas are clipped to that L2 norm and the
+    touched vector is all ones, so nothing in the upload depends on the data beyond the
+    clipped deltas the server's noise covers.
+    """
     started = time.perf_counter()
     model = build_local_model(model_config, data, shared, local_state, user_seed(seed, data))
     before = model.shared_state()
@@ -106,13 +112,19 @@ def train_round(
         {name: torch.from_numpy(value.copy()) for name, value in before.items()} if train_config.proximal_mu > 0 else None
     )
     loss, touched = local_epochs(model, data, train_config, [seed, server_round, client_key(data)], reference)
-    upload = encode_update(layout, before, model.shared_state(), touched, rowwise=rowwise)
+    upload = encode_update(
+        layout, before, model.shared_state(), touched, rowwise=rowwise and clipping_norm is None
+    )
+    extra = {}
+    if clipping_norm is not None:
+        extra["update_norm_before_clipping"] = clip_deltas(upload, clipping_norm)
     metrics = {
         "train_loss": loss,
         "train_seconds": time.perf_counter() - started,
         "upload_bytes": float(sum(a.nbytes for a in upload)),
         "download_bytes": float(sum(a.nbytes for a in shared)),
         "items_touched": float(len(np.unique(touched))),
+        **extra,
     }
     return RoundResult(upload, len(data.train_items), dict(model.local_state()), metrics)
 

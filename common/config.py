@@ -15,6 +15,9 @@ from common.training import LOSSES, OPTIMIZERS, TrainConfig
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 PARTITIONINGS = ("user", "group")
+GRAD_SAMPLE_MODES = ("ghost", "hooks")
+ACCOUNTANTS = ("rdp", "pld")
+CLIENT_SAMPLINGS = ("fixed", "poisson")
 
 
 class ConfigError(ValueError):
@@ -71,6 +74,20 @@ class FedRecConfig:
     secagg_clipping_range: float
     secagg_quantization_range: int
     secagg_max_weight: float
+    record_dp: bool
+    record_dp_noise_multiplier: float
+    record_dp_max_grad_norm: float
+    record_dp_target_epsilon: float
+    record_dp_delta: float
+    record_dp_epsilon_budget: float
+    record_dp_grad_sample_mode: str
+    user_dp: bool
+    user_dp_noise_multiplier: float
+    user_dp_clipping_norm: float
+    user_dp_delta: float
+    user_dp_epsilon_budget: float
+    user_dp_accountant: str
+    client_sampling: str
 
     @property
     def model_config(self) -> ModelConfig:
@@ -110,15 +127,22 @@ _CHOICES = {
     "local_optimizer": OPTIMIZERS,
     "strategy": STRATEGIES,
     "partitioning": PARTITIONINGS,
+    "record_dp_grad_sample_mode": GRAD_SAMPLE_MODES,
+    "user_dp_accountant": ACCOUNTANTS,
+    "client_sampling": CLIENT_SAMPLINGS,
 }
 _POSITIVE = {
     "synthetic_users", "synthetic_items", "synthetic_mean_interactions", "users_per_client", "embedding_dim",
     "local_epochs", "batch_size", "num_server_rounds", "evaluate_every", "checkpoint_every", "eval_negatives",
     "learning_rate", "server_learning_rate", "server_eta", "min_train_clients", "min_available_clients",
     "secagg_num_shares", "secagg_reconstruction_threshold", "secagg_clipping_range", "secagg_quantization_range",
-    "secagg_max_weight",
+    "secagg_max_weight", "record_dp_max_grad_norm", "record_dp_delta", "user_dp_clipping_norm",
 }
-_NON_NEGATIVE = {"eval_refit_epochs", "num_negatives", "clients_per_round", "proximal_mu", "implicit_threshold"}
+_NON_NEGATIVE = {
+    "eval_refit_epochs", "num_negatives", "clients_per_round", "proximal_mu", "implicit_threshold",
+    "record_dp_noise_multiplier", "record_dp_target_epsilon", "record_dp_epsilon_budget",
+    "user_dp_noise_multiplier", "user_dp_delta", "user_dp_epsilon_budget",
+}
 _FRACTIONS = {"fraction_train", "fraction_evaluate"}
 
 
@@ -152,6 +176,19 @@ def parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
         )
     if values["secure_aggregation"] and values["secagg_num_shares"] < 3:
         raise ConfigError("secure-aggregation needs secagg-num-shares >= 3 (SecAgg+ shares each secret among neighbours)")
+    for name in ("record_dp_delta", "user_dp_delta"):
+        if values[name] >= 1.0:
+            raise ConfigError(f"{name.replace('_', '-')} must be < 1; got {values[name]!r}")
+    if values["user_dp"]:
+        if values["user_dp_noise_multiplier"] <= 0:
+            raise ConfigError("user-dp needs user-dp-noise-multiplier > 0 (no noise, no guarantee)")
+        if values["user_dp_accountant"] == "pld" and values["client_sampling"] != "poisson":
+            raise ConfigError(
+                "user-dp-accountant 'pld' accounts for Poisson sampling only; set client-sampling = 'poisson' "
+                "or use the 'rdp' accountant, which also covers fixed-size sampling without replacement"
+            )
+    if values["record_dp"] and values["record_dp_noise_multiplier"] <= 0 and values["record_dp_target_epsilon"] <= 0:
+        raise ConfigError("record-dp needs record-dp-noise-multiplier > 0 or record-dp-target-epsilon > 0")
     return FedRecConfig(**values)
 
 

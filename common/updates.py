@@ -16,6 +16,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
+from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
 
 TOUCHED_KEY = "item_touched"
 
@@ -102,3 +103,17 @@ def validate_upload(layout: UpdateLayout, upload: list[np.ndarray]) -> None:
             raise ValueError(f"update array {name} has shape {tuple(array.shape)}, expected {shape}")
         if not np.all(np.isfinite(array)):
             raise ValueError(f"update array {index} contains NaN or Inf")
+
+
+def clip_deltas(upload: list[np.ndarray], clipping_norm: float) -> float:
+    """Clip the deltas of an upload (not its touched vector) to L2 norm ``clipping_norm``, in place.
+
+    User-level DP's per-client clipping (Flower's FlatClip helper). Returns the norm before
+    clipping, which the device may report. The touched vector must be data-independent
+    (all ones) for the guarantee, so it is left out of the norm.
+    """
+    deltas = upload[:-1]
+    norm = get_norm(deltas)
+    if norm > 0:
+        clip_inputs_inplace(deltas, clipping_norm)
+    return norm

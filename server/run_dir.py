@@ -129,6 +129,11 @@ class RunRecorder:
             np.savez(buffer, __round__=np.array(server_round), **dict(zip(names, arrays)))
             atomic_write_bytes(self.path / "checkpoints" / target, buffer.getvalue())
 
+    def write_json(self, name: str, payload: Mapping[str, Any]) -> None:
+        """A whole JSON document in the run directory (e.g. ``privacy.json``), written atomically."""
+        data = json.dumps({k: _jsonable(v) for k, v in payload.items()}, indent=2, default=_jsonable)
+        atomic_write_bytes(self.path / name, data.encode())
+
     def finish(self, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """Write ``summary.json``: last evaluation, best validation round, wall time."""
         evaluations = [r for r in self.rows if r["phase"] == "evaluate"]

@@ -17,8 +17,9 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import ServerApp
 
 from common.config import FedRecConfig, parse_run_config
-from common.federation import prepare_cached
+from common.federation import prepare_cached, slicer_cached
 from common.models import build_model
+from common.privacy import UserLevelDP
 from common.updates import UpdateLayout
 from server.run_dir import RunRecorder
 from server.strategy import FedRecStrategy
@@ -39,6 +40,65 @@ def fit_workflow(config: FedRecConfig) -> SecAggPlusWorkflow | None:
     )
 
 
+def user_level_dp(config: FedRecConfig, num_clients: int) -> UserLevelDP | None:
+    """The DP-FedAvg mechanism this run will really execute (None when user-dp is off)."""
+    if not config.user_dp:
+        return None
+    common = dict(
+        noise_multiplier=config.user_dp_noise_multiplier,
+        clipping_norm=config.user_dp_clipping_norm,
+        num_clients=num_clients,
+        delta=config.user_dp_delta,
+    )
+    if config.client_sampling == "poisson":
+        rate = config.clients_per_round / num_clients if config.clients_per_round > 0 else config.fraction_train
+        return UserLevelDP(sampling="poisson", sampling_rate=min(rate, 1.0), **common)
+    size = config.clients_per_round or max(int(num_clients * config.fraction_train), config.min_train_clients)
+    return UserLevelDP(sampling="fixed", sample_size=min(size, num_clients), **common)
+
+
+def plan_rounds(config: FedRecConfig, dp: UserLevelDP | None) -> tuple[int, str]:
+    """Rounds to run: all of them, or the most the user-level budget allows (and why)."""
+    if dp is None or config.user_dp_epsilon_budget <= 0:
+        return config.num_server_rounds, ""
+    allowed = dp.max_rounds(config.user_dp_epsilon_budget, config.user_dp_accountant, upper=config.num_server_rounds)
+    if allowed >= config.num_server_rounds:
+        return config.num_server_rounds, ""
+    spent = dp.epsilon(allowed + 1, config.user_dp_accountant)
+    return allowed, (
+        f"stopped after {allowed} of {config.num_server_rounds} rounds: round {allowed + 1} would spend user-level "
+        f"epsilon {spent:.3f} > budget {config.user_dp_epsilon_budget} (delta {dp.target_delta:.3g}, "
+        f"{config.user_dp_accountant} accountant)"
+    )
+
+
+def privacy_plan(config: FedRecConfig, dp: UserLevelDP | None, rounds: int, stop_reason: str) -> dict:
+    """What ``privacy.json`` states before the first round; epsilons per round go to metrics."""
+    plan: dict = {"user_level": None, "record_level": None, "secure_aggregation": config.secure_aggregation}
+    if dp is not None:
+        plan["user_level"] = {
+            **dp.describe(),
+            "accountant": config.user_dp_accountant,
+            "epsilon_budget": config.user_dp_epsilon_budget or None,
+            "rounds_requested": config.num_server_rounds,
+            "rounds_planned": rounds,
+            "stop_reason": stop_reason or None,
+        }
+    if config.record_dp:
+        plan["record_level"] = {
+            "mechanism": "Opacus DP-SGD on each device (per-example clipping, Gaussian noise, Poisson sampling); "
+            "the user embeddings on the device are trained under the same DP-SGD step",
+            "noise_multiplier": config.record_dp_noise_multiplier,
+            "target_epsilon": config.record_dp_target_epsilon or None,
+            "max_grad_norm": config.record_dp_max_grad_norm,
+            "delta": config.record_dp_delta,
+            "epsilon_budget_per_device": config.record_dp_epsilon_budget or None,
+            "accountant": "opacus rdp, history carried across rounds in the device's Context.state",
+            "noise_generator": "torch default generator (Opacus secure_mode off; not a CSPRNG)",
+        }
+    return plan
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Train for ``num-server-rounds`` and leave a complete run directory behind."""
@@ -48,8 +108,19 @@ def main(grid: Grid, context: Context) -> None:
     shared = model.shared_state()
     layout = UpdateLayout.from_state(shared, model.item_row_parameter_names(), prepared.num_items)
     recorder = RunRecorder(config.run_dir, context.run_config, config.checkpoint_every)
+    dp = user_level_dp(config, len(slicer_cached(config)))
+    rounds, stop_reason = plan_rounds(config, dp)
+    recorder.write_json("privacy.json", privacy_plan(config, dp, rounds, stop_reason))
+    if stop_reason:
+        log(logging.WARNING, "fedrec: %s", stop_reason)
     strategy = FedRecStrategy(
-        config, layout, list(shared.values()), recorder, uploads_are_aggregated=config.secure_aggregation
+        config,
+        layout,
+        list(shared.values()),
+        recorder,
+        uploads_are_aggregated=config.secure_aggregation,
+        user_dp=dp,
+        num_rounds=rounds,
     )
     log(
         logging.INFO,
@@ -63,10 +134,10 @@ def main(grid: Grid, context: Context) -> None:
         recorder.path,
     )
     legacy_context = LegacyContext(
-        context=context, config=ServerConfig(num_rounds=config.num_server_rounds), strategy=strategy
+        context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
     )
     DefaultWorkflow(fit_workflow=fit_workflow(config))(grid, legacy_context)
-    summary = recorder.finish()
+    summary = recorder.finish({"stop_reason": stop_reason} if stop_reason else None)
     final = summary.get("final_evaluation", {})
     log(
         logging.INFO,

@@ -9,6 +9,7 @@ SecAgg+ before it reaches us) into new shared parameters with per-item-row avera
 
 from __future__ import annotations
 
+import hashlib
 import time
 from logging import ERROR, WARNING
 
@@ -32,7 +33,9 @@ from flwr.server.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 
 from common.config import FedRecConfig
 from common.metrics import merge_sums
+from common.privacy import UserLevelDP
 from common.updates import UpdateLayout, decode_mean_update, validate_upload
+from flwr.supercore.differential_privacy import get_norm
 from server.run_dir import RunRecorder
 
 
@@ -49,10 +52,15 @@ def build_inner_strategy(config: FedRecConfig, initial: Parameters) -> Strategy:
 
 
 def weighted_mean(results: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]:
-    """Example-weighted mean of the uploads: what SecAgg+ would hand us, computed in the clear."""
+    """Example-weighted mean of the uploads: what SecAgg+ would hand us, computed in the clear.
+
+    Summed in an order fixed by the uploads' content, not by their arrival, so a run with the
+    same seed gives the same model bit for bit however the clients' replies interleave.
+    """
     total = float(sum(res.num_examples for _, res in results))
     mean: list[np.ndarray] | None = None
-    for _, res in results:
+    ordered = sorted(results, key=lambda item: hashlib.blake2b(b"".join(item[1].parameters.tensors)).digest())
+    for _, res in ordered:
         arrays = parameters_to_ndarrays(res.parameters)
         weight = res.num_examples / total
         if mean is None:
@@ -75,6 +83,15 @@ def check_secagg_capacity(num_clients: int, quantization_range: int) -> None:
             f"SecAgg+'s modulus 2**32; lower secagg-quantization-range to below {SECAGG_MODULUS // num_clients} "
             "or sample fewer clients per round"
         )
+
+
+def check_clipped(upload: list[np.ndarray], clipping_norm: float, slack: float = 1e-4) -> None:
+    """Under user-level DP every client's deltas (all but the touched vector) have norm <= C."""
+    norm = get_norm(upload[:-1])
+    if norm > clipping_norm * (1 + slack):
+        raise ValueError(f"update norm {norm:.6g} exceeds the user-dp clipping norm {clipping_norm}")
+    if not np.all(upload[-1] == 1.0):
+        raise ValueError("under user-dp the touched vector must be all ones (it would leak which items were trained)")
 
 
 def describe_failure(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseException) -> str:
@@ -109,9 +126,17 @@ class FedRecStrategy(Strategy):
         recorder: RunRecorder,
         *,
         uploads_are_aggregated: bool = False,
+        user_dp: UserLevelDP | None = None,
+        num_rounds: int | None = None,
     ) -> None:
         super().__init__()
         self.config = config
+        self.num_rounds = config.num_server_rounds if num_rounds is None else num_rounds
+        self.user_dp = user_dp
+        # Noise and Poisson sampling draw from OS entropy: a seed anyone can read from the
+        # run-config would let them subtract the noise again.
+        self.noise_rng = np.random.default_rng()
+        self.sampling_rng = np.random.default_rng()
         self.layout = layout
         self.current = [a.astype(np.float32) for a in initial]
         self.inner = build_inner_strategy(config, ndarrays_to_parameters(self.current))
@@ -126,6 +151,14 @@ class FedRecStrategy(Strategy):
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
         return ndarrays_to_parameters(self.current)
 
+    def _sample_poisson(self, client_manager: ClientManager) -> list[ClientProxy]:
+        """Each available client independently with the accountant's probability q."""
+        assert self.user_dp is not None
+        client_manager.wait_for(self.config.min_available_clients)
+        clients = sorted(client_manager.all().values(), key=lambda proxy: proxy.cid)
+        chosen = self.sampling_rng.random(len(clients)) < self.user_dp.sampling_rate
+        return [client for client, keep in zip(clients, chosen) if keep]
+
     def _sample(self, client_manager: ClientManager, fraction: float, count: int, minimum: int) -> list[ClientProxy]:
         available = client_manager.num_available()
         size = count if count > 0 else max(int(available * fraction), minimum)
@@ -138,9 +171,12 @@ class FedRecStrategy(Strategy):
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
         self._round_started = time.perf_counter()
-        clients = self._sample(
-            client_manager, self.config.fraction_train, self.config.clients_per_round, self.config.min_train_clients
-        )
+        if self.config.client_sampling == "poisson" and self.user_dp is not None:
+            clients = self._sample_poisson(client_manager)
+        else:
+            clients = self._sample(
+                client_manager, self.config.fraction_train, self.config.clients_per_round, self.config.min_train_clients
+            )
         if self.uploads_are_aggregated:
             check_secagg_capacity(len(clients), self.config.secagg_quantization_range)
         fit_ins = FitIns(parameters, {"server-round": server_round})
@@ -167,6 +203,8 @@ class FedRecStrategy(Strategy):
         mean_upload = (
             parameters_to_ndarrays(valid[0][1].parameters) if self.uploads_are_aggregated else weighted_mean(valid)
         )
+        if self.user_dp is not None:
+            mean_upload = self._privatize(mean_upload, len(valid))
         lr = self.config.server_learning_rate if self.config.strategy in ("fedavg", "fedprox") else 1.0
         decoded = decode_mean_update(self.layout, self.current, mean_upload, server_learning_rate=lr)
         total = sum(res.num_examples for _, res in valid)
@@ -177,6 +215,7 @@ class FedRecStrategy(Strategy):
         self.current = parameters_to_ndarrays(new_parameters)
         client_metrics = [{**res.metrics, "node_id": proxy.node_id} for proxy, res in valid]
         summary.update(self._fit_summary(client_metrics, mean_upload[-1]))
+        summary.update(self._privacy_summary(server_round, client_metrics))
         self.recorder.round_trained(server_round, summary, client_metrics, time.perf_counter() - self._round_started)
         self.recorder.maybe_checkpoint(server_round, self.layout.names, self.current, final=self._is_last(server_round))
         return new_parameters, summary
@@ -197,12 +236,46 @@ class FedRecStrategy(Strategy):
             try:
                 if res.num_examples <= 0:
                     raise ValueError("reported no training examples")
-                validate_upload(self.layout, parameters_to_ndarrays(res.parameters))
+                upload = parameters_to_ndarrays(res.parameters)
+                validate_upload(self.layout, upload)
+                if self.user_dp is not None:
+                    check_clipped(upload, self.user_dp.clipping_norm)
             except ValueError as err:
                 log(WARNING, "rejecting update from node %s: %s", proxy.node_id, err)
                 continue
             valid.append((proxy, res))
         return valid, len(results) - len(valid)
+
+    def _privatize(self, mean_upload: list[np.ndarray], num_clients: int) -> list[np.ndarray]:
+        """DP-FedAvg on the aggregate: noise on the sum of clipped deltas, fixed denominator.
+
+        The sum is recovered from the mean over the ``num_clients`` clients that made it (all
+        weights are 1 under user-level DP), gets Gaussian noise of std ``z * C`` (the server
+        adds it; under SecAgg+ it never sees a single update), and is divided by the
+        *expected* number of clients, which does not depend on who took part. The touched
+        vector is all ones by construction and is not data: it is reset, not noised.
+        """
+        assert self.user_dp is not None
+        noisy = []
+        for delta in mean_upload[:-1]:
+            total = delta.astype(np.float64) * num_clients
+            total += self.noise_rng.normal(0.0, self.user_dp.noise_std, size=total.shape)
+            noisy.append(total / self.user_dp.expected_clients)
+        return [*noisy, np.ones_like(mean_upload[-1], dtype=np.float64)]
+
+    def _privacy_summary(self, server_round: int, client_metrics: list[dict[str, Scalar]]) -> dict[str, Scalar]:
+        """Per-round privacy spend: user-level from the accountant, record-level from the devices."""
+        summary: dict[str, Scalar] = {}
+        if self.user_dp is not None:
+            summary["user_epsilon"] = self.user_dp.epsilon(server_round, self.config.user_dp_accountant)
+            summary["user_delta"] = self.user_dp.target_delta
+            summary["user_accountant"] = self.config.user_dp_accountant
+        if self.config.record_dp:
+            spent = [float(m["record_epsilon"]) for m in client_metrics if "record_epsilon" in m]
+            summary["record_epsilon_max"] = max(spent) if spent else 0.0
+            summary["record_epsilon_mean"] = float(np.mean(spent)) if spent else 0.0
+            summary["record_dp_declined"] = int(sum(float(m.get("record_dp_declined", 0)) for m in client_metrics))
+        return summary
 
     @staticmethod
     def _fit_summary(client_metrics: list[dict[str, Scalar]], mean_touched: np.ndarray) -> dict[str, Scalar]:
@@ -221,7 +294,7 @@ class FedRecStrategy(Strategy):
 
     # --- evaluation ----------------------------------------------------------------
     def _is_last(self, server_round: int) -> bool:
-        return server_round == self.config.num_server_rounds
+        return server_round == self.num_rounds
 
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
