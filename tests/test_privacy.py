@@ -232,3 +232,17 @@ def test_server_stops_before_the_budget_is_exceeded_and_says_why(tmp_path):
     rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(r["round"] for r in rows) == 2
     assert all(r["user_epsilon"] <= budget for r in rows if r["phase"] == "fit")
+
+
+def test_user_dp_under_secagg_noises_the_masked_sum(tmp_path):
+    """SecAgg+ hands the server only the mean of clipped updates; the noise goes on that sum."""
+    run_dir = _run(tmp_path, "secagg", {
+        "user-dp": True, "secure-aggregation": True, "client-sampling": "poisson", "fraction-train": 0.7,
+        "user-dp-clipping-norm": 0.1, "num-server-rounds": 2, "evaluate-every": 2, "checkpoint-every": 2,
+    })
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fits = [r for r in rows if r["phase"] == "fit"]
+    assert fits and all(r["clients_ok"] >= 3 for r in fits)
+    dp = UserLevelDP(1.0, 0.1, num_clients=12, sampling="poisson", sampling_rate=0.7)
+    assert [r["user_epsilon"] for r in fits] == pytest.approx([dp.epsilon(r["round"]) for r in fits])
+    assert json.loads((run_dir / "privacy.json").read_text())["secure_aggregation"] is True
