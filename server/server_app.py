@@ -75,6 +75,13 @@ def plan_rounds(config: FedRecConfig, dp: UserLevelDP | None) -> tuple[int, str]
 def privacy_plan(config: FedRecConfig, dp: UserLevelDP | None, rounds: int, stop_reason: str) -> dict:
     """What ``privacy.json`` states before the first round; epsilons per round go to metrics."""
     plan: dict = {"user_level": None, "record_level": None, "secure_aggregation": config.secure_aggregation}
+    if config.secure_aggregation:
+        plan["secure_aggregation_limitations"] = (
+            "Flower 1.41's SecAgg+ expands each pairwise mask seed, folded to 32 bits, with numpy's "
+            "RandomState (Mersenne Twister, not a cryptographic generator; Flower issue 7522, fix proposed "
+            "in PR 7570): a server able to search 2**32 seeds per mask could try to strip masks. "
+            "Per-client example counts and training metrics are sent in the clear."
+        )
     if dp is not None:
         plan["user_level"] = {
             **dp.describe(),

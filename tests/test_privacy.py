@@ -245,4 +245,5 @@ def test_user_dp_under_secagg_noises_the_masked_sum(tmp_path):
     assert fits and all(r["clients_ok"] >= 3 for r in fits)
     dp = UserLevelDP(1.0, 0.1, num_clients=12, sampling="poisson", sampling_rate=0.7)
     assert [r["user_epsilon"] for r in fits] == pytest.approx([dp.epsilon(r["round"]) for r in fits])
-    assert json.loads((run_dir / "privacy.json").read_text())["secure_aggregation"] is True
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    assert privacy["secure_aggregation"] is True and "issue 7522" in privacy["secure_aggregation_limitations"]
