@@ -8,7 +8,7 @@ are never part of a reply. The app speaks Flower's legacy fit/evaluate messages 
 from __future__ import annotations
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
@@ -17,10 +17,15 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client.local import evaluate_client, train_round
+from client.private_training import History, RecordDPConfig
 from common.config import FedRecConfig, parse_run_config
 from common.federation import ClientData, slicer_cached
 
 LOCAL_STATE_KEY = "fedrec.user-local"
+RECORD_DP_HISTORY_KEY = "fedrec.record-dp-history"
+# What a device may report when DP is on: nothing computed from its data beyond what the
+# mechanisms cover (the loss, the update norm and the touched count are not).
+DP_SAFE_METRICS = ("train_seconds", "upload_bytes", "download_bytes", "record_epsilon", "record_dp_declined")
 
 
 def load_local_state(context: Context) -> dict[str, np.ndarray] | None:
@@ -33,6 +38,39 @@ def load_local_state(context: Context) -> dict[str, np.ndarray] | None:
 
 def save_local_state(context: Context, state: dict[str, np.ndarray]) -> None:
     context.state.array_records[LOCAL_STATE_KEY] = ArrayRecord({name: Array(value) for name, value in state.items()})
+
+
+def load_record_history(context: Context) -> History:
+    """The Opacus accountant history of every earlier round this device trained in."""
+    record = context.state.config_records.get(RECORD_DP_HISTORY_KEY)
+    if record is None:
+        return []
+    return list(zip(record["noise"], record["rate"], record["steps"]))  # type: ignore[arg-type]
+
+
+def save_record_history(context: Context, history: History) -> None:
+    context.state.config_records[RECORD_DP_HISTORY_KEY] = ConfigRecord(
+        {
+            "noise": [float(z) for z, _, _ in history],
+            "rate": [float(q) for _, q, _ in history],
+            "steps": [int(n) for _, _, n in history],
+        }
+    )
+
+
+def record_dp_config(config: FedRecConfig) -> RecordDPConfig | None:
+    """Opacus DP-SGD settings from the run-config (None when record-dp is off)."""
+    if not config.record_dp:
+        return None
+    return RecordDPConfig(
+        noise_multiplier=config.record_dp_noise_multiplier,
+        max_grad_norm=config.record_dp_max_grad_norm,
+        delta=config.record_dp_delta,
+        epsilon_budget=config.record_dp_epsilon_budget,
+        target_epsilon=config.record_dp_target_epsilon,
+        planned_epochs=config.num_server_rounds * config.local_epochs,
+        grad_sample_mode=config.record_dp_grad_sample_mode,
+    )
 
 
 def client_data_for(config: FedRecConfig, context: Context) -> ClientData:
@@ -67,15 +105,22 @@ class FedRecClient(NumPyClient):
             server_round=int(config.get("server-round", 0)),
             rowwise=self.config.row_wise_aggregation,
             clipping_norm=self.config.user_dp_clipping_norm if self.config.user_dp else None,
+            record_dp=record_dp_config(self.config),
+            record_history=load_record_history(self.context),
         )
         save_local_state(self.context, result.local_state)
+        metrics = result.metrics
+        if result.record_history is not None:
+            save_record_history(self.context, result.record_history)
+        if self.config.user_dp or self.config.record_dp:
+            metrics = {k: v for k, v in metrics.items() if k in DP_SAFE_METRICS}
         weight = result.num_examples
-        if self.config.user_dp:
-            weight = 1  # DP-FedAvg: every client counts once, whatever its data size
+        if self.config.user_dp or result.declined:
+            weight = 1  # DP-FedAvg: every client counts once; a declined device sends zeros
         elif self.config.secure_aggregation:
             # SecAgg+ quantizes the weight against max-weight and would overflow above it.
             weight = min(weight, int(self.config.secagg_max_weight))
-        return result.upload, weight, result.metrics
+        return result.upload, weight, metrics
 
     def evaluate(self, parameters, config):  # type: ignore[override]
         metrics = evaluate_client(

@@ -19,6 +19,7 @@ from common.metrics import sums
 from common.models import ModelConfig, RecModel, build_model
 from common.training import PositiveSet, TrainConfig, build_examples, make_optimizer, train_epoch
 from common.updates import UpdateLayout, clip_deltas, encode_update
+from client.private_training import History, RecordDPConfig, private_local_epochs
 
 
 @dataclass
@@ -29,6 +30,8 @@ class RoundResult:
     num_examples: int
     local_state: dict[str, np.ndarray]
     metrics: dict[str, float]
+    record_history: History | None = None  # record-level DP: the accountant history to keep
+    declined: str = ""  # record-level DP: why the device did not train (empty if it did)
 
 
 def build_local_model(
@@ -97,6 +100,8 @@ def train_round(
     server_round: int,
     rowwise: bool = True,
     clipping_norm: float | None = None,
+    record_dp: RecordDPConfig | None = None,
+    record_history: History | None = None,
 ) -> RoundResult:
     """Train locally for ``train_config.epochs`` and encode the shared update.
 
@@ -111,11 +116,26 @@ def train_round(
     reference = (
         {name: torch.from_numpy(value.copy()) for name, value in before.items()} if train_config.proximal_mu > 0 else None
     )
-    loss, touched = local_epochs(model, data, train_config, [seed, server_round, client_key(data)], reference)
+    round_seed = [seed, server_round, client_key(data)]
+    extra: dict[str, float] = {}
+    private = None
+    if record_dp is None:
+        loss, touched = local_epochs(model, data, train_config, round_seed, reference)
+    else:
+        private = private_local_epochs(model, data, train_config, record_dp, record_history or [], round_seed,
+                                       reference=reference)
+        loss, touched = private.loss, np.arange(data.num_items)
+        extra = {"record_epsilon": private.epsilon, "record_dp_declined": float(private.declined)}
+    # Under either DP the touched vector is all ones: DP-SGD noise moves every item row, and
+    # which rows a device trained is exactly what user-level DP must not reveal.
     upload = encode_update(
-        layout, before, model.shared_state(), touched, rowwise=rowwise and clipping_norm is None
+        layout, before, model.shared_state(), touched,
+        rowwise=rowwise and clipping_norm is None and record_dp is None,
     )
-    extra = {}
+    if private is not None and private.declined:
+        # Nothing was trained: a zero update that moves no row (touched ones only where the
+        # user-level mechanism needs a data-independent vector).
+        upload = [np.zeros_like(a) for a in upload[:-1]] + [np.full_like(upload[-1], float(clipping_norm is not None))]
     if clipping_norm is not None:
         extra["update_norm_before_clipping"] = clip_deltas(upload, clipping_norm)
     metrics = {
@@ -126,7 +146,11 @@ def train_round(
         "items_touched": float(len(np.unique(touched))),
         **extra,
     }
-    return RoundResult(upload, len(data.train_items), dict(model.local_state()), metrics)
+    return RoundResult(
+        upload, len(data.train_items), dict(model.local_state()), metrics,
+        record_history=private.history if private is not None else None,
+        declined=private.reason if private is not None and private.declined else "",
+    )
 
 
 def refit_user_rows(model: RecModel, data: ClientData, config: TrainConfig, *, seed: int) -> float:

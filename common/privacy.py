@@ -131,6 +131,28 @@ class UserLevelDP:
         }
 
 
+def calibrate_noise(
+    target_epsilon: float, rounds: int, accountant: str = "rdp", *, tolerance: float = 1e-3, **mechanism
+) -> float:
+    """The smallest noise multiplier whose ``rounds`` rounds stay within ``target_epsilon``.
+
+    ``mechanism`` holds the other :class:`UserLevelDP` fields (clipping norm, clients,
+    sampling, delta). Bisection on z; epsilon falls monotonically as z grows.
+    """
+    def eps(z: float) -> float:
+        return UserLevelDP(noise_multiplier=z, **mechanism).epsilon(rounds, accountant)
+
+    low, high = 0.05, 1.0
+    while eps(high) > target_epsilon:
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError(f"no noise multiplier below 1e4 reaches epsilon {target_epsilon} in {rounds} rounds")
+    while high - low > tolerance * high:
+        mid = (low + high) / 2
+        low, high = (low, mid) if eps(mid) <= target_epsilon else (mid, high)
+    return high
+
+
 def _accountant(name: str, sampling: str) -> dp_accounting.PrivacyAccountant:
     relation = (
         dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE

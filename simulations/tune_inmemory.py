@@ -12,6 +12,8 @@ default); ``_slr`` sets the server learning rate, ``_adam`` a server Adam step s
 ``eval-refit-epochs`` re-fits user rows before evaluating, ``_clients`` samples that many
 clients per round (seeded), ``_decay`` multiplies the server
 learning rate by that factor every round, ``_mom`` adds server momentum (FedAvgM).
+``_clip`` C and ``_z`` z run user-level DP as the strategy does (clip on the device, weight
+1, noise of std z*C on the sum, divided by the clients per round); no accounting here.
 """
 
 import json
@@ -39,8 +41,8 @@ def init():
     global S; torch.set_num_threads(1); S = slicer_cached(cfg)
 def fit(args):
     pid, shared, state, rnd = args
-    r = train_round(cfg.model_config, cfg.train_config, S.client(pid), shared, state, seed=cfg.seed, server_round=rnd, rowwise=cfg.row_wise_aggregation)
-    return pid, r.upload, r.num_examples, r.local_state, r.metrics["train_loss"]
+    r = train_round(cfg.model_config, cfg.train_config, S.client(pid), shared, state, seed=cfg.seed, server_round=rnd, rowwise=cfg.row_wise_aggregation, clipping_norm=OV.get("_clip"))
+    return pid, r.upload, (1 if OV.get("_clip") else r.num_examples), r.local_state, r.metrics["train_loss"], r.metrics.get("update_norm_before_clipping", 0.0)
 def ev(args):
     pid, shared, state = args
     return evaluate_client(cfg.model_config, S.client(pid), shared, state, seed=cfg.seed, refit=cfg.refit_config)
@@ -59,9 +61,12 @@ with Pool(2, initializer=init) as pool:
         chosen = sorted(sampler.choice(n, size=per_round, replace=False)) if per_round < n else range(n)
         res = pool.map(fit, [(p, shared, states.get(p), rnd) for p in chosen], chunksize=8)
         tot = sum(r[2] for r in res); mean = None
-        for pid, up, ne, st, loss in res:
+        for pid, up, ne, st, loss, _ in res:
             states[pid] = st; w = ne / tot
             mean = [u * w for u in up] if mean is None else [a + u * w for a, u in zip(mean, up)]
+        if OV.get("_z"):
+            noise = np.random.default_rng()
+            mean = [(a * len(res) + noise.normal(0, OV["_z"] * OV["_clip"], a.shape)) / per_round for a in mean[:-1]] + [np.ones_like(mean[-1])]
         if mom:
             dec = decode_mean_update(layout, shared, mean, server_learning_rate=1.0)
             d = [a - b for a, b in zip(dec, shared)]
@@ -80,4 +85,4 @@ with Pool(2, initializer=init) as pool:
             e = pool.map(ev, [(p, shared, states.get(p)) for p in range(n)], chunksize=32)
             parts = [{k[5:]: v for k, v in x.items() if k.startswith("test_")} for x in e]
             mm = merge_sums([p for p in parts if p.get("count", 0) > 0])
-            print(f"r{rnd} loss {np.mean([r[4] for r in res]):.4f} HR {mm['sampled_hr@10']:.4f} NDCG {mm['sampled_ndcg@10']:.4f} fullHR {mm['full_hr@10']:.4f} t {time.time()-t0:.0f}s", flush=True)
+            print(f"r{rnd} loss {np.mean([r[4] for r in res]):.4f} norm {np.median([r[5] for r in res]):.3f} HR {mm['sampled_hr@10']:.4f} NDCG {mm['sampled_ndcg@10']:.4f} fullHR {mm['full_hr@10']:.4f} t {time.time()-t0:.0f}s", flush=True)

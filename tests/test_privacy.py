@@ -247,3 +247,34 @@ def test_user_dp_under_secagg_noises_the_masked_sum(tmp_path):
     assert [r["user_epsilon"] for r in fits] == pytest.approx([dp.epsilon(r["round"]) for r in fits])
     privacy = json.loads((run_dir / "privacy.json").read_text())
     assert privacy["secure_aggregation"] is True and "issue 7522" in privacy["secure_aggregation_limitations"]
+
+
+def _fit_rows(run_dir: Path) -> list[dict]:
+    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in rows if r["phase"] == "fit"]
+
+
+def test_record_level_epsilon_accumulates_across_rounds_in_the_devices_state(tmp_path):
+    run_dir = _run(tmp_path, "record", {"record-dp": True, "record-dp-noise-multiplier": 1.0, "local-epochs": 1})
+    fits = _fit_rows(run_dir)
+    assert [r["round"] for r in fits] == [1, 2, 3]
+    maxima = [r["record_epsilon_max"] for r in fits]
+    assert 0 < maxima[0] < maxima[1] < maxima[2], "epsilon must be cumulative, not reset every round"
+    assert all(r["record_dp_declined"] == 0 for r in fits)
+    assert all(r.get("train_loss") is None for r in fits), "the private loss is not reported under DP"
+    privacy = json.loads((run_dir / "privacy.json").read_text())
+    assert "same DP-SGD step" in privacy["record_level"]["mechanism"]
+
+
+def test_devices_past_their_budget_decline_and_the_model_does_not_move(tmp_path):
+    from common.models import build_model
+
+    run_dir = _run(tmp_path, "declined", {"record-dp": True, "record-dp-epsilon-budget": 0.01})
+    fits = _fit_rows(run_dir)
+    assert fits and all(r["record_dp_declined"] == r["clients_ok"] > 0 for r in fits)
+    assert all(r["record_epsilon_max"] == 0.0 for r in fits)
+    config = parse_run_config(fused_run_config({**SMALL}))
+    initial = build_model(config.model_config, 0, config.synthetic_items, seed=config.seed).shared_state()
+    final = _final(run_dir)
+    for name, value in initial.items():
+        assert np.array_equal(final[name], value), name
