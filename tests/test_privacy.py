@@ -58,6 +58,9 @@ def test_sampling_amplification_is_counted():
     """The issue's figure: q=0.01, z=1, 1000 rounds is about 2.1, not the 655 of no amplification."""
     dp = UserLevelDP(1.0, 1.0, num_clients=10_000, sampling="poisson", sampling_rate=0.01, delta=1e-5)
     assert 1.8 < dp.epsilon(1000) < 2.3
+    unamplified = rdp.RdpAccountant()
+    unamplified.compose(dp_accounting.SelfComposedDpEvent(dp_accounting.GaussianDpEvent(1.0), 1000))
+    assert unamplified.get_epsilon(1e-5) == pytest.approx(655, rel=0.01)
 
 
 def test_max_rounds_is_the_last_round_within_budget():
