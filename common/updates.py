@@ -109,7 +109,7 @@ def clip_deltas(upload: list[np.ndarray], clipping_norm: float) -> float:
     """Clip the deltas of an upload (not its touched vector) to L2 norm ``clipping_norm``, in place.
 
     User-level DP's per-client clipping (Flower's FlatClip helper). Returns the norm before
-    clipping, which the device may report. The touched vector must be data-independent
+    clipping (for the tuning loop; a DP run's device does not report it). The touched vector must be data-independent
     (all ones) for the guarantee, so it is left out of the norm.
     """
     deltas = upload[:-1]

@@ -30,12 +30,12 @@ from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
+from flwr.supercore.differential_privacy import get_norm
 
 from common.config import FedRecConfig
 from common.metrics import merge_sums
 from common.privacy import UserLevelDP
 from common.updates import UpdateLayout, decode_mean_update, validate_upload
-from flwr.supercore.differential_privacy import get_norm
 from server.run_dir import RunRecorder
 
 
