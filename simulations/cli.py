@@ -187,7 +187,8 @@ def _exec(command: list[str], dry_run: bool) -> int:
 
 def cmd_superlink(args: argparse.Namespace) -> int:
     """Run a SuperLink over TLS with SuperNode authentication."""
-    from server.deployment import superlink_command, write_flwr_connection
+    from server.credentials import CA_CERT
+    from server.deployment import superlink_command, tls_files, write_flwr_connection
 
     command = superlink_command(
         args.certs, host=args.host, port=args.port, database=args.database,
@@ -197,7 +198,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
         dial = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
         path = write_flwr_connection(
             os.environ.get("FLWR_HOME", os.path.expanduser("~/.flwr")), args.connection,
-            f"{dial}:{args.port}", os.path.join(args.certs, "ca.crt"),
+            f"{dial}:{args.port}", tls_files(args.certs)[CA_CERT],
         )
         print(f"flwr CLI connection {args.connection!r} -> {dial}:{args.port} written to {path}")
     return _exec(command, args.dry_run)
