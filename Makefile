@@ -1,12 +1,12 @@
 # The two commands of the README. Both create the virtual environment on first use.
 #   make run   - set up, then run a federated training on the embedded synthetic dataset
-#   make test  - set up, then run the whole test suite
+#   make test  - set up (also headless Chromium for the report test), then run the whole test suite
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: run test setup clean
+.PHONY: run test setup browser clean
 
 $(BIN)/.fedrec-installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,7 +19,13 @@ setup: $(BIN)/.fedrec-installed
 run: setup
 	$(BIN)/fedrec simulate
 
-test: setup
+# The report test renders HTML in headless Chromium (Debian's package; needs root to install).
+browser:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	  { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null; } || \
+	  echo "make: could not install chromium; the report rendering test will fail (set FEDREC_CHROMIUM)" >&2
+
+test: setup browser
 	$(BIN)/python -m pytest
 
 clean:

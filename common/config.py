@@ -88,6 +88,7 @@ class FedRecConfig:
     user_dp_epsilon_budget: float
     user_dp_accountant: str
     client_sampling: str
+    report: bool
 
     @property
     def model_config(self) -> ModelConfig:

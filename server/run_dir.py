@@ -5,7 +5,11 @@ Layout::
     config.json          resolved run-config and its SHA-256 (ties reports to the run)
     metrics.jsonl        one JSON object per round and phase (fit / evaluate)
     metrics.csv          the same rows as a table (rewritten each round)
-    traffic.jsonl        bytes sent and received per client per round, and its timings
+    traffic.jsonl        bytes sent and received per client per round, its timings and, under
+                         record-level DP, the epsilon it reported
+    privacy.json         the privacy mechanisms and parameters of the run, before round 1
+    dataset.json         counts only: users, items, interactions, clients
+    report.html/.json    the privacy audit report (``fedrec report``), when the run ends
     checkpoints/         shared model every N rounds and ``final.npz``
     summary.json         final metrics and wall time, written when the run ends
 
@@ -111,6 +115,7 @@ class RunRecorder:
                     "upload_bytes": metrics.get("upload_bytes"),
                     "download_bytes": metrics.get("download_bytes"),
                     "train_seconds": metrics.get("train_seconds"),
+                    **{k: metrics[k] for k in ("record_epsilon", "record_dp_declined") if k in metrics},
                 },
             )
 

@@ -17,7 +17,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import ServerApp
 
 from common.config import FedRecConfig, parse_run_config
-from common.federation import prepare_cached, slicer_cached
+from common.federation import PreparedData, prepare_cached, slicer_cached
 from common.models import build_model
 from common.privacy import UserLevelDP
 from common.updates import UpdateLayout
@@ -76,6 +76,14 @@ def privacy_plan(config: FedRecConfig, dp: UserLevelDP | None, rounds: int, stop
     """What ``privacy.json`` states before the first round; epsilons per round go to metrics."""
     plan: dict = {"user_level": None, "record_level": None, "secure_aggregation": config.secure_aggregation}
     if config.secure_aggregation:
+        plan["secure_aggregation_parameters"] = {
+            "protocol": "SecAgg+ (Flower SecAggPlusWorkflow / secaggplus_mod)",
+            "num_shares": config.secagg_num_shares,
+            "reconstruction_threshold": config.secagg_reconstruction_threshold,
+            "clipping_range": config.secagg_clipping_range,
+            "quantization_range": config.secagg_quantization_range,
+            "max_weight": config.secagg_max_weight,
+        }
         plan["secure_aggregation_limitations"] = (
             "Flower 1.41's SecAgg+ expands each pairwise mask seed, folded to 32 bits, with numpy's "
             "RandomState (Mersenne Twister, not a cryptographic generator; Flower issue 7522, fix proposed "
@@ -106,6 +114,44 @@ def privacy_plan(config: FedRecConfig, dp: UserLevelDP | None, rounds: int, stop
     return plan
 
 
+def dataset_facts(config: FedRecConfig, prepared: PreparedData, num_clients: int) -> dict:
+    """Counts only (never an identifier or an interaction) for ``dataset.json`` and reports."""
+    return {
+        "dataset": config.dataset,
+        "users": prepared.num_users,
+        "items": prepared.num_items,
+        "training_interactions": len(prepared.split.train),
+        "validation_users": len(prepared.validation.users),
+        "test_users": len(prepared.test.users),
+        "sampled_negatives": config.eval_negatives,
+        "clients": num_clients,
+        "partitioning": config.partitioning,
+        "users_per_client": 1 if config.partitioning == "user" else config.users_per_client,
+        "model": config.model,
+        "embedding_dim": config.embedding_dim,
+    }
+
+
+def transport_facts(grid: Grid) -> dict:
+    """How the ServerApp reaches the clients, as far as the ServerApp itself can tell."""
+    name = type(grid).__name__
+    if name == "InMemoryGrid":
+        return {"grid": name, "engine": "simulation", "network": False}
+    return {"grid": name, "engine": "superlink", "network": True}
+
+
+def write_report_safely(run_dir: str) -> None:
+    """The end-of-run report; a failure here is logged and never loses the run's results."""
+    from server.report import write_report
+
+    try:
+        paths = write_report(run_dir)
+    except Exception as err:  # noqa: BLE001 - the run is done; the report can be rebuilt with `fedrec report`
+        log(logging.ERROR, "fedrec: privacy report failed (%s); rebuild it with `fedrec report %s`", err, run_dir)
+        return
+    log(logging.INFO, "fedrec: privacy report %s", paths["html"])
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Train for ``num-server-rounds`` and leave a complete run directory behind."""
@@ -117,7 +163,8 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(config.run_dir, context.run_config, config.checkpoint_every)
     dp = user_level_dp(config, len(slicer_cached(config)))
     rounds, stop_reason = plan_rounds(config, dp)
-    recorder.write_json("privacy.json", privacy_plan(config, dp, rounds, stop_reason))
+    recorder.write_json("privacy.json", {**privacy_plan(config, dp, rounds, stop_reason), "transport": transport_facts(grid)})
+    recorder.write_json("dataset.json", dataset_facts(config, prepared, len(slicer_cached(config))))
     if stop_reason:
         log(logging.WARNING, "fedrec: %s", stop_reason)
     strategy = FedRecStrategy(
@@ -145,6 +192,8 @@ def main(grid: Grid, context: Context) -> None:
     )
     DefaultWorkflow(fit_workflow=fit_workflow(config))(grid, legacy_context)
     summary = recorder.finish({"stop_reason": stop_reason} if stop_reason else None)
+    if config.report:
+        write_report_safely(config.run_dir)
     final = summary.get("final_evaluation", {})
     log(
         logging.INFO,

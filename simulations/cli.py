@@ -220,6 +220,22 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     return _exec(command, args.dry_run)
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    import jsonschema
+
+    from server.report import write_report
+
+    try:
+        paths = write_report(args.run_dir, args.out)
+    except jsonschema.ValidationError as err:
+        where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
+        print(f"fedrec: error: {args.run_dir}: the report does not match report.schema.json at {where}: {err.message}",
+              file=sys.stderr)
+        return 2
+    print(f"fedrec report: {paths['html']}\nfedrec report: {paths['json']}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrec", description="Federated, privacy-preserving recommendation on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -281,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     supernode.add_argument("--port", type=int, default=9094, help="local ClientAppIo port; unique per node on one machine")
     supernode.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     supernode.set_defaults(func=cmd_supernode)
+
+    report = sub.add_parser("report", help="write the privacy audit report (report.html + report.json) of a run")
+    report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (run-config run-dir)")
+    report.add_argument("--out", help="write the report here instead of into RUN_DIR")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

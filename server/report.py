@@ -1,0 +1,327 @@
+"""The privacy audit report: every fact read from a run directory, none typed in.
+
+``build_report`` turns what a run left behind (``config.json``, ``privacy.json``,
+``dataset.json``, ``metrics.jsonl``, ``traffic.jsonl``, ``summary.json`` and, when an audit
+ran, ``audit.json``) into one JSON document that validates against ``report.schema.json``;
+``server.report_html`` renders the same document for people. User-level epsilon is also
+recomputed here with dp-accounting from the recorded parameters, so a reader can see that
+the per-round figures are the accountant's and not a copy of a number in a file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from common.errors import DataError
+from common.privacy import UserLevelDP
+from server.run_dir import atomic_write_bytes, config_hash
+
+SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
+SCHEMA_VERSION = 1
+
+
+# --- reading the run directory --------------------------------------------------------
+def _read_json(path: Path, *, required: bool) -> Any:
+    if not path.exists():
+        if required:
+            raise DataError("missing; not a fedrec run directory (or the run never started)", path)
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise DataError(f"not valid JSON: {err.msg}", path, err.lineno) from None
+
+
+def _read_jsonl(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise DataError(f"not a JSON object per line: {err.msg}", path, number) from None
+        if not isinstance(row, dict):
+            raise DataError("expected a JSON object on this line", path, number)
+        rows.append(row)
+    return rows
+
+
+# --- facts -----------------------------------------------------------------------------
+def _on(run_config: dict[str, Any], key: str) -> bool:
+    return bool(run_config.get(key, False))
+
+
+def protections(run_config: dict[str, Any], privacy: dict[str, Any]) -> dict[str, Any]:
+    """Which protections the run had on, with what the run directory says about each."""
+    transport = privacy.get("transport") or {}
+    secagg = privacy.get("secure_aggregation_parameters")
+    if transport.get("network") is False:
+        tls = {"status": "not applicable", "detail": "in-process simulation: clients and server exchange no network traffic"}
+        auth = dict(tls)
+    elif transport:
+        note = (
+            "set on the SuperLink, outside the ServerApp, so the run directory cannot prove it; "
+            "`fedrec superlink` turns it on unless --no-supernode-auth / no certificates are given"
+        )
+        tls = {"status": "not recorded", "detail": "TLS is " + note}
+        auth = {"status": "not recorded", "detail": "SuperNode authentication is " + note}
+    else:
+        tls = auth = {"status": "not recorded", "detail": "this run directory predates transport records"}
+    return {
+        "record_level_dp": {"on": _on(run_config, "record-dp"), "parameters": privacy.get("record_level")},
+        "user_level_dp": {"on": _on(run_config, "user-dp"), "parameters": privacy.get("user_level")},
+        "secure_aggregation": {
+            "on": bool(privacy.get("secure_aggregation")),
+            "parameters": secagg,
+            "limitations": privacy.get("secure_aggregation_limitations"),
+        },
+        "tls": tls,
+        "supernode_authentication": auth,
+        "engine": transport.get("engine", "unknown"),
+    }
+
+
+def threat_model(protected: dict[str, Any]) -> list[dict[str, str]]:
+    """Who could attack, what they see, and what this run did about it, in plain words."""
+    user_dp, record_dp = protected["user_level_dp"]["on"], protected["record_level_dp"]["on"]
+    secagg = protected["secure_aggregation"]["on"]
+    server_sees = (
+        "only the masked sum of each round's updates (SecAgg+); no single device's update"
+        if secagg
+        else "every device's individual update: which item rows it changed and how, which reveals much of what "
+        "the user interacted with"
+    )
+    dp_words = []
+    if user_dp:
+        dp_words.append("user-level DP bounds what the model and every round's aggregate reveal about any one user")
+    if record_dp:
+        dp_words.append("record-level DP on each device bounds what its update reveals about any one interaction")
+    return [
+        {
+            "adversary": "honest-but-curious server",
+            "can": "follows the protocol but studies everything it receives to learn about users",
+            "sees": server_sees + ". User embeddings and raw interactions never leave a device.",
+            "protection": "; ".join(dp_words + (["SecAgg+ hides individual updates"] if secagg else []))
+            or "none: no differential privacy and no secure aggregation",
+        },
+        {
+            "adversary": "malicious clients",
+            "can": "send crafted updates (poisoning) or study the global model they receive to infer other users' data",
+            "sees": "the global shared model each round they take part in",
+            "protection": (
+                "the server rejects malformed updates (wrong shapes, NaN/Inf"
+                + (", norms above the clipping bound" if user_dp else "")
+                + "); "
+                + (
+                    "user-level DP bounds what the global model reveals about any other user"
+                    if user_dp
+                    else "nothing bounds what the global model reveals about other users"
+                )
+                + "; no robust aggregation against poisoning was configured"
+            ),
+        },
+        {
+            "adversary": "network attacker",
+            "can": "reads or alters traffic between devices and the SuperLink, or impersonates a device",
+            "sees": "nothing in simulation" if protected["engine"] == "simulation" else "the traffic, unless TLS is on",
+            "protection": f"TLS: {protected['tls']['status']}; SuperNode authentication: "
+            f"{protected['supernode_authentication']['status']}",
+        },
+    ]
+
+
+def _rounds(metrics: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per round: privacy spent (fit rows) next to utility (evaluate rows)."""
+    by_round: dict[int, dict[str, Any]] = {}
+    keep_fit = ("clients_ok", "clients_failed", "clients_rejected", "user_epsilon", "record_epsilon_max",
+                "record_epsilon_mean", "record_dp_declined")
+    keep_eval = {"test_sampled_hr@10": "hr@10", "test_sampled_ndcg@10": "ndcg@10", "test_full_hr@10": "full_hr@10",
+                 "test_full_ndcg@10": "full_ndcg@10", "eval_clients": "eval_clients"}
+    for row in metrics:
+        entry = by_round.setdefault(int(row["round"]), {"round": int(row["round"])})
+        if row.get("phase") == "fit":
+            entry.update({k: row[k] for k in keep_fit if row.get(k) is not None})
+        elif row.get("phase") == "evaluate":
+            entry.update({new: row[old] for old, new in keep_eval.items() if row.get(old) is not None})
+            if row.get("eval_population"):
+                entry["eval_population"] = row["eval_population"]
+    return [by_round[r] for r in sorted(by_round)]
+
+
+def _recompute_user_epsilon(params: dict[str, Any], rounds: int) -> float | None:
+    """The accountant's epsilon for ``rounds`` rounds, from the recorded mechanism alone."""
+    if rounds <= 0:
+        return 0.0
+    common = dict(noise_multiplier=params["noise_multiplier"], clipping_norm=params["clipping_norm"],
+                  num_clients=int(params["num_clients"]), delta=params["delta"])
+    if params["sampling"] == "poisson":
+        dp = UserLevelDP(sampling="poisson", sampling_rate=params["sampling_rate"], **common)
+    else:
+        dp = UserLevelDP(sampling="fixed", sample_size=int(round(params["clients_per_round"])), **common)
+    return dp.epsilon(rounds, params["accountant"])
+
+
+def guarantees(protected: dict[str, Any], rounds: list[dict[str, Any]], traffic: list[dict[str, Any]]) -> dict:
+    """The (epsilon, delta) statements of this run, as its accountants computed them."""
+    out: dict[str, Any] = {"user_level": None, "record_level": None}
+    fit_rounds = [r for r in rounds if "clients_ok" in r]
+    user = protected["user_level_dp"]["parameters"]
+    if protected["user_level_dp"]["on"] and user:
+        spent = [r for r in fit_rounds if r.get("user_epsilon") is not None]
+        final = spent[-1]["user_epsilon"] if spent else 0.0
+        completed = spent[-1]["round"] if spent else 0
+        recomputed = _recompute_user_epsilon(user, completed)
+        out["user_level"] = {
+            "epsilon": final,
+            "delta": user["delta"],
+            "accountant": user["accountant"],
+            "noise_multiplier": user["noise_multiplier"],
+            "clipping_norm": user["clipping_norm"],
+            "sampling": user["sampling"],
+            "sampling_rate": user["sampling_rate"],
+            "rounds": completed,
+            "neighbouring": user.get("neighbouring"),
+            "epsilon_budget": user.get("epsilon_budget"),
+            "stop_reason": user.get("stop_reason"),
+            "recomputed_epsilon": recomputed,
+            "recomputation_matches": recomputed is not None and math.isclose(recomputed, final, rel_tol=1e-9, abs_tol=1e-12),
+            "noise_generator": user.get("noise_generator"),
+        }
+    record = protected["record_level_dp"]["parameters"]
+    if protected["record_level_dp"]["on"] and record:
+        per_client: dict[str, float] = {}
+        declined_clients: set[str] = set()
+        for row in traffic:
+            node = str(row.get("node_id"))
+            if row.get("record_epsilon") is not None:
+                per_client[node] = max(per_client.get(node, 0.0), float(row["record_epsilon"]))
+            if float(row.get("record_dp_declined") or 0) > 0:
+                declined_clients.add(node)
+        finals = sorted(per_client.values())
+        out["record_level"] = {
+            "epsilon_max": finals[-1] if finals else 0.0,
+            "epsilon_mean": sum(finals) / len(finals) if finals else 0.0,
+            "epsilon_median": finals[len(finals) // 2] if finals else 0.0,
+            "delta": record["delta"],
+            "accountant": record["accountant"],
+            "noise_multiplier": record["noise_multiplier"],
+            "max_grad_norm": record["max_grad_norm"],
+            "target_epsilon": record.get("target_epsilon"),
+            "epsilon_budget_per_device": record.get("epsilon_budget_per_device"),
+            "clients_reporting": len(finals),
+            "clients_hit_budget": len(declined_clients),
+            "declines": int(sum(r.get("record_dp_declined", 0) for r in fit_rounds)),
+            "noise_generator": record.get("noise_generator"),
+        }
+    return out
+
+
+def headline(protected: dict[str, Any], guaranteed: dict[str, Any]) -> dict[str, Any]:
+    """The sentence at the top of the report: protected or not, and by what."""
+    parts = []
+    if guaranteed["user_level"]:
+        g = guaranteed["user_level"]
+        parts.append(f"user-level DP (epsilon {g['epsilon']:.3g}, delta {g['delta']:.3g}, {g['accountant']} accountant)")
+    if guaranteed["record_level"]:
+        g = guaranteed["record_level"]
+        parts.append(f"record-level DP on each device (epsilon up to {g['epsilon_max']:.3g}, delta {g['delta']:.3g})")
+    if protected["secure_aggregation"]["on"]:
+        params = protected["secure_aggregation"]["parameters"] or {}
+        parts.append(
+            f"SecAgg+ (shares {params.get('num_shares', '?')}, reconstruction threshold "
+            f"{params.get('reconstruction_threshold', '?')})"
+        )
+    if not parts:
+        return {
+            "protected": False,
+            "text": "This run had NO privacy protection: no differential privacy and no secure aggregation. "
+            "The server could see every device's individual update, and nothing bounds what the trained model "
+            "reveals about any user or interaction.",
+        }
+    text = "Protections on in this run: " + "; ".join(parts) + "."
+    if not (guaranteed["user_level"] or guaranteed["record_level"]):
+        text += " No differential privacy: nothing bounds what the trained model reveals about a user."
+    return {"protected": True, "text": text}
+
+
+def build_report(run_dir: str | Path) -> dict[str, Any]:
+    """Every fact of the report, read from ``run_dir``."""
+    path = Path(run_dir)
+    if not path.exists():
+        raise DataError("no such run directory", path)
+    if not path.is_dir():
+        raise DataError("not a directory (expected a run directory)", path)
+    config = _read_json(path / "config.json", required=True)
+    privacy = _read_json(path / "privacy.json", required=True)
+    dataset = _read_json(path / "dataset.json", required=False)
+    summary = _read_json(path / "summary.json", required=False)
+    audit = _read_json(path / "audit.json", required=False)
+    metrics = _read_jsonl(path / "metrics.jsonl")
+    traffic = _read_jsonl(path / "traffic.jsonl")
+    run_config = config.get("run_config")
+    if not isinstance(run_config, dict):
+        raise DataError("expected an object under 'run_config'", path / "config.json")
+
+    protected = protections(run_config, privacy)
+    rounds = _rounds(metrics)
+    guaranteed = guarantees(protected, rounds, traffic)
+    recomputed_hash = config_hash(run_config)
+    final = (summary or {}).get("final_evaluation") or next(
+        (r for r in reversed(metrics) if r.get("phase") == "evaluate"), None
+    )
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "generated_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run_dir": str(path.resolve()),
+        "headline": headline(protected, guaranteed),
+        "run": {
+            "finished": summary is not None,
+            "rounds_requested": int(run_config.get("num-server-rounds", 0)),
+            "rounds_completed": max((r["round"] for r in rounds if "clients_ok" in r), default=0),
+            "wall_seconds": (summary or {}).get("wall_seconds"),
+            "stop_reason": (summary or {}).get("stop_reason"),
+            "engine": protected["engine"],
+        },
+        "dataset": dataset,
+        "protections": protected,
+        "threat_model": threat_model(protected),
+        "guarantees": guaranteed,
+        "rounds": rounds,
+        "utility": {k: v for k, v in (final or {}).items() if isinstance(v, (int, float, str)) and k != "phase"},
+        "audits": audit,
+        "configuration": {
+            "sha256": config.get("config_sha256"),
+            "sha256_recomputed": recomputed_hash,
+            "matches": config.get("config_sha256") == recomputed_hash,
+            "run_config": run_config,
+        },
+    }
+
+
+def validate_report(report: dict[str, Any]) -> None:
+    """Raise ``jsonschema.ValidationError`` unless ``report`` matches the schema in the repo."""
+    import jsonschema
+
+    schema = json.loads(SCHEMA_PATH.read_text(encoding="utf-8"))
+    jsonschema.Draft202012Validator(schema).validate(report)
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
+    """``report.json`` and a self-contained ``report.html`` (into ``run_dir`` by default)."""
+    from server.report_html import render_html
+
+    report = build_report(run_dir)
+    validate_report(report)
+    target = Path(out_dir) if out_dir else Path(run_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    paths = {"json": target / "report.json", "html": target / "report.html"}
+    atomic_write_bytes(paths["json"], json.dumps(report, indent=2, allow_nan=False).encode())
+    atomic_write_bytes(paths["html"], render_html(report).encode())
+    return paths

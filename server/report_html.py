@@ -1,0 +1,193 @@
+"""The report for people: one self-contained HTML page (inline CSS and SVG, no scripts).
+
+It renders the document ``server.report.build_report`` made and adds no number of its
+own, so the HTML and ``report.json`` can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from html import escape
+from typing import Any, Iterable
+
+from server.report_plots import epsilon_plot, utility_plot
+
+STYLE = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;
+color:#1b1b1b;line-height:1.45}
+h1{font-size:1.6rem}h2{font-size:1.2rem;border-bottom:1px solid #ccc;padding-bottom:.2rem;margin-top:2rem}
+table{border-collapse:collapse;margin:.5rem 0;font-size:.9rem}
+th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:left;vertical-align:top}
+th{background:#f3f3f3}.num{text-align:right;font-variant-numeric:tabular-nums}
+.banner{padding:.8rem 1rem;border-radius:.3rem;font-weight:600}
+.unprotected{background:#fde8e8;border:2px solid #c62828}.protected{background:#e8f5e9;border:2px solid #2e7d32}
+.warn{background:#fff8e1;border:1px solid #f9a825;padding:.5rem;border-radius:.3rem}
+code,pre{font-family:ui-monospace,monospace;font-size:.85rem}pre{background:#f6f6f6;padding:.6rem;overflow-x:auto}
+.on{color:#2e7d32;font-weight:600}.off{color:#c62828;font-weight:600}
+"""
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def _table(rows: Iterable[Iterable[Any]], header: Iterable[str] | None = None) -> str:
+    head = "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in header) + "</tr>" if header else ""
+    body = []
+    for row in rows:
+        cells = []
+        for cell in row:
+            cls = ' class="num"' if isinstance(cell, (int, float)) and not isinstance(cell, bool) else ""
+            cells.append(f"<td{cls}>{escape(_fmt(cell))}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    return f"<table>{head}{''.join(body)}</table>"
+
+
+def _pairs(mapping: dict[str, Any] | None) -> str:
+    if not mapping:
+        return "<p>-</p>"
+    return _table(((key.replace("_", " "), value) for key, value in mapping.items()))
+
+
+def _section(title: str, anchor: str, body: str) -> str:
+    return f'<section id="{anchor}"><h2>{escape(title)}</h2>{body}</section>'
+
+
+def _protections(p: dict[str, Any]) -> str:
+    def state(on: bool) -> str:
+        return '<span class="on">on</span>' if on else '<span class="off">off</span>'
+
+    secagg = p["secure_aggregation"]
+    rows = [
+        f"<tr><td>record-level DP (Opacus DP-SGD on each device)</td><td>{state(p['record_level_dp']['on'])}</td></tr>",
+        f"<tr><td>user-level DP (DP-FedAvg across the federation)</td><td>{state(p['user_level_dp']['on'])}</td></tr>",
+        f"<tr><td>secure aggregation (SecAgg+)</td><td>{state(secagg['on'])}</td></tr>",
+        f"<tr><td>TLS</td><td>{escape(p['tls']['status'])}: {escape(p['tls']['detail'])}</td></tr>",
+        f"<tr><td>SuperNode authentication</td><td>{escape(p['supernode_authentication']['status'])}: "
+        f"{escape(p['supernode_authentication']['detail'])}</td></tr>",
+    ]
+    out = f"<table><tr><th>protection</th><th>state</th></tr>{''.join(rows)}</table>"
+    if secagg["on"]:
+        out += "<h3>SecAgg+ parameters</h3>" + _pairs(secagg["parameters"])
+        if secagg.get("limitations"):
+            out += f'<p class="warn">Known limitation: {escape(secagg["limitations"])}</p>'
+    return out
+
+
+def _guarantees(g: dict[str, Any]) -> str:
+    if not g["user_level"] and not g["record_level"]:
+        return "<p><strong>No differential privacy guarantee:</strong> epsilon is unbounded for this run.</p>"
+    out = ""
+    if g["user_level"]:
+        u = g["user_level"]
+        out += "<h3>User-level (one user's whole data; server-side DP-FedAvg)</h3>" + _pairs(u)
+        if not u["recomputation_matches"]:
+            out += '<p class="warn">The recorded per-round epsilon does not match a recomputation from the recorded ' \
+                   "parameters: treat this run's privacy figures as unverified.</p>"
+    if g["record_level"]:
+        out += "<h3>Record-level (one interaction; Opacus DP-SGD on each device)</h3>"
+        out += "<p>The user embedding, which stays on the device, is trained under the same DP-SGD step.</p>"
+        out += _pairs(g["record_level"])
+    return out
+
+
+def _rounds_table(rounds: list[dict[str, Any]]) -> str:
+    columns = ["round", "clients_ok", "user_epsilon", "record_epsilon_max", "record_epsilon_mean",
+               "record_dp_declined", "hr@10", "ndcg@10", "full_hr@10", "eval_population"]
+    present = [c for c in columns if any(c in r for r in rounds)]
+    return _table(([r.get(c) for c in present] for r in rounds), [c.replace("_", " ") for c in present])
+
+
+def _audits(audit: dict[str, Any] | None) -> str:
+    if not audit:
+        return "<p>No empirical audit was run for this run directory (<code>fedrec audit</code> writes one).</p>"
+    out = ""
+    for name, result in audit.items():
+        if isinstance(result, dict):
+            scalars = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
+            out += f"<h3>{escape(name.replace('_', ' '))}</h3>" + _pairs(scalars)
+            nested = {k: v for k, v in result.items() if isinstance(v, (dict, list))}
+            if nested:
+                out += f"<pre>{escape(json.dumps(nested, indent=2))}</pre>"
+        else:
+            out += f"<p>{escape(name)}: {escape(_fmt(result))}</p>"
+    return out
+
+
+def render_html(report: dict[str, Any]) -> str:
+    """The whole page; plots are inline SVG made from the report's own per-round rows."""
+    head = report["headline"]
+    run = report["run"]
+    rounds = report["rounds"]
+    g = report["guarantees"]
+    user_budget = (g["user_level"] or {}).get("epsilon_budget")
+    record_budget = (g["record_level"] or {}).get("epsilon_budget_per_device")
+    eps_svg = epsilon_plot(rounds, user_budget, record_budget)
+    util_svg = utility_plot(rounds, (report["dataset"] or {}).get("sampled_negatives"))
+    config = report["configuration"]
+    hash_note = "" if config["matches"] else (
+        '<p class="warn">The configuration below does not hash to the value recorded when the run started: '
+        "config.json was changed after the run.</p>"
+    )
+    finished = "" if run["finished"] else (
+        '<p class="warn">The run has not finished (no summary.json): this report covers the rounds completed so far.</p>'
+    )
+    threat_rows = ((t["adversary"], t["can"], t["sees"], t["protection"]) for t in report["threat_model"])
+    sections = [
+        _section("What was trained, on what", "data",
+                 _pairs(report["dataset"]) if report["dataset"] else "<p>No dataset.json in this run directory.</p>"),
+        _section("Run", "run", _pairs(run)),
+        _section("Protections", "protections", _protections(report["protections"])),
+        _section("Threat model", "threat-model",
+                 _table(threat_rows, ("adversary", "can", "what it sees", "protection in this run"))),
+        _section("Guarantees (computed by the accountants)", "guarantees", _guarantees(g)),
+        _section("Privacy spent per round", "epsilon-per-round",
+                 eps_svg or "<p>No differential privacy: no epsilon was spent or bounded.</p>"),
+        _section("Utility per round", "utility-per-round",
+                 (util_svg or "<p>No evaluation rounds recorded.</p>") + "<h3>Final evaluation</h3>"
+                 + _pairs(report["utility"])),
+        _section("Per-round record", "rounds", _rounds_table(rounds)),
+        _section("Per-client budget status", "client-budgets", _client_budgets(g)),
+        _section("Empirical audits", "audits", _audits(report["audits"])),
+        _section("Configuration that was run", "configuration",
+                 hash_note + f"<p>SHA-256 <code>{escape(str(config['sha256']))}</code> "
+                 f"(recomputed <code>{escape(config['sha256_recomputed'])}</code>)</p>"
+                 f"<pre>{escape(json.dumps(config['run_config'], indent=2, sort_keys=True))}</pre>"),
+    ]
+    banner_class = "protected" if head["protected"] else "unprotected"
+    return (
+        "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
+        "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
+        f"<title>fedrec privacy report</title><style>{STYLE}</style></head><body>"
+        f"<h1>fedrec privacy audit report</h1>"
+        f'<p class="banner {banner_class}" id="headline">{escape(head["text"])}</p>'
+        f"{finished}<p>Run directory <code>{escape(report['run_dir'])}</code>; generated {escape(report['generated_at'])}; "
+        "every figure below is read from that directory.</p>"
+        + "".join(sections)
+        + "</body></html>"
+    )
+
+
+def _client_budgets(g: dict[str, Any]) -> str:
+    record = g["record_level"]
+    parts = []
+    if record:
+        parts.append(_table([
+            ("devices that reported an epsilon", record["clients_reporting"]),
+            ("devices that hit their budget and declined to train", record["clients_hit_budget"]),
+            ("declines over all rounds", record["declines"]),
+            ("per-device budget", record["epsilon_budget_per_device"]),
+            ("largest epsilon of any device", record["epsilon_max"]),
+            ("median epsilon over devices", record["epsilon_median"]),
+        ]))
+    user = g["user_level"]
+    if user:
+        stop = user.get("stop_reason") or "the run was not stopped by its budget"
+        parts.append(f"<p>User-level budget {escape(_fmt(user.get('epsilon_budget')))}: {escape(stop)}.</p>")
+    return "".join(parts) or "<p>No privacy budget applies: no differential privacy in this run.</p>"

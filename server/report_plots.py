@@ -1,0 +1,78 @@
+"""Inline SVG plots for the report (matplotlib, no files, no network to view them)."""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+
+def _svg(figure: Any, name: str) -> str:
+    """The figure as SVG markup; ``name`` salts its element ids (stable per run, distinct per plot)."""
+    buffer = io.StringIO()
+    # Text stays text (no glyph definitions, so two inline SVGs never share an element id).
+    with plt.rc_context({"svg.hashsalt": f"fedrec-{name}", "svg.fonttype": "none"}):
+        figure.savefig(buffer, format="svg", bbox_inches="tight")
+    plt.close(figure)
+    text = buffer.getvalue()
+    text = text[text.index("<svg"):]  # drop the XML prolog and DOCTYPE: the SVG is inlined in HTML
+    # matplotlib numbers ids per figure (axes_1, ...): prefix them so ids stay unique in the page.
+    text = re.sub(r'\bid="([^"]+)"', rf'id="{name}-\1"', text)
+    return re.sub(r'(url\(#|href="#)([^)"]+)', rf"\g<1>{name}-\2", text)
+
+
+def epsilon_plot(rounds: list[dict[str, Any]], user_budget: float | None, record_budget: float | None) -> str | None:
+    """Epsilon spent after each round (user-level, and record-level max / mean over devices)."""
+    series = {
+        "user-level epsilon": "user_epsilon",
+        "record-level epsilon, max over the round's devices": "record_epsilon_max",
+        "record-level epsilon, mean over the round's devices": "record_epsilon_mean",
+    }
+    figure, axes = plt.subplots(figsize=(6.4, 3.2))
+    drawn = False
+    for label, key in series.items():
+        points = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
+        if points:
+            axes.plot(*zip(*points), marker="o", markersize=3, label=label)
+            drawn = True
+    if not drawn:
+        plt.close(figure)
+        return None
+    for budget, label in ((user_budget, "user-level budget"), (record_budget, "per-device budget")):
+        if budget:
+            axes.axhline(budget, linestyle="--", linewidth=1, color="grey")
+            axes.annotate(label, (0.01, budget), xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
+    axes.set_xlabel("round")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel("epsilon spent (cumulative)")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _svg(figure, "epsilon")
+
+
+def utility_plot(rounds: list[dict[str, Any]], sampled_negatives: int | None) -> str | None:
+    """HR@10 and NDCG@10 (leave-one-out against sampled negatives) at each evaluated round."""
+    figure, axes = plt.subplots(figsize=(6.4, 3.2))
+    drawn = False
+    for label, key in (("HR@10", "hr@10"), ("NDCG@10", "ndcg@10")):
+        points = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
+        if points:
+            axes.plot(*zip(*points), marker="o", markersize=3, label=label)
+            drawn = True
+    if not drawn:
+        plt.close(figure)
+        return None
+    axes.set_xlabel("round")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    against = f"{sampled_negatives} sampled negatives" if sampled_negatives else "sampled negatives"
+    axes.set_ylabel(f"test metric ({against})")
+    axes.set_ylim(bottom=0)
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _svg(figure, "utility")

@@ -1,0 +1,231 @@
+"""The privacy audit report: read from real run directories, schema-valid, rendered by Chromium."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import dp_accounting
+import jsonschema
+import pytest
+from dp_accounting import rdp
+
+from common.config import parse_run_config
+from common.errors import DataError
+from common.federation import slicer_cached
+from common.privacy import UserLevelDP
+from server.report import SCHEMA_PATH, build_report, validate_report, write_report
+from simulations.cli import main as fedrec
+from simulations.engine import fused_run_config, run_in_process
+
+SMALL = {
+    "synthetic-users": 12,
+    "synthetic-items": 80,
+    "eval-negatives": 20,
+    "synthetic-mean-interactions": 10,
+    "num-server-rounds": 4,
+    "evaluate-every": 1,
+    "fraction-evaluate": 1.0,
+    "embedding-dim": 8,
+}
+Q, Z, C = 0.5, 1.0, 0.1
+USER_DP = UserLevelDP(Z, C, num_clients=12, sampling="poisson", sampling_rate=Q)
+USER_BUDGET = (USER_DP.epsilon(3) + USER_DP.epsilon(4)) / 2  # round 4 would overspend: the run stops after 3
+PROTECTED = {
+    "user-dp": True, "client-sampling": "poisson", "fraction-train": Q, "user-dp-noise-multiplier": Z,
+    "user-dp-clipping-norm": C, "user-dp-epsilon-budget": USER_BUDGET,
+    "secure-aggregation": True,
+    "record-dp": True, "record-dp-noise-multiplier": 1.0, "record-dp-epsilon-budget": 6.5,
+}
+
+
+def _run(directory: Path, overrides: dict) -> Path:
+    overrides = {**SMALL, "run-dir": str(directory), **overrides}
+    run_in_process(overrides, len(slicer_cached(parse_run_config(fused_run_config(overrides)))))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def plain_run(tmp_path_factory) -> Path:
+    return _run(tmp_path_factory.mktemp("report") / "plain", {})
+
+
+@pytest.fixture(scope="module")
+def protected_run(tmp_path_factory) -> Path:
+    return _run(tmp_path_factory.mktemp("report") / "protected", PROTECTED)
+
+
+def _lines(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_every_run_ends_with_a_schema_valid_report_that_says_when_nothing_protected_it(plain_run):
+    report = json.loads((plain_run / "report.json").read_text())  # written by the ServerApp itself
+    validate_report(report)
+    assert report["headline"]["protected"] is False
+    assert "NO privacy protection" in report["headline"]["text"]
+    assert report["guarantees"] == {"user_level": None, "record_level": None}
+    html = (plain_run / "report.html").read_text()
+    # the warning is the first thing on the page, before any section
+    assert html.index("NO privacy protection") < html.index("<section")
+    assert "unprotected" in html
+
+
+def test_report_numbers_are_the_run_directorys(plain_run):
+    report = build_report(plain_run)
+    metrics = _lines(plain_run / "metrics.jsonl")
+    evaluated = {r["round"]: r for r in metrics if r["phase"] == "evaluate"}
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3, 4]
+    for row in report["rounds"]:
+        assert row["hr@10"] == evaluated[row["round"]]["test_sampled_hr@10"]
+        assert row["ndcg@10"] == evaluated[row["round"]]["test_sampled_ndcg@10"]
+    dataset = json.loads((plain_run / "dataset.json").read_text())
+    assert report["dataset"] == dataset and dataset["users"] == 12 and dataset["clients"] == 12
+    config = json.loads((plain_run / "config.json").read_text())
+    assert report["configuration"]["sha256"] == config["config_sha256"] and report["configuration"]["matches"]
+    summary = json.loads((plain_run / "summary.json").read_text())
+    assert report["utility"]["test_sampled_hr@10"] == summary["final_evaluation"]["test_sampled_hr@10"]
+    assert report["protections"]["tls"]["status"] == "not applicable"  # in-process simulation: no network
+
+
+def test_protected_run_reports_each_guarantee_as_its_accountant_computed_it(protected_run):
+    report = json.loads((protected_run / "report.json").read_text())
+    validate_report(report)
+    assert report["headline"]["protected"] is True
+    for words in ("user-level DP", "record-level DP", "SecAgg+"):
+        assert words in report["headline"]["text"]
+    user = report["guarantees"]["user_level"]
+    assert user["rounds"] == 3 and report["run"]["rounds_completed"] == 3
+    assert "stopped after 3 of 4 rounds" in report["run"]["stop_reason"]
+    # an independent dp-accounting composition of the same mechanism, by hand
+    accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+    accountant.compose(dp_accounting.PoissonSampledDpEvent(Q, dp_accounting.GaussianDpEvent(Z)), 3)
+    assert user["epsilon"] == pytest.approx(accountant.get_epsilon(1 / 12), rel=1e-9)
+    assert user["recomputation_matches"] and user["epsilon"] <= USER_BUDGET
+    assert (user["noise_multiplier"], user["clipping_norm"], user["sampling_rate"]) == (Z, C, Q)
+    secagg = report["protections"]["secure_aggregation"]
+    assert secagg["on"] and secagg["parameters"]["reconstruction_threshold"] == 2
+    assert "RandomState" in secagg["limitations"]
+
+
+def test_per_client_budget_status_counts_the_devices_that_declined(protected_run):
+    report = build_report(protected_run)
+    record = report["guarantees"]["record_level"]
+    traffic = _lines(protected_run / "traffic.jsonl")
+    declined = {r["node_id"] for r in traffic if r.get("record_dp_declined")}
+    reported = {r["node_id"]: r["record_epsilon"] for r in traffic if "record_epsilon" in r}
+    assert declined, "most devices need epsilon ~7 for one round: a budget of 6.5 must make some decline"
+    assert record["clients_hit_budget"] == len(declined)
+    assert record["clients_reporting"] == len(reported)
+    assert record["epsilon_max"] == max(max(r["record_epsilon"] for r in traffic if r["node_id"] == n) for n in reported)
+    assert record["epsilon_max"] <= record["epsilon_budget_per_device"]
+    for row in report["rounds"]:  # each round: the largest cumulative epsilon of the devices in it
+        in_round = [r["record_epsilon"] for r in traffic if r["round"] == row["round"]]
+        assert row["record_epsilon_max"] == (max(in_round) if in_round else 0.0)
+
+
+def test_html_has_every_section_and_nothing_to_fetch(protected_run):
+    html = (protected_run / "report.html").read_text()
+    for anchor in ("data", "protections", "threat-model", "guarantees", "epsilon-per-round", "utility-per-round",
+                   "client-budgets", "audits", "configuration"):
+        assert f'id="{anchor}"' in html
+    assert html.count("<svg") == 2  # epsilon per round and utility per round, inline
+    for adversary in ("honest-but-curious server", "malicious clients", "network attacker"):
+        assert adversary in html
+    assert not re.search(r"<script|<link|<img|\bsrc=|url\((?!#)", html)  # only in-page references
+    ids = re.findall(r'\bid="([^"]+)"', html)
+    assert len(ids) == len(set(ids))  # the two inline SVGs must not share clip-path ids
+
+
+def test_a_changed_configuration_is_flagged(protected_run, tmp_path):
+    copy_dir = tmp_path / "tampered"
+    shutil.copytree(protected_run, copy_dir)
+    config = json.loads((copy_dir / "config.json").read_text())
+    config["run_config"]["user-dp-noise-multiplier"] = 10.0
+    (copy_dir / "config.json").write_text(json.dumps(config))
+    paths = write_report(copy_dir)
+    assert json.loads(paths["json"].read_text())["configuration"]["matches"] is False
+    assert "changed after the run" in paths["html"].read_text()
+
+
+def test_an_unfinished_run_is_reported_as_such(plain_run, tmp_path):
+    partial = tmp_path / "partial"
+    shutil.copytree(plain_run, partial)
+    (partial / "summary.json").unlink()
+    report = build_report(partial)
+    assert report["run"]["finished"] is False and report["run"]["rounds_completed"] == 4
+    validate_report(report)
+
+
+def test_schema_rejects_reports_that_miss_or_mistype_facts(plain_run):
+    report = build_report(plain_run)
+    for breaks in (lambda r: r.pop("headline"), lambda r: r["run"].update(rounds_completed="4"),
+                   lambda r: r["configuration"].update(sha256="not-a-hash"), lambda r: r.update(extra=1)):
+        broken = copy.deepcopy(report)
+        breaks(broken)
+        with pytest.raises(jsonschema.ValidationError):
+            validate_report(broken)
+    jsonschema.Draft202012Validator.check_schema(json.loads(SCHEMA_PATH.read_text()))
+
+
+def test_bad_run_directories_fail_with_the_file_and_line(plain_run, tmp_path, capsys):
+    with pytest.raises(DataError, match="no such run directory"):
+        build_report(tmp_path / "missing")
+    broken = tmp_path / "broken"
+    shutil.copytree(plain_run, broken)
+    with open(broken / "metrics.jsonl", "a") as handle:
+        handle.write("{truncated\n")
+    line = len((broken / "metrics.jsonl").read_text().splitlines())
+    with pytest.raises(DataError, match=rf"metrics.jsonl:{line}:"):
+        build_report(broken)
+    assert fedrec(["report", str(broken)]) == 2
+    assert f"metrics.jsonl:{line}:" in capsys.readouterr().err
+
+
+def test_fedrec_report_writes_both_files_where_asked(plain_run, tmp_path, capsys):
+    assert fedrec(["report", str(plain_run), "--out", str(tmp_path / "out")]) == 0
+    assert (tmp_path / "out" / "report.html").exists() and (tmp_path / "out" / "report.json").exists()
+    assert "report.html" in capsys.readouterr().out
+
+
+# --- headless Chromium --------------------------------------------------------------------
+def _chromium() -> str:
+    for name in (os.environ.get("FEDREC_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    pytest.fail("headless Chromium is needed for the report rendering test: `make test` installs Debian's "
+                "chromium package; elsewhere set FEDREC_CHROMIUM to a Chrome/Chromium binary")
+
+
+def _render(page: Path, screenshot: Path) -> list[str]:
+    """Screenshot ``page``; returns the console messages Chromium logged while loading it."""
+    result = subprocess.run(
+        [_chromium(), "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", "--enable-logging=stderr",
+         "--v=0", "--window-size=1200,2400", f"--screenshot={screenshot}", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    return [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+
+
+def test_console_check_catches_a_broken_page(tmp_path):
+    page = tmp_path / "broken.html"
+    page.write_text('<html><body><script>console.error("boom"); notDefined();</script></body></html>')
+    messages = _render(page, tmp_path / "broken.png")
+    assert any("boom" in m for m in messages) and any("notDefined" in m for m in messages)
+
+
+def test_report_renders_in_headless_chromium_without_console_errors(protected_run, tmp_path):
+    screenshot = tmp_path / "report.png"
+    messages = _render(protected_run / "report.html", screenshot)
+    assert messages == []
+    png = screenshot.read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
+    assert (width, height) == (1200, 2400)
+    assert len(png) > 50_000  # a rendered page with tables and plots, not a blank one
