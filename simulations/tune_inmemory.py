@@ -11,7 +11,8 @@ The JSON holds run-config overrides (MovieLens-100K at ../shared/datasets/ml-100
 default); ``_slr`` sets the server learning rate, ``_adam`` a server Adam step size instead,
 ``eval-refit-epochs`` re-fits user rows before evaluating, ``_clients`` samples that many
 clients per round (seeded), ``_decay`` multiplies the server
-learning rate by that factor every round, ``_mom`` adds server momentum (FedAvgM).
+learning rate by that factor every round, ``_mom`` adds server momentum (FedAvgM),
+``_workers`` sets the size of the process pool (default 2).
 ``_clip`` C and ``_z`` z run user-level DP as the strategy does (clip on the device, weight
 1, noise of std z*C on the sum, divided by the clients per round); no accounting here.
 """
@@ -56,7 +57,7 @@ mom = OV.get("_adam"); mt = vt = None
 t0 = time.time()
 per_round = OV.get("_clients", n); decay = OV.get("_decay", 1.0)
 sampler = np.random.default_rng(cfg.seed)
-with Pool(2, initializer=init) as pool:
+with Pool(OV.get("_workers", 2), initializer=init) as pool:
     for rnd in range(1, ROUNDS + 1):
         chosen = sorted(sampler.choice(n, size=per_round, replace=False)) if per_round < n else range(n)
         res = pool.map(fit, [(p, shared, states.get(p), rnd) for p in chosen], chunksize=8)
