@@ -99,8 +99,13 @@ def threat_model(protected: dict[str, Any]) -> list[dict[str, str]]:
         "the user interacted with"
     )
     dp_words = []
-    if user_dp:
-        dp_words.append("user-level DP bounds what the model and every round's aggregate reveal about any one user")
+    if user_dp and secagg:
+        dp_words.append("user-level DP bounds what the released model reveals about any one user (the server adds "
+                        "the noise to the masked sum, so it could keep the noise-free sum of a round)")
+    elif user_dp:
+        dp_words.append("user-level DP bounds what the released model reveals about any one user, but NOT what this "
+                        "server learns: it adds the noise itself and sees each device's clipped update before that, "
+                        "including which item rows it changed; only SecAgg+ hides single updates from the server")
     if record_dp:
         dp_words.append("record-level DP on each device bounds what its update reveals about any one interaction")
     return [

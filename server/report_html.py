@@ -107,17 +107,39 @@ def _rounds_table(rounds: list[dict[str, Any]]) -> str:
 def _audits(audit: dict[str, Any] | None) -> str:
     if not audit:
         return "<p>No empirical audit was run for this run directory (<code>fedrec audit</code> writes one).</p>"
-    out = ""
-    for name, result in audit.items():
-        if isinstance(result, dict):
-            scalars = {k: v for k, v in result.items() if isinstance(v, (int, float, str, bool)) or v is None}
-            out += f"<h3>{escape(name.replace('_', ' '))}</h3>" + _pairs(scalars)
-            nested = {k: v for k, v in result.items() if isinstance(v, (dict, list))}
-            if nested:
-                out += f"<pre>{escape(json.dumps(nested, indent=2))}</pre>"
-        else:
-            out += f"<p>{escape(name)}: {escape(_fmt(result))}</p>"
-    return out
+    found = audit.get("audits") or {}
+    out = (f"<p>Scenario <code>{escape(str(audit.get('scenario')))}</code> on {escape(str(audit.get('dataset')))}: "
+           f"{escape(_fmt(audit.get('clients')))} clients, {escape(_fmt(audit.get('rounds')))} rounds, model "
+           f"{escape(str(audit.get('model')))}, {escape(_fmt(audit.get('seconds')))} s. Attacks run in simulation "
+           "with the real client code, where the ground truth is known.</p>")
+    if "interaction-inference" in found:
+        rows = []
+        for name, r in found["interaction-inference"]["settings"].items():
+            attack, rand = r["projection"], r["random_guess"]
+            rows.append((name, r["view"], attack["auc"], attack["precision"], attack["recall"], attack["f1"],
+                         rand["precision"], rand["f1"], r.get("user_epsilon")))
+        out += ("<h3>Interaction inference by a curious server (from what it receives)</h3>"
+                + _table(rows, ("setting", "what the server sees", "AUC", "precision", "recall", "F1",
+                                "random: precision", "random: F1", "user-level epsilon")))
+    if "membership" in found:
+        rows = []
+        for name, r in found["membership"]["settings"].items():
+            eps = r.get("user_epsilon", r.get("record_epsilon_max"))
+            rows.append((name, r["members"], r["non_members"], r["score"]["auc"], r["score"]["tpr@1%fpr"],
+                         r["random_guess"]["tpr@1%fpr"], eps))
+        out += ("<h3>Membership inference on the final model (score threshold)</h3>"
+                + _table(rows, ("setting", "members", "non-members", "AUC", "TPR at 1% FPR", "random: TPR",
+                                "epsilon")))
+    if "canary" in found:
+        rows = []
+        for unit, r in found["canary"].items():
+            accountant = r.get("accountant_epsilon", r.get("accountant_epsilon_per_interaction_group_privacy"))
+            rows.append((unit, r.get("unit"), r["canaries"], r["guesses"], r["correct"], r["epsilon_lower_bound"],
+                         1 - r["beta"], accountant, r["delta"]))
+        out += ("<h3>Canary audit: empirical epsilon lower bound (one run, Steinke, Nasr and Jagielski 2023)</h3>"
+                + _table(rows, ("audit", "privacy unit", "canaries", "guesses", "correct", "epsilon lower bound",
+                                "confidence", "accountant epsilon (per unit)", "delta")))
+    return out + f"<details><summary>audit.json</summary><pre>{escape(json.dumps(audit, indent=2))}</pre></details>"
 
 
 def render_html(report: dict[str, Any]) -> str:

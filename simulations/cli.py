@@ -236,6 +236,32 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+AUDIT_SCENARIOS = ("interaction-inference", "membership", "canary", "all")  # simulations.audits.SCENARIOS, without torch
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    """Audit a run's setting: its own run-config (if RUN_DIR holds a run) plus the flags."""
+    from pathlib import Path
+
+    from simulations.audits import run_audits
+
+    run_dir = Path(args.run_dir)
+    base: dict[str, Any] = {}
+    if (run_dir / "config.json").exists():
+        base = dict(json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["run_config"])
+        print(f"fedrec audit: auditing the setting of the run in {run_dir}", file=sys.stderr)
+    overrides = {**base, **_overrides(args, {"model": args.model})}
+    run_audits(args.scenario, overrides, run_dir)
+    if (run_dir / "privacy.json").exists():
+        from server.report import write_report
+
+        print(f"fedrec audit: report updated: {write_report(run_dir)['html']}", file=sys.stderr)
+    else:
+        print(f"fedrec audit: no training run in {run_dir}; `fedrec report` needs one (fedrec simulate --run-dir)",
+              file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedrec", description="Federated, privacy-preserving recommendation on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -302,6 +328,17 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (run-config run-dir)")
     report.add_argument("--out", help="write the report here instead of into RUN_DIR")
     report.set_defaults(func=cmd_report)
+
+    audit = sub.add_parser(
+        "audit", help="empirical privacy audits (interaction inference, membership inference, canaries) in simulation",
+        description="Attacks with known ground truth, run in-process with the real client code. With --run-dir "
+        "pointing at a run, its run-config is the starting point and audit.json lands in its report. "
+        "audit-* keys in -c tune the audits (see simulations/audits/run.py).",
+    )
+    _common_flags(audit)
+    audit.add_argument("--scenario", required=True, choices=AUDIT_SCENARIOS)
+    audit.add_argument("--run-dir", required=True, help="where audit.json goes (a run directory: its report is updated)")
+    audit.set_defaults(func=cmd_audit)
     return parser
 
 

@@ -229,3 +229,28 @@ def test_report_renders_in_headless_chromium_without_console_errors(protected_ru
     width, height = int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")
     assert (width, height) == (1200, 2400)
     assert len(png) > 50_000  # a rendered page with tables and plots, not a blank one
+
+
+def test_fedrec_audit_feeds_the_report_of_the_run_it_audits(protected_run, tmp_path, capsys):
+    audited = tmp_path / "audited"
+    shutil.copytree(protected_run, audited)
+    assert fedrec(["audit", "--scenario", "interaction-inference", "--run-dir", str(audited),
+                   "-c", "audit-max-targets=4 num-server-rounds=2"]) == 0
+    audit = json.loads((audited / "audit.json").read_text())
+    report = json.loads((audited / "report.json").read_text())
+    assert report["audits"] == audit  # the report carries the audit as written, and was rebuilt
+    # the audit ran the audited run's own setting (its run-config), with the flags on top
+    assert audit["overrides"]["user-dp-epsilon-budget"] == USER_BUDGET and audit["rounds"] == 2
+    html = (audited / "report.html").read_text()
+    settings = audit["audits"]["interaction-inference"]["settings"]
+    assert "Interaction inference by a curious server" in html
+    assert f"{settings['secagg-off/no-dp']['projection']['auc']:.4g}" in html
+    assert fedrec(["audit", "--scenario", "canary", "--run-dir", str(audited), "-c", "audit-canaries=50"]) == 2
+    assert "audit-canaries=50" in capsys.readouterr().err  # a one-line error before any training
+
+
+def test_cli_offers_exactly_the_audit_scenarios_that_exist():
+    from simulations.audits import SCENARIOS
+    from simulations.cli import AUDIT_SCENARIOS
+
+    assert AUDIT_SCENARIOS == SCENARIOS
