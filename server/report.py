@@ -318,8 +318,34 @@ def validate_report(report: dict[str, Any]) -> None:
     jsonschema.Draft202012Validator(schema).validate(report)
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict[str, Path]:
-    """``report.json`` and a self-contained ``report.html`` (into ``run_dir`` by default)."""
+def find_chromium() -> str | None:
+    """A headless-capable Chromium/Chrome on PATH (or $FEDREC_CHROMIUM), for the optional PDF."""
+    import os
+    import shutil
+
+    for name in (os.environ.get("FEDREC_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
+        if name and shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def print_pdf(html: Path, pdf: Path) -> Path:
+    """The HTML report printed to PDF by headless Chromium (optional: only if one is installed)."""
+    import subprocess
+
+    browser = find_chromium()
+    if browser is None:
+        raise FileNotFoundError("a PDF needs Chromium or Chrome on PATH (Debian: apt-get install chromium) "
+                                "or FEDREC_CHROMIUM=/path/to/chrome")
+    tmp = pdf.with_name(f".{pdf.name}.tmp")
+    subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-pdf-header-footer",
+                    f"--print-to-pdf={tmp}", html.resolve().as_uri()], check=True, capture_output=True, timeout=120)
+    tmp.replace(pdf)
+    return pdf
+
+
+def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, pdf: bool = False) -> dict[str, Path]:
+    """``report.json`` and a self-contained ``report.html`` (into ``run_dir`` by default), and optionally a PDF."""
     from server.report_html import render_html
 
     report = build_report(run_dir)
@@ -329,4 +355,6 @@ def write_report(run_dir: str | Path, out_dir: str | Path | None = None) -> dict
     paths = {"json": target / "report.json", "html": target / "report.html"}
     atomic_write_bytes(paths["json"], json.dumps(report, indent=2, allow_nan=False).encode())
     atomic_write_bytes(paths["html"], render_html(report).encode())
+    if pdf:
+        paths["pdf"] = print_pdf(paths["html"], target / "report.pdf")
     return paths

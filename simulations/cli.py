@@ -226,13 +226,14 @@ def cmd_report(args: argparse.Namespace) -> int:
     from server.report import write_report
 
     try:
-        paths = write_report(args.run_dir, args.out)
+        paths = write_report(args.run_dir, args.out, pdf=args.pdf)
     except jsonschema.ValidationError as err:
         where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
         print(f"fedrec: error: {args.run_dir}: the report does not match report.schema.json at {where}: {err.message}",
               file=sys.stderr)
         return 2
-    print(f"fedrec report: {paths['html']}\nfedrec report: {paths['json']}")
+    for path in paths.values():
+        print(f"fedrec report: {path}")
     return 0
 
 
@@ -327,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     report = sub.add_parser("report", help="write the privacy audit report (report.html + report.json) of a run")
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (run-config run-dir)")
     report.add_argument("--out", help="write the report here instead of into RUN_DIR")
+    report.add_argument("--pdf", action="store_true", help="also print report.pdf (needs Chromium or Chrome)")
     report.set_defaults(func=cmd_report)
 
     audit = sub.add_parser(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import re
 import shutil
 import subprocess
@@ -19,7 +18,7 @@ from common.config import parse_run_config
 from common.errors import DataError
 from common.federation import slicer_cached
 from common.privacy import UserLevelDP
-from server.report import SCHEMA_PATH, build_report, validate_report, write_report
+from server.report import SCHEMA_PATH, build_report, find_chromium, validate_report, write_report
 from simulations.cli import main as fedrec
 from simulations.engine import fused_run_config, run_in_process
 
@@ -195,9 +194,9 @@ def test_fedrec_report_writes_both_files_where_asked(plain_run, tmp_path, capsys
 
 # --- headless Chromium --------------------------------------------------------------------
 def _chromium() -> str:
-    for name in (os.environ.get("FEDREC_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-        if name and shutil.which(name):
-            return shutil.which(name)
+    found = find_chromium()
+    if found:
+        return found
     pytest.fail("headless Chromium is needed for the report rendering test: `make test` installs Debian's "
                 "chromium package; elsewhere set FEDREC_CHROMIUM to a Chrome/Chromium binary")
 
@@ -254,3 +253,10 @@ def test_cli_offers_exactly_the_audit_scenarios_that_exist():
     from simulations.cli import AUDIT_SCENARIOS
 
     assert AUDIT_SCENARIOS == SCENARIOS
+
+
+def test_optional_pdf_is_printed_by_chromium(plain_run, tmp_path):
+    _chromium()  # fails with the install hint when there is none
+    assert fedrec(["report", str(plain_run), "--out", str(tmp_path), "--pdf"]) == 0
+    pdf = (tmp_path / "report.pdf").read_bytes()
+    assert pdf.startswith(b"%PDF-") and len(pdf) > 20_000
