@@ -179,3 +179,18 @@ def test_device_refit_recommends_the_users_own_taste(name, tmp_path):
         assert set(items) == set(range(start + 14, start + half)), f"user {user} got {items}"
         loaded = torch.jit.load(str(export_for_client(config, data, shared, local, user, tmp_path / f"u{user}.pt")))
         np.testing.assert_array_equal(loaded(NO_ITEMS, 6)[0].numpy(), items)
+
+
+def test_fedrec_recommend_prints_the_exported_models_top_k(tmp_path, capsys):
+    from simulations.cli import main as fedrec
+
+    model = build_model(ModelConfig(name="gmf", embedding_dim=8), 2, 30, seed=3)
+    path = export_torchscript(model, 1, tmp_path / "user.pt", seen_items=[0, 1])
+    expected, scores = recommend(model, 1, [0, 1, 5], k=4)
+    assert fedrec(["recommend", "--model-file", str(path), "--k", "4", "--extra-seen", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [int(line.split("\t")[1]) for line in lines] == expected.tolist()
+    assert [float(line.split("\t")[2]) for line in lines] == pytest.approx(scores.tolist(), abs=1e-5)
+    assert fedrec(["recommend", "--model-file", str(path), "--extra-seen", "99"]) == 2
+    assert fedrec(["recommend", "--model-file", str(tmp_path / "none.pt")]) == 2
+    assert "no such exported model" in capsys.readouterr().err
