@@ -3,9 +3,17 @@
 The user-local parameters live in ``Context.state`` (one ArrayRecord) across rounds and
 are never part of a reply. The app speaks Flower's legacy fit/evaluate messages so that
 ``secaggplus_mod`` can wrap the very same training code when secure aggregation is on.
+
+With the node-config key ``state-dir`` the device's users, interactions, user rows and
+record-level DP history live on disk instead (:mod:`client.store`): initialised from the
+SuperNode's partition the first time, saved after every fit, loaded on every message, so
+they survive a SuperNode restart and reflect the operator's edits (added or forgotten
+users) from the next message on. ``Context.state`` then holds none of them.
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
@@ -16,13 +24,16 @@ from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
-from client.local import evaluate_client, train_round
+from client import store
+from client.local import RoundResult, evaluate_client, train_round
 from client.private_training import History, RecordDPConfig
 from common.config import FedRecConfig, parse_run_config
+from common.errors import DataError
 from common.federation import ClientData, slicer_cached
 
 LOCAL_STATE_KEY = "fedrec.user-local"
 RECORD_DP_HISTORY_KEY = "fedrec.record-dp-history"
+STATE_DIR_KEY = "state-dir"  # node-config: directory of the device's persistent state
 # What a device may report when DP is on: nothing computed from its data beyond what the
 # mechanisms cover (the loss, the update norm and the touched count are not).
 DP_SAFE_METRICS = ("train_seconds", "upload_bytes", "download_bytes", "record_epsilon", "record_dp_declined")
@@ -86,32 +97,93 @@ def client_data_for(config: FedRecConfig, context: Context) -> ClientData:
     return slicer.client(partition_id)
 
 
+def state_dir_for(context: Context) -> Path | None:
+    """The node-config ``state-dir`` (None when unset or empty: state in ``Context`` only)."""
+    value = context.node_config.get(STATE_DIR_KEY)
+    if value is None or str(value).strip() == "":
+        return None
+    path = Path(str(value)).expanduser()
+    if not path.is_absolute():
+        # Under `flower-supernode` the ClientApp may run in another process and directory.
+        raise ValueError(f"node-config {STATE_DIR_KEY}={value!r} must be an absolute path")
+    return path
+
+
+def device_state_for(config: FedRecConfig, context: Context, state_dir: Path) -> store.DeviceState:
+    """The device state on disk, created from this SuperNode's partition the first time.
+
+    Call with :func:`client.store.locked` held. A state made from another partition is
+    refused, so two SuperNodes pointed at one directory do not silently share users.
+    """
+    partition = context.node_config.get("partition-id")
+    if store.exists(state_dir):
+        state = store.load(state_dir)
+        if partition is not None and state.partition_id >= 0 and state.partition_id != int(partition):
+            raise DataError(
+                f"device state was initialised from partition-id {state.partition_id} but this SuperNode has "
+                f"partition-id {int(partition)}; give each SuperNode its own state-dir",
+                store.state_file(state_dir),
+            )
+        return state
+    if partition is None:
+        raise DataError(
+            "no device state yet and no partition-id to initialise it from; create it with client.store.create",
+            store.state_file(state_dir),
+        )
+    state = store.DeviceState.from_client_data(client_data_for(config, context), int(partition))
+    store.save(state_dir, state)
+    return state
+
+
+def forget_context_copies(context: Context) -> None:
+    """With a state-dir the disk is the only copy: none of the user rows stay in ``Context``."""
+    context.state.array_records.pop(LOCAL_STATE_KEY, None)
+    context.state.config_records.pop(RECORD_DP_HISTORY_KEY, None)
+
+
 class FedRecClient(NumPyClient):
     """Legacy NumPyClient whose fit/evaluate delegate to :mod:`client.local`."""
 
     def __init__(self, context: Context) -> None:
         self.context = context
         self.config = parse_run_config(context.run_config)
-        self.data = client_data_for(self.config, context)
+        self.state_dir = state_dir_for(context)
+        # With a state-dir the data comes from disk (read per message, under the lock).
+        self.data = client_data_for(self.config, context) if self.state_dir is None else None
 
-    def fit(self, parameters, config):  # type: ignore[override]
-        result = train_round(
+    def _train(self, data: ClientData, parameters, local_state, history: History, config) -> RoundResult:
+        return train_round(
             self.config.model_config,
             self.config.train_config,
-            self.data,
+            data,
             parameters,
-            load_local_state(self.context),
+            local_state,
             seed=self.config.seed,
             server_round=int(config.get("server-round", 0)),
             rowwise=self.config.row_wise_aggregation,
             clipping_norm=self.config.user_dp_clipping_norm if self.config.user_dp else None,
             record_dp=record_dp_config(self.config),
-            record_history=load_record_history(self.context),
+            record_history=history,
         )
-        save_local_state(self.context, result.local_state)
+
+    def fit(self, parameters, config):  # type: ignore[override]
+        if self.state_dir is None:
+            assert self.data is not None
+            local_state, history = load_local_state(self.context), load_record_history(self.context)
+            result = self._train(self.data, parameters, local_state, history, config)
+            save_local_state(self.context, result.local_state)
+            if result.record_history is not None:
+                save_record_history(self.context, result.record_history)
+        else:
+            # Locked from load to save: an operator's erasure waits for this round rather
+            # than being overwritten by it.
+            with store.locked(self.state_dir):
+                state = device_state_for(self.config, self.context, self.state_dir)
+                local_state = state.local_state(self.config.model_config, self.config.seed)
+                result = self._train(state.client_data(), parameters, local_state, state.record_history, config)
+                store.save(self.state_dir, state.with_local_state(result.local_state, result.record_history))
+            forget_context_copies(self.context)
         metrics = result.metrics
-        if result.record_history is not None:
-            save_record_history(self.context, result.record_history)
         if self.config.user_dp or self.config.record_dp:
             metrics = {k: v for k, v in metrics.items() if k in DP_SAFE_METRICS}
         weight = result.num_examples
@@ -123,11 +195,19 @@ class FedRecClient(NumPyClient):
         return result.upload, weight, metrics
 
     def evaluate(self, parameters, config):  # type: ignore[override]
+        if self.state_dir is None:
+            data, local_state = self.data, load_local_state(self.context)
+        else:
+            with store.locked(self.state_dir):
+                state = device_state_for(self.config, self.context, self.state_dir)
+            data, local_state = state.client_data(), state.local_state(self.config.model_config, self.config.seed)
+            forget_context_copies(self.context)
+        assert data is not None
         metrics = evaluate_client(
             self.config.model_config,
-            self.data,
+            data,
             parameters,
-            load_local_state(self.context),
+            local_state,
             seed=self.config.seed,
             refit=self.config.refit_config,
         )

@@ -1,0 +1,432 @@
+"""Device state on disk (issue 9): kiosks add and forget users, state survives restarts.
+
+The ClientApp is driven message by message (Flower's own ``ClientApp.__call__`` with legacy
+fit messages, mods included) rather than through a Ray simulation, so each round takes
+milliseconds and the test controls exactly what global model every kiosk receives.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, Message, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.compat.common.recorddict_compat import (
+    evaluateins_to_recorddict,
+    fitins_to_recorddict,
+    recorddict_to_evaluateres,
+    recorddict_to_fitres,
+)
+from flwr.supercore.task_identity import TaskIdentity
+
+import client.client_app as client_app
+from client import store
+from client.client_app import LOCAL_STATE_KEY, app
+from client.local import train_round, user_seed
+from common.config import parse_run_config
+from common.errors import DataError
+from common.federation import slicer_cached
+from common.models import build_model
+from simulations.engine import fused_run_config
+
+KIOSKS = {
+    "synthetic-users": 12,
+    "synthetic-items": 80,
+    "eval-negatives": 20,
+    "synthetic-mean-interactions": 10,
+    "embedding-dim": 8,
+    "mlp-layers": "16,8",
+    "partitioning": "group",
+    "users-per-client": 4,
+}
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _task_identity(monkeypatch):
+    """Flower stamps messages with the running task's ids; outside a run we provide them."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1, raising=False)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 1, raising=False)
+
+
+def run_config(model: str = "mf", **overrides) -> dict:
+    return fused_run_config({**KIOSKS, "model": model, **overrides})
+
+
+def context(config: dict, state_dir: Path | None, partition: int = 0, partitions: int = 3) -> Context:
+    """A fresh Context, as a (re)started SuperNode has."""
+    node = {"partition-id": partition, "num-partitions": partitions}
+    if state_dir is not None:
+        node["state-dir"] = str(state_dir)
+    return Context(run_id=1, node_id=1, node_config=node, state=RecordDict(), run_config=config)
+
+
+def global_model(config: dict, server_round: int) -> list[np.ndarray]:
+    """A deterministic 'global model' for a round (round 1: the initial one)."""
+    cfg = parse_run_config(config)
+    shared = list(build_model(cfg.model_config, 0, cfg.synthetic_items, seed=cfg.seed).shared_state().values())
+    rng = np.random.default_rng(server_round)
+    return [a + (0.01 * rng.standard_normal(a.shape)).astype(np.float32) * (server_round > 1) for a in shared]
+
+
+def fit(ctx: Context, server_round: int) -> tuple[list[np.ndarray], int]:
+    """One training request through fedrec's ClientApp (and its mods); the plain upload."""
+    content = fitins_to_recorddict(
+        FitIns(ndarrays_to_parameters(global_model(ctx.run_config, server_round)), {"server-round": server_round}),
+        keep_input=True,
+    )
+    reply = app(Message(content, dst_node_id=1, message_type=MessageType.TRAIN), ctx)
+    fitres = recorddict_to_fitres(reply.content, keep_input=True)
+    return parameters_to_ndarrays(fitres.parameters), fitres.num_examples
+
+
+def evaluate(ctx: Context, server_round: int) -> dict:
+    content = evaluateins_to_recorddict(
+        EvaluateIns(ndarrays_to_parameters(global_model(ctx.run_config, server_round)), {}), keep_input=True
+    )
+    reply = app(Message(content, dst_node_id=1, message_type=MessageType.EVALUATE), ctx)
+    return dict(recorddict_to_evaluateres(reply.content).metrics)
+
+
+def assert_same_upload(a: list[np.ndarray], b: list[np.ndarray]) -> None:
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
+
+
+def rows_of(state: store.DeviceState, user: int) -> dict[str, np.ndarray]:
+    (i,) = np.flatnonzero(state.row_users == user)
+    return {name: array[i] for name, array in state.rows.items()}
+
+
+def context_arrays(ctx: Context) -> list[np.ndarray]:
+    return [a.numpy() for record in ctx.state.array_records.values() for a in record.values()]
+
+
+# --- erasure -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("model", "position"), [("mf", 1), ("neumf", 0)])
+def test_after_forgetting_a_user_the_kiosk_uploads_what_a_kiosk_without_them_uploads(tmp_path, model, position):
+    config = run_config(model)
+    kiosk = tmp_path / "kiosk"
+    ctx = context(config, kiosk)
+    fit(ctx, 1)
+    trained = store.load(kiosk)
+    users = [int(u) for u in trained.users]
+    assert len(users) == 4 and set(trained.row_users.tolist()) == set(users)
+    gone = users[position]  # position 0 is the user the kiosk's seeds were derived from
+    gone_rows = rows_of(trained, gone)
+
+    store.forget_user(kiosk, gone)
+
+    # Gone from the state on disk: no id, no interaction, no held-out item, no row ...
+    with np.load(store.state_file(kiosk)) as raw:
+        for key in ("users", "train_users", "row_users", "test_users", "val_users"):
+            assert gone not in raw[key].tolist(), key
+        assert all(len(raw[key]) == 3 for key in raw.files if key.startswith("rows:"))
+    # ... and not a byte of their embedding in any file of the state directory.
+    for path in kiosk.iterdir():
+        blob = path.read_bytes()
+        for name, row in gone_rows.items():
+            if row.size > 1:
+                assert row.tobytes() not in blob, (path.name, name)
+    upload_after, examples_after = fit(ctx, 2)
+    # The device keeps nothing of its users in Context: the state directory is the only copy.
+    assert LOCAL_STATE_KEY not in ctx.state.array_records
+    for array in context_arrays(ctx):
+        for row in gone_rows.values():
+            assert row.tobytes() not in array.tobytes()
+
+    # A kiosk that never held `gone`: the same other users, interactions, rows and seeds,
+    # built without client.store's erasure code.
+    data = slicer_cached(parse_run_config(config)).client(0)
+    others = [u for u in users if u != gone]
+    never = store.DeviceState.empty(data.num_items)
+    for user in others:
+        local = users.index(user)
+        mine = data.train_users == local
+        never = never.with_user(user, data.train_items[mine], data.train_ratings[mine])
+    never = never.with_local_state(
+        {name: np.stack([rows_of(trained, u)[name] for u in others]) for name in trained.rows}
+    )
+    store.save(tmp_path / "never", never)
+    upload_never, examples_never = fit(context(config, tmp_path / "never"), 2)
+
+    assert examples_after == examples_never == sum(int((data.train_users == users.index(u)).sum()) for u in others)
+    assert_same_upload(upload_after, upload_never)
+    after, reference = store.load(kiosk), store.load(tmp_path / "never")
+    assert after.users.tolist() == reference.users.tolist() == others
+    for name in after.rows:
+        assert after.rows[name].tobytes() == reference.rows[name].tobytes()
+
+    # Control: had the kiosk kept the user, its upload would differ (the check can fail).
+    store.save(tmp_path / "kept", trained)
+    upload_kept, _ = fit(context(config, tmp_path / "kept"), 2)
+    assert any(a.tobytes() != b.tobytes() for a, b in zip(upload_kept, upload_never))
+
+
+def test_a_forgotten_users_former_interactions_have_no_influence(tmp_path):
+    """Whatever the forgotten user did on the device, the next upload is the same."""
+    config = run_config("gmf")
+    fit(context(config, tmp_path / "a"), 1)
+    trained = store.load(tmp_path / "a")
+    gone = int(trained.users[2])
+    # A second kiosk, identical except that `gone` had other interactions and other rows.
+    mine = trained.train_users == gone
+    rng = np.random.default_rng(5)
+    other_items = trained.train_items.copy()
+    other_items[mine] = rng.integers(0, trained.num_items, int(mine.sum()))
+    changed_rows = {name: array.copy() for name, array in trained.rows.items()}
+    for array in changed_rows.values():
+        array[trained.row_users == gone] = rng.standard_normal(array.shape[1:]).astype(np.float32)
+    other = store.DeviceState(**{**trained.__dict__, "train_items": other_items, "rows": changed_rows})
+    store.save(tmp_path / "b", other)
+
+    uploads = []
+    for name in ("a", "b"):
+        store.forget_user(tmp_path / name, gone)
+        uploads.append(fit(context(config, tmp_path / name), 2)[0])
+    assert_same_upload(*uploads)
+
+
+def test_an_added_user_trains_from_a_fresh_row_that_depends_only_on_that_user(tmp_path):
+    config = run_config("mf")
+    cfg = parse_run_config(config)
+    fit(context(config, tmp_path / "a"), 1)
+    fit(context(config, tmp_path / "b", partition=1), 1)
+    for name in ("a", "b"):
+        store.add_user(tmp_path / name, 500, items=[1, 2, 3, 5, 8])
+    states = [store.load(tmp_path / name) for name in ("a", "b")]
+    fresh = [s.local_state(cfg.model_config, cfg.seed) for s in states]
+    expected = store.fresh_user_rows(cfg.model_config, cfg.synthetic_items, cfg.seed, 500)
+    for state, local in zip(states, fresh):
+        assert state.users[-1] == 500 and 500 not in state.row_users
+        for name, value in expected.items():
+            # The same row on two kiosks with different users, and the kept users' rows unchanged.
+            assert local[name][-1].tobytes() == value[0].tobytes()
+            assert local[name][:-1].tobytes() == state.rows[name].tobytes()
+    # A one-user device starts exactly where the default path (Context.state) starts.
+    one_user = slicer_cached(parse_run_config(run_config("mf", partitioning="user"))).client(3)
+    assert store.fresh_user_seed(cfg.seed, int(one_user.global_users[0])) == user_seed(cfg.seed, one_user)
+
+    store.add_interactions(tmp_path / "a", 500, items=[13])
+    _, examples = fit(context(config, tmp_path / "a"), 2)
+    after = store.load(tmp_path / "a")
+    assert examples == len(states[0].train_items) + 1
+    assert 500 in after.row_users.tolist()
+    assert not np.array_equal(rows_of(after, 500)["user_embedding.weight"], expected["user_embedding.weight"][0])
+
+
+# --- persistence -----------------------------------------------------------------
+
+
+def test_state_survives_a_supernode_restart_and_embeddings_continue(tmp_path, monkeypatch):
+    config = run_config("neumf")
+    cfg = parse_run_config(config)
+    first = context(config, tmp_path)
+    fit(first, 1)
+    saved = store.load(tmp_path)
+    assert saved.partition_id == 0 and len(saved.users) == 4
+
+    # Restart: a new Context (nothing in its state) and no partition to fall back on.
+    def no_partition(*_args):
+        raise AssertionError("a restarted SuperNode must read its data from the state-dir")
+
+    monkeypatch.setattr(client_app, "client_data_for", no_partition)
+    restarted = context(config, tmp_path)
+    upload, examples = fit(restarted, 2)
+
+    data = saved.client_data()
+    shared = global_model(config, 2)
+    kwargs = dict(seed=cfg.seed, server_round=2, rowwise=cfg.row_wise_aggregation)
+    continued = train_round(cfg.model_config, cfg.train_config, data, shared, saved.rows, **kwargs)
+    reinitialised = train_round(cfg.model_config, cfg.train_config, data, shared, None, **kwargs)
+    assert_same_upload(upload, continued.upload)
+    assert examples == continued.num_examples
+    assert any(a.tobytes() != b.tobytes() for a, b in zip(upload, reinitialised.upload))
+    after = store.load(tmp_path)
+    for name, value in continued.local_state.items():
+        assert after.rows[name].tobytes() == value.tobytes()
+    metrics = evaluate(context(config, tmp_path), 2)
+    assert metrics["test_count"] == 4
+
+
+def test_without_a_state_dir_nothing_is_written_and_rows_stay_in_context(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = run_config("mf")
+    ctx = context(config, None)
+    upload, _ = fit(ctx, 1)
+    assert list(tmp_path.iterdir()) == []
+    kept = {k: v.numpy() for k, v in ctx.state.array_records[LOCAL_STATE_KEY].items()}
+    assert kept["user_embedding.weight"].shape == (4, 8)
+    # An empty state-dir value means the same as none.
+    empty = context(config, None)
+    empty.node_config["state-dir"] = ""
+    assert_same_upload(fit(empty, 1)[0], upload)
+
+
+def test_a_phone_with_a_state_dir_trains_exactly_as_without_one(tmp_path):
+    """One user per device: the fresh row is the default path's, so every round matches bit for bit."""
+    config = run_config("neumf", partitioning="user")
+    plain, persisted = (context(config, where, partition=5, partitions=12) for where in (None, tmp_path))
+    for server_round in (1, 2):
+        assert_same_upload(fit(plain, server_round)[0], fit(persisted, server_round)[0])
+        persisted = context(config, tmp_path, partition=5, partitions=12)  # and a restart between rounds
+
+
+# --- atomicity and locking ----------------------------------------------------
+
+
+def test_a_failed_write_leaves_the_previous_state(tmp_path, monkeypatch):
+    config = run_config("mf")
+    fit(context(config, tmp_path), 1)
+    before = store.state_file(tmp_path).read_bytes()
+    user = int(store.load(tmp_path).users[1])
+
+    def crash(*_args):
+        raise OSError("disk pulled out")
+
+    monkeypatch.setattr(store.os, "replace", crash)
+    with pytest.raises(OSError, match="disk pulled out"):
+        store.forget_user(tmp_path, user)
+    with pytest.raises(OSError, match="disk pulled out"):
+        fit(context(config, tmp_path), 2)
+    monkeypatch.undo()
+    assert store.state_file(tmp_path).read_bytes() == before
+    assert user in store.load(tmp_path).users.tolist()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", store.STATE_FILE], "no temp file left"
+
+
+def test_a_process_killed_mid_write_leaves_the_previous_state(tmp_path):
+    state = store.DeviceState.empty(50).with_user(7, [1, 2, 3])
+    store.save(tmp_path, state)
+    before = store.state_file(tmp_path).read_bytes()
+    script = f"""
+import os, signal, sys
+import numpy as np
+sys.path.insert(0, {str(REPO)!r})
+from client import store
+
+def half_then_die(out, **arrays):
+    out.write(b"PK\\x03\\x04 half a zip")
+    out.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+store.np.savez = half_then_die
+store.forget_user({str(tmp_path)!r}, 7)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert done.returncode == -9, done.stderr.decode()[-2000:]
+    leftovers = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+    assert leftovers, "the kill happened mid-write"
+    assert store.state_file(tmp_path).read_bytes() == before
+    assert store.load(tmp_path).users.tolist() == [7]
+    store.forget_user(tmp_path, 7)
+    assert store.load(tmp_path).users.tolist() == []
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")], "the next write drops stale temp files"
+
+
+def test_an_erasure_waits_for_a_round_in_progress(tmp_path):
+    store.save(tmp_path, store.DeviceState.empty(50).with_user(7, [1]).with_user(8, [2]))
+    with store.locked(tmp_path):  # what the ClientApp holds from load to save
+        worker = threading.Thread(target=store.forget_user, args=(tmp_path, 7))
+        worker.start()
+        time.sleep(0.3)
+        assert worker.is_alive(), "the erasure must wait for the lock"
+        store.save(tmp_path, store.load(tmp_path).with_interactions(8, [3]))  # the round's save
+    worker.join(timeout=10)
+    after = store.load(tmp_path)
+    assert after.users.tolist() == [8] and after.train_items.tolist() == [2, 3], "neither change is lost"
+
+
+# --- bad input -------------------------------------------------------------------
+
+
+def _one_line_naming(err: pytest.ExceptionInfo, path: Path) -> str:
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message
+    return message
+
+
+def test_forgetting_an_unknown_user_is_a_clear_error(tmp_path):
+    store.save(tmp_path, store.DeviceState.empty(50).with_user(7, [1]))
+    before = store.state_file(tmp_path).read_bytes()
+    with pytest.raises(DataError) as err:
+        store.forget_user(tmp_path, 999)
+    assert "user 999 is not on this device" in _one_line_naming(err, store.state_file(tmp_path))
+    with pytest.raises(DataError) as err:
+        store.add_user(tmp_path, 7, [2])
+    assert "user 7 is already on this device" in _one_line_naming(err, store.state_file(tmp_path))
+    with pytest.raises(DataError) as err:
+        store.add_interactions(tmp_path, 7, [50])
+    assert "item 50 is out of range" in _one_line_naming(err, store.state_file(tmp_path))
+    with pytest.raises(ValueError, match="non-negative integer"):
+        store.add_user(tmp_path, "8", [1])  # type: ignore[arg-type]
+    assert store.state_file(tmp_path).read_bytes() == before, "a refused edit changes nothing"
+    with pytest.raises(DataError) as err:
+        store.forget_user(tmp_path / "nowhere", 7)
+    assert "no device state" in _one_line_naming(err, store.state_file(tmp_path / "nowhere"))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        pytest.param(lambda b: b[: len(b) // 2], id="truncated"),
+        pytest.param(lambda b: b"not a zip at all", id="garbage"),
+        pytest.param(lambda b: b"", id="empty"),
+        pytest.param(lambda b: b[:200] + bytes([b[200] ^ 0xFF]) + b[201:], id="flipped-byte"),
+    ],
+)
+def test_a_corrupted_state_file_is_a_clear_error_naming_it(tmp_path, damage):
+    config = run_config("mf")
+    fit(context(config, tmp_path), 1)
+    path = store.state_file(tmp_path)
+    path.write_bytes(damage(path.read_bytes()))
+    with pytest.raises(DataError) as err:
+        store.load(tmp_path)
+    assert "corrupted device state" in _one_line_naming(err, path)
+    with pytest.raises(DataError) as err:  # the ClientApp refuses too, rather than starting over
+        fit(context(config, tmp_path), 2)
+    _one_line_naming(err, path)
+
+
+def test_an_inconsistent_state_file_is_a_clear_error(tmp_path):
+    state = store.DeviceState.empty(50).with_user(7, [1, 2])
+    arrays = state.to_arrays()
+    path = store.state_file(tmp_path)
+    for broken, reason in [
+        ({**arrays, "train_users": np.array([7, 9])}, "names user 9"),
+        ({k: v for k, v in arrays.items() if k != "users"}, "'users' is missing"),
+        ({**arrays, "format": np.array("something-else/3")}, "format"),
+        ({**arrays, "train_items": np.array([1, 77])}, "outside 0..49"),
+    ]:
+        with open(path, "wb") as out:
+            np.savez(out, **broken)
+        with pytest.raises(DataError) as err:
+            store.load(tmp_path)
+        assert reason in _one_line_naming(err, path)
+
+
+def test_two_supernodes_cannot_share_one_state_dir(tmp_path):
+    config = run_config("mf")
+    fit(context(config, tmp_path, partition=0), 1)
+    with pytest.raises(DataError) as err:
+        fit(context(config, tmp_path, partition=2), 1)
+    assert "initialised from partition-id 0 but this SuperNode has partition-id 2" in _one_line_naming(
+        err, store.state_file(tmp_path)
+    )
+
+
+def test_a_relative_state_dir_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="state-dir='kiosk' must be an absolute path"):
+        fit(context(run_config("mf"), Path("kiosk")), 1)
