@@ -33,6 +33,7 @@ def supernode_command(
     clientappio_port: int = DEFAULT_CLIENTAPPIO_PORT,
     max_retries: int | None = None,
     max_wait_seconds: float | None = None,
+    state_dir: str | os.PathLike[str] | None = None,
 ) -> list[str]:
     """``flower-supernode`` dialling ``superlink`` (host:port) over TLS.
 
@@ -41,13 +42,21 @@ def supernode_command(
     node's OpenSSH key from ``fedrec keys``; its public half must be registered on the
     SuperLink first. ``clientappio_port`` must differ between SuperNodes on one machine.
     ``max_retries``/``max_wait_seconds`` bound reconnection (Flower retries forever by default).
+    ``state_dir`` keeps the device's users and their rows on disk (client/store.py), so a
+    restart loses nothing; Flower's node-config splits on spaces, so the path may not hold any.
     """
     if not 0 <= partition_id < num_partitions:
         raise ValueError(f"partition-id must be in [0, {num_partitions}); got {partition_id}")
+    node_config = f"partition-id={partition_id} num-partitions={num_partitions}"
+    if state_dir is not None:
+        resolved = str(Path(state_dir).resolve())
+        if any(ch in resolved for ch in " '\""):
+            raise ValueError(f"state-dir {resolved!r}: Flower's --node-config cannot carry spaces or quotes")
+        node_config += f" state-dir='{resolved}'"
     command = [
         "flower-supernode",
         "--superlink", superlink,
-        "--node-config", f"partition-id={partition_id} num-partitions={num_partitions}",
+        "--node-config", node_config,
         "--port", str(clientappio_port),
     ]
     if ca_cert is not None:

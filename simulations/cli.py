@@ -211,12 +211,12 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     try:
         command = supernode_command(
             args.superlink, partition_id=args.partition_id, num_partitions=args.num_partitions,
-            ca_cert=args.ca, private_key=args.key, clientappio_port=args.port,
+            ca_cert=args.ca, private_key=args.key, clientappio_port=args.port, state_dir=args.state_dir,
         )
     except ValueError as err:
         from common.config import ConfigError
 
-        raise ConfigError(f"--partition-id: {err}") from err
+        raise ConfigError(str(err)) from err
     return _exec(command, args.dry_run)
 
 
@@ -262,6 +262,40 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         raise ConfigError(str(err).strip().splitlines()[-1]) from None
     for rank, (item, score) in enumerate(zip(items.tolist(), scores.tolist()), start=1):
         print(f"{rank}\t{item}\t{score:.6f}")
+    return 0
+
+
+def cmd_device(args: argparse.Namespace) -> int:
+    """A kiosk operator's edits of a device state (client/store.py); the next round sees them."""
+    from client import store
+    from common.config import ConfigError
+
+    def ids(text: str | None, what: str, kind=int) -> list:
+        try:
+            return [kind(part) for part in (text or "").split(",") if part.strip()]
+        except ValueError:
+            raise ConfigError(f"{what} must be comma-separated numbers like '3,17'; got {text!r}") from None
+
+    if args.action == "create" and args.num_items is None:
+        raise ConfigError("fedrec device create needs --num-items (the catalogue size of the federation)")
+    if args.action in ("add-user", "add-interactions", "forget-user") and args.user is None:
+        raise ConfigError(f"fedrec device {args.action} needs --user (a global user id)")
+    if args.action == "create":
+        state = store.create(args.state_dir, args.num_items)
+    elif args.action == "add-user":
+        state = store.add_user(args.state_dir, args.user, ids(args.items, "--items"),
+                               ids(args.ratings, "--ratings", float) or None)
+    elif args.action == "add-interactions":
+        state = store.add_interactions(args.state_dir, args.user, ids(args.items, "--items"),
+                                       ids(args.ratings, "--ratings", float) or None)
+    elif args.action == "forget-user":
+        state = store.forget_user(args.state_dir, args.user)
+    else:
+        state = store.load(args.state_dir)
+    counts = {int(u): int((state.train_users == u).sum()) for u in state.users}
+    print(f"{store.state_file(args.state_dir)}: {len(state.users)} user(s), {state.num_items} items")
+    for user, count in counts.items():
+        print(f"  user {user}: {count} interaction(s)")
     return 0
 
 
@@ -350,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     supernode.add_argument("--partition-id", type=int, required=True, help="this node's data partition")
     supernode.add_argument("--num-partitions", type=int, required=True, help="partitions in the federation")
     supernode.add_argument("--port", type=int, default=9094, help="local ClientAppIo port; unique per node on one machine")
+    supernode.add_argument("--state-dir", help="keep this device's users and their rows on disk (survive restarts)")
     supernode.add_argument("--dry-run", action="store_true", help="print the command, do not run it")
     supernode.set_defaults(func=cmd_supernode)
 
@@ -376,6 +411,15 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--extra-seen", help="comma-separated item ids to exclude besides the trained ones")
     recommend.add_argument("--threads", type=int, default=1, help="torch threads (a device shares its cores)")
     recommend.set_defaults(func=cmd_recommend)
+
+    device = sub.add_parser("device", help="a kiosk's device state on disk: create, add or forget users, show")
+    device.add_argument("action", choices=("create", "add-user", "add-interactions", "forget-user", "show"))
+    device.add_argument("--state-dir", required=True, help="the SuperNode's state-dir")
+    device.add_argument("--user", type=int, help="global user id (add-user, add-interactions, forget-user)")
+    device.add_argument("--items", help="comma-separated item ids")
+    device.add_argument("--ratings", help="comma-separated ratings, one per item (explicit losses only)")
+    device.add_argument("--num-items", type=int, help="catalogue size (create)")
+    device.set_defaults(func=cmd_device)
     return parser
 
 

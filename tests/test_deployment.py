@@ -238,3 +238,15 @@ def test_launch_commands_refuse_missing_files_and_bad_partitions(tmp_path, capsy
     assert main(["supernode", "--superlink", "h:1", "--ca", str(tmp_path / "ca.crt"),
                  "--partition-id", "0", "--num-partitions", "3", "--dry-run"]) == 2
     assert "ca.crt not found" in capsys.readouterr().err
+
+
+def test_supernode_state_dir_goes_into_the_node_config_as_an_absolute_path(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    command = supernode_command("127.0.0.1:8000", partition_id=1, num_partitions=3, ca_cert=None, private_key=None,
+                                state_dir=tmp_path / "kiosk")
+    node_config = parse_config_args([command[command.index("--node-config") + 1]])  # as flower-supernode parses it
+    assert node_config == {"partition-id": 1, "num-partitions": 3, "state-dir": str((tmp_path / "kiosk").resolve())}
+    with pytest.raises(ValueError, match="spaces or quotes"):
+        supernode_command("h:1", partition_id=0, num_partitions=1, ca_cert=None, private_key=None,
+                          state_dir=tmp_path / "a kiosk")

@@ -430,3 +430,24 @@ def test_two_supernodes_cannot_share_one_state_dir(tmp_path):
 def test_a_relative_state_dir_is_refused(tmp_path):
     with pytest.raises(ValueError, match="state-dir='kiosk' must be an absolute path"):
         fit(context(run_config("mf"), Path("kiosk")), 1)
+
+
+def test_fedrec_device_edits_the_state_a_supernode_reads(tmp_path, capsys):
+    from simulations.cli import main as fedrec
+
+    directory = str(tmp_path / "kiosk")
+    assert fedrec(["device", "create", "--state-dir", directory, "--num-items", "40"]) == 0
+    assert fedrec(["device", "add-user", "--state-dir", directory, "--user", "7", "--items", "1,2,3"]) == 0
+    assert fedrec(["device", "add-user", "--state-dir", directory, "--user", "9", "--items", "4"]) == 0
+    assert fedrec(["device", "add-interactions", "--state-dir", directory, "--user", "9", "--items", "5"]) == 0
+    assert fedrec(["device", "forget-user", "--state-dir", directory, "--user", "7"]) == 0
+    state = store.load(directory)
+    assert state.users.tolist() == [9] and sorted(state.train_items.tolist()) == [4, 5]
+    capsys.readouterr()
+    assert fedrec(["device", "forget-user", "--state-dir", directory, "--user", "7"]) == 2
+    assert fedrec(["device", "add-user", "--state-dir", directory, "--user", "3", "--items", "1,x"]) == 2
+    assert fedrec(["device", "add-user", "--state-dir", directory, "--user", "3", "--items", "40"]) == 2
+    assert fedrec(["device", "create", "--state-dir", str(tmp_path / "other")]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 4 and all(line.startswith("fedrec: error: ") for line in errors)
+    assert "user 7 is not on this device" in errors[0] and "out of range" in errors[2]
