@@ -27,13 +27,8 @@ def _svg(figure: Any, name: str) -> str:
     return re.sub(r'(url\(#|href="#)([^)"]+)', rf"\g<1>{name}-\2", text)
 
 
-def epsilon_plot(rounds: list[dict[str, Any]], user_budget: float | None, record_budget: float | None) -> str | None:
-    """Epsilon spent after each round (user-level, and record-level max / mean over devices)."""
-    series = {
-        "user-level epsilon": "user_epsilon",
-        "record-level epsilon, max over the round's devices": "record_epsilon_max",
-        "record-level epsilon, mean over the round's devices": "record_epsilon_mean",
-    }
+def _per_round_figure(rounds: list[dict[str, Any]], series: dict[str, str], ylabel: str) -> tuple[Any, Any] | None:
+    """A figure with one line per series key present in ``rounds`` (None when none is)."""
     figure, axes = plt.subplots(figsize=(6.4, 3.2))
     drawn = False
     for label, key in series.items():
@@ -44,35 +39,39 @@ def epsilon_plot(rounds: list[dict[str, Any]], user_budget: float | None, record
     if not drawn:
         plt.close(figure)
         return None
+    axes.set_xlabel("round")
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    axes.set_ylabel(ylabel)
+    axes.grid(alpha=0.3)
+    return figure, axes
+
+
+def epsilon_plot(rounds: list[dict[str, Any]], user_budget: float | None, record_budget: float | None) -> str | None:
+    """Epsilon spent after each round (user-level, and record-level max / mean over devices)."""
+    series = {
+        "user-level epsilon": "user_epsilon",
+        "record-level epsilon, max over the round's devices": "record_epsilon_max",
+        "record-level epsilon, mean over the round's devices": "record_epsilon_mean",
+    }
+    drawn = _per_round_figure(rounds, series, "epsilon spent (cumulative)")
+    if drawn is None:
+        return None
+    figure, axes = drawn
     for budget, label in ((user_budget, "user-level budget"), (record_budget, "per-device budget")):
         if budget:
             axes.axhline(budget, linestyle="--", linewidth=1, color="grey")
             axes.annotate(label, (0.01, budget), xycoords=("axes fraction", "data"), fontsize=8, va="bottom")
-    axes.set_xlabel("round")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
-    axes.set_ylabel("epsilon spent (cumulative)")
-    axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     return _svg(figure, "epsilon")
 
 
 def utility_plot(rounds: list[dict[str, Any]], sampled_negatives: int | None) -> str | None:
     """HR@10 and NDCG@10 (leave-one-out against sampled negatives) at each evaluated round."""
-    figure, axes = plt.subplots(figsize=(6.4, 3.2))
-    drawn = False
-    for label, key in (("HR@10", "hr@10"), ("NDCG@10", "ndcg@10")):
-        points = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
-        if points:
-            axes.plot(*zip(*points), marker="o", markersize=3, label=label)
-            drawn = True
-    if not drawn:
-        plt.close(figure)
-        return None
-    axes.set_xlabel("round")
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
     against = f"{sampled_negatives} sampled negatives" if sampled_negatives else "sampled negatives"
-    axes.set_ylabel(f"test metric ({against})")
+    drawn = _per_round_figure(rounds, {"HR@10": "hr@10", "NDCG@10": "ndcg@10"}, f"test metric ({against})")
+    if drawn is None:
+        return None
+    figure, axes = drawn
     axes.set_ylim(bottom=0)
-    axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     return _svg(figure, "utility")

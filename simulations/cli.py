@@ -251,7 +251,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     try:
         extra_seen = [int(part) for part in args.extra_seen.split(",") if part.strip()] if args.extra_seen else []
     except ValueError:
-        raise ConfigError(f"--extra-seen must be comma-separated item ids like '3,17'; got {args.extra_seen!r}")
+        raise ConfigError(f"--extra-seen must be comma-separated item ids like '3,17'; got {args.extra_seen!r}") from None
     if args.k < 1:
         raise ConfigError(f"--k must be >= 1; got {args.k}")
     torch.set_num_threads(args.threads)
