@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
 from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
@@ -34,6 +35,7 @@ from common.federation import ClientData, slicer_cached
 LOCAL_STATE_KEY = "fedrec.user-local"
 RECORD_DP_HISTORY_KEY = "fedrec.record-dp-history"
 STATE_DIR_KEY = "state-dir"  # node-config: directory of the device's persistent state
+NUM_THREADS_KEY = "num-threads"  # node-config: torch threads the device may use (a phone shares its cores)
 # What a device may report when DP is on: nothing computed from its data beyond what the
 # mechanisms cover (the loss, the update norm and the touched count are not).
 DP_SAFE_METRICS = ("train_seconds", "upload_bytes", "download_bytes", "record_epsilon", "record_dp_declined")
@@ -97,6 +99,17 @@ def client_data_for(config: FedRecConfig, context: Context) -> ClientData:
     return slicer.client(partition_id)
 
 
+def apply_thread_limit(context: Context) -> None:
+    """Honour the node-config ``num-threads`` (unset: torch's default, every core)."""
+    value = context.node_config.get(NUM_THREADS_KEY)
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"node-config {NUM_THREADS_KEY} must be an integer >= 1; got {value!r}")
+    if torch.get_num_threads() != value:
+        torch.set_num_threads(value)
+
+
 def state_dir_for(context: Context) -> Path | None:
     """The node-config ``state-dir`` (None when unset or empty: state in ``Context`` only)."""
     value = context.node_config.get(STATE_DIR_KEY)
@@ -147,6 +160,7 @@ class FedRecClient(NumPyClient):
     def __init__(self, context: Context) -> None:
         self.context = context
         self.config = parse_run_config(context.run_config)
+        apply_thread_limit(context)
         self.state_dir = state_dir_for(context)
         # With a state-dir the data comes from disk (read per message, under the lock).
         self.data = client_data_for(self.config, context) if self.state_dir is None else None
