@@ -13,6 +13,7 @@ users) from the next message on. ``Context.state`` then holds none of them.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,6 +27,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client import store
+from client.coldstart import fold_in
 from client.local import RoundResult, evaluate_client, train_round
 from client.private_training import History, RecordDPConfig
 from common.config import FedRecConfig, parse_run_config
@@ -165,6 +167,21 @@ class FedRecClient(NumPyClient):
         # With a state-dir the data comes from disk (read per message, under the lock).
         self.data = client_data_for(self.config, context) if self.state_dir is None else None
 
+    def _folded_in(self, state: store.DeviceState, parameters) -> dict[str, np.ndarray]:
+        """The state's user rows, with users added since the device last trained folded in.
+
+        A device that never trained (no rows at all) starts as the default path does, from
+        fresh rows; fold-in is for newcomers to a device that already follows the model.
+        """
+        local_state = state.local_state(self.config.model_config, self.config.seed)
+        new_users = state.users_without_rows()
+        if len(state.row_users) == 0 or not new_users.any():
+            return local_state
+        epochs = max(self.config.local_epochs, self.config.eval_refit_epochs)
+        train_config = replace(self.config.train_config, epochs=epochs)
+        return fold_in(self.config.model_config, train_config, state.client_data(), parameters, local_state,
+                       new_users, seed=self.config.seed)
+
     def _train(self, data: ClientData, parameters, local_state, history: History, config) -> RoundResult:
         return train_round(
             self.config.model_config,
@@ -193,7 +210,7 @@ class FedRecClient(NumPyClient):
             # than being overwritten by it.
             with store.locked(self.state_dir):
                 state = device_state_for(self.config, self.context, self.state_dir)
-                local_state = state.local_state(self.config.model_config, self.config.seed)
+                local_state = self._folded_in(state, parameters)
                 result = self._train(state.client_data(), parameters, local_state, state.record_history, config)
                 store.save(self.state_dir, state.with_local_state(result.local_state, result.record_history))
             forget_context_copies(self.context)
@@ -214,7 +231,7 @@ class FedRecClient(NumPyClient):
         else:
             with store.locked(self.state_dir):
                 state = device_state_for(self.config, self.context, self.state_dir)
-            data, local_state = state.client_data(), state.local_state(self.config.model_config, self.config.seed)
+            data, local_state = state.client_data(), self._folded_in(state, parameters)
             forget_context_copies(self.context)
         assert data is not None
         metrics = evaluate_client(

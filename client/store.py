@@ -184,6 +184,10 @@ class DeviceState:
         names = list(per_user[0])
         return {name: np.stack([rows[name] for rows in per_user]).astype(np.float32) for name in names}
 
+    def users_without_rows(self) -> np.ndarray:
+        """Mask over ``users``: who has no trained rows yet (added since the device last trained)."""
+        return ~np.isin(self.users, self.row_users)
+
     def with_local_state(self, local_state: dict[str, np.ndarray], record_history: History | None = None) -> DeviceState:
         """After a round: the trained rows of every user (aligned with ``users``)."""
         for name, array in local_state.items():

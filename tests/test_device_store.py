@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from flwr.app import Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
@@ -30,7 +31,7 @@ from flwr.supercore.task_identity import TaskIdentity
 import client.client_app as client_app
 from client import store
 from client.client_app import LOCAL_STATE_KEY, app
-from client.local import train_round, user_seed
+from client.local import build_local_model, train_round, user_seed
 from common.config import parse_run_config
 from common.errors import DataError
 from common.federation import slicer_cached
@@ -451,3 +452,56 @@ def test_fedrec_device_edits_the_state_a_supernode_reads(tmp_path, capsys):
     errors = capsys.readouterr().err.splitlines()
     assert len(errors) == 4 and all(line.startswith("fedrec: error: ") for line in errors)
     assert "user 7 is not on this device" in errors[0] and "out of range" in errors[2]
+
+
+# --- cold start: fold-in of users added after the device trained ----------------------------
+def test_fold_in_fits_only_the_new_users_rows_towards_their_items():
+    from client.coldstart import fold_in
+    from common.federation import ClientData, EvalData
+    from common.models import ModelConfig
+    from common.training import TrainConfig
+
+    empty = EvalData(np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 0), np.int64))
+    items = np.array([3, 7, 11, 19, 23])
+    data = ClientData(global_users=np.array([5, 6]), train_users=np.array([0, 0, 1, 1, 1, 1, 1]),
+                      train_items=np.array([1, 2, *items]), train_ratings=np.ones(7, np.float32),
+                      test=empty, validation=empty, num_items=40)
+    model_config = ModelConfig(name="gmf", embedding_dim=8)
+    shared_model = build_model(model_config, 0, 40, seed=1)
+    with torch.no_grad():  # a trained-looking item side: the new user's items form one cluster
+        generator = torch.Generator().manual_seed(0)
+        weight = shared_model.item_embedding.weight
+        weight.copy_(torch.randn(weight.shape, generator=generator))
+        weight[items] = 2.0 * torch.randn(8, generator=generator) + 0.1 * torch.randn(len(items), 8, generator=generator)
+    shared = list(shared_model.shared_state().values())
+    fresh = {k: v.copy() for k, v in build_model(model_config, 2, 40, seed=9).local_state().items()}
+    folded = fold_in(model_config, TrainConfig(epochs=20, batch_size=8, learning_rate=0.05, num_negatives=4),
+                     data, shared, fresh, np.array([False, True]), seed=0)
+    for name in fresh:
+        assert np.array_equal(folded[name][0], fresh[name][0])  # the other user is untouched
+        assert not np.array_equal(folded[name][1], fresh[name][1])
+
+    def own_in_top(rows, k=5):  # how many of the new user's 5 items their rows rank in their top 5 of 40
+        model = build_local_model(model_config, data, shared, rows, seed=0)
+        with torch.no_grad():
+            scores = model.score_all_items(torch.tensor([1]))[0].numpy()
+        return len(set(np.argsort(-scores)[:k].tolist()) & set(items.tolist()))
+
+    assert own_in_top(fresh) <= 2 and own_in_top(folded) == 5  # a random row: 0.6 expected
+
+
+def test_users_added_after_the_device_trained_are_folded_in_before_their_first_round(tmp_path, monkeypatch):
+    calls = []
+    real = client_app.fold_in
+    monkeypatch.setattr(client_app, "fold_in", lambda *a, **k: calls.append(a[5].copy()) or real(*a, **k))
+    config = run_config("gmf")
+    directory = tmp_path / "kiosk"
+    ctx = context(config, directory)
+    fit(ctx, 1)
+    assert calls == []  # a device that never trained starts from fresh rows, as without a store
+    store.add_user(directory, 1001, [1, 2, 3, 4, 5])
+    fit(ctx, 2)
+    users = store.load(directory).users
+    assert len(calls) == 1 and users[calls[0]].tolist() == [1001]
+    fit(ctx, 3)
+    assert len(calls) == 1  # from then on the user has rows of their own
