@@ -172,10 +172,12 @@ class FedRecClient(NumPyClient):
 
         A device that never trained (no rows at all) starts as the default path does, from
         fresh rows; fold-in is for newcomers to a device that already follows the model.
+        Under record-level DP there is no fold-in: it would fit rows to the user's records
+        outside DP-SGD, and those rows shape every later upload.
         """
         local_state = state.local_state(self.config.model_config, self.config.seed)
         new_users = state.users_without_rows()
-        if len(state.row_users) == 0 or not new_users.any():
+        if self.config.record_dp or len(state.row_users) == 0 or not new_users.any():
             return local_state
         epochs = max(self.config.local_epochs, self.config.eval_refit_epochs)
         train_config = replace(self.config.train_config, epochs=epochs)

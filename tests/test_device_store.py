@@ -505,3 +505,15 @@ def test_users_added_after_the_device_trained_are_folded_in_before_their_first_r
     assert len(calls) == 1 and users[calls[0]].tolist() == [1001]
     fit(ctx, 3)
     assert len(calls) == 1  # from then on the user has rows of their own
+
+
+def test_no_fold_in_outside_dp_sgd_under_record_level_dp(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(client_app, "fold_in", lambda *a, **k: calls.append(1))
+    config = run_config("gmf", **{"record-dp": True})
+    directory = tmp_path / "kiosk"
+    ctx = context(config, directory)
+    fit(ctx, 1)
+    store.add_user(directory, 1001, [1, 2, 3, 4, 5])
+    fit(ctx, 2)
+    assert calls == [] and 1001 in store.load(directory).row_users  # trained by DP-SGD, never folded in
