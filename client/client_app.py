@@ -101,6 +101,16 @@ def client_data_for(config: FedRecConfig, context: Context) -> ClientData:
     return slicer.client(partition_id)
 
 
+def aggregation_weight(config: FedRecConfig, num_examples: int, declined: bool) -> int:
+    """The weight a device reports with its upload."""
+    if config.user_dp or declined:
+        return 1  # DP-FedAvg: every client counts once; a declined device sends zeros
+    if config.secure_aggregation:
+        # SecAgg+ quantizes the weight against max-weight and would overflow above it.
+        return min(num_examples, int(config.secagg_max_weight))
+    return num_examples
+
+
 def apply_thread_limit(context: Context) -> None:
     """Honour the node-config ``num-threads`` (unset: torch's default, every core)."""
     value = context.node_config.get(NUM_THREADS_KEY)
@@ -219,13 +229,7 @@ class FedRecClient(NumPyClient):
         metrics = result.metrics
         if self.config.user_dp or self.config.record_dp:
             metrics = {k: v for k, v in metrics.items() if k in DP_SAFE_METRICS}
-        weight = result.num_examples
-        if self.config.user_dp or result.declined:
-            weight = 1  # DP-FedAvg: every client counts once; a declined device sends zeros
-        elif self.config.secure_aggregation:
-            # SecAgg+ quantizes the weight against max-weight and would overflow above it.
-            weight = min(weight, int(self.config.secagg_max_weight))
-        return result.upload, weight, metrics
+        return result.upload, aggregation_weight(self.config, result.num_examples, bool(result.declined)), metrics
 
     def evaluate(self, parameters, config):  # type: ignore[override]
         if self.state_dir is None:

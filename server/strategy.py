@@ -94,6 +94,25 @@ def check_clipped(upload: list[np.ndarray], clipping_norm: float, slack: float =
         raise ValueError("under user-dp the touched vector must be all ones (it would leak which items were trained)")
 
 
+def privatize(
+    dp: UserLevelDP, mean_upload: list[np.ndarray], num_clients: int, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """DP-FedAvg on the aggregate: noise on the sum of clipped deltas, fixed denominator.
+
+    The sum is recovered from the mean over the ``num_clients`` clients that made it (all
+    weights are 1 under user-level DP), gets Gaussian noise of std ``z * C`` (the server
+    adds it; under SecAgg+ it never sees a single update), and is divided by the
+    *expected* number of clients, which does not depend on who took part. The touched
+    vector is all ones by construction and is not data: it is reset, not noised.
+    """
+    noisy = []
+    for delta in mean_upload[:-1]:
+        total = delta.astype(np.float64) * num_clients
+        total += rng.normal(0.0, dp.noise_std, size=total.shape)
+        noisy.append(total / dp.expected_clients)
+    return [*noisy, np.ones_like(mean_upload[-1], dtype=np.float64)]
+
+
 def describe_failure(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseException) -> str:
     """One line on why a client failed, for the server log."""
     if isinstance(failure, BaseException):
@@ -247,21 +266,8 @@ class FedRecStrategy(Strategy):
         return valid, len(results) - len(valid)
 
     def _privatize(self, mean_upload: list[np.ndarray], num_clients: int) -> list[np.ndarray]:
-        """DP-FedAvg on the aggregate: noise on the sum of clipped deltas, fixed denominator.
-
-        The sum is recovered from the mean over the ``num_clients`` clients that made it (all
-        weights are 1 under user-level DP), gets Gaussian noise of std ``z * C`` (the server
-        adds it; under SecAgg+ it never sees a single update), and is divided by the
-        *expected* number of clients, which does not depend on who took part. The touched
-        vector is all ones by construction and is not data: it is reset, not noised.
-        """
         assert self.user_dp is not None
-        noisy = []
-        for delta in mean_upload[:-1]:
-            total = delta.astype(np.float64) * num_clients
-            total += self.noise_rng.normal(0.0, self.user_dp.noise_std, size=total.shape)
-            noisy.append(total / self.user_dp.expected_clients)
-        return [*noisy, np.ones_like(mean_upload[-1], dtype=np.float64)]
+        return privatize(self.user_dp, mean_upload, num_clients, self.noise_rng)
 
     def _privacy_summary(self, server_round: int, client_metrics: list[dict[str, Scalar]]) -> dict[str, Scalar]:
         """Per-round privacy spend: user-level from the accountant, record-level from the devices."""

@@ -5,7 +5,7 @@ each round's aggregate) and ground truth (who trained on what) in one process, a
 change the population (canary clients, held-out interactions). Each device's round is
 ``client.local.train_round`` (exactly the upload a device sends); the server side is
 ``server.strategy.weighted_mean`` (the aggregate SecAgg+ would hand over),
-``FedRecStrategy._privatize`` (user-level DP), ``common.updates.decode_mean_update`` and
+``server.strategy.privatize`` (user-level DP, what the strategy calls), ``common.updates.decode_mean_update`` and
 Flower's own inner strategy, as in ``FedRecStrategy.aggregate_fit``. Sequential, one
 thread: the audits run beside other jobs.
 """
@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from types import SimpleNamespace
 from typing import Callable
 
 import numpy as np
 import torch
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from client.client_app import record_dp_config
+from client.client_app import aggregation_weight, record_dp_config
 from client.local import build_local_model, train_round, user_seed
 from client.private_training import History
 from common.config import FedRecConfig
@@ -30,7 +29,7 @@ from common.models import RecModel, build_model
 from common.privacy import UserLevelDP
 from common.updates import UpdateLayout, decode_mean_update
 from server.server_app import user_level_dp
-from server.strategy import FedRecStrategy, build_inner_strategy, weighted_mean
+from server.strategy import build_inner_strategy, privatize, weighted_mean
 
 
 @dataclass
@@ -59,21 +58,6 @@ class FedResult:
     user_dp: UserLevelDP | None
     seconds: float
     record_epsilons: dict[int, float] = field(default_factory=dict)
-
-
-def privatize(dp: UserLevelDP, mean: list[np.ndarray], num_clients: int, rng: np.random.Generator) -> list[np.ndarray]:
-    """The server's DP-FedAvg step, by calling ``FedRecStrategy._privatize`` itself."""
-    holder = SimpleNamespace(user_dp=dp, noise_rng=rng)
-    return FedRecStrategy._privatize(holder, mean, num_clients)  # type: ignore[arg-type]
-
-
-def aggregation_weight(config: FedRecConfig, num_examples: int, declined: bool) -> int:
-    """The weight a device reports (``FedRecClient.fit``'s rule)."""
-    if config.user_dp or declined:
-        return 1
-    if config.secure_aggregation:
-        return min(num_examples, int(config.secagg_max_weight))
-    return num_examples
 
 
 def sample_round(config: FedRecConfig, dp: UserLevelDP | None, num_clients: int, rng: np.random.Generator) -> list[int]:
