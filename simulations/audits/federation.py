@@ -60,6 +60,12 @@ class FedResult:
     record_epsilons: dict[int, float] = field(default_factory=dict)
 
 
+def user_dp_facts(dp: UserLevelDP, rounds: int, accountant: str) -> dict[str, float | str]:
+    """The user-level guarantee of an audited run, as its results state it."""
+    return {"user_epsilon": dp.epsilon(rounds, accountant), "user_delta": dp.target_delta, "accountant": accountant,
+            "noise_multiplier": dp.noise_multiplier, "clipping_norm": dp.clipping_norm, "sampling": dp.sampling}
+
+
 def sample_round(config: FedRecConfig, dp: UserLevelDP | None, num_clients: int, rng: np.random.Generator) -> list[int]:
     """Clients of one round, as ``FedRecStrategy.configure_fit`` picks them."""
     if config.client_sampling == "poisson" and dp is not None:

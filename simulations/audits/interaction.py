@@ -28,7 +28,7 @@ import numpy as np
 from common.config import FedRecConfig
 from common.federation import ClientData
 from common.updates import UpdateLayout
-from simulations.audits.federation import RoundView, run_federation
+from simulations.audits.federation import RoundView, run_federation, user_dp_facts
 from simulations.audits.metrics import guess_metrics, random_guess_metrics, roc_auc
 
 
@@ -147,14 +147,7 @@ def interaction_inference(
         tag = "user-dp" if dp_on else "no-dp"
         extra: dict[str, Any] = {"clients_in_round": len(view.participants), "targets": len(order)}
         if fed.user_dp is not None:
-            extra.update({
-                "user_epsilon": fed.user_dp.epsilon(rounds, config.user_dp_accountant),
-                "user_delta": fed.user_dp.target_delta,
-                "accountant": config.user_dp_accountant,
-                "noise_multiplier": fed.user_dp.noise_multiplier,
-                "clipping_norm": fed.user_dp.clipping_norm,
-                "sampling": fed.user_dp.sampling,
-            })
+            extra.update(user_dp_facts(fed.user_dp, rounds, config.user_dp_accountant))
         results["settings"][f"secagg-off/{tag}"] = {"view": "individual upload", **extra,
                                                     **_mean_results(individual, num_items)}
         results["settings"][f"secagg-on/{tag}"] = {

@@ -22,7 +22,7 @@ import torch
 
 from common.config import FedRecConfig
 from common.federation import ClientData
-from simulations.audits.federation import personal_model, run_federation
+from simulations.audits.federation import personal_model, run_federation, user_dp_facts
 from simulations.audits.metrics import roc_auc, tpr_at_fpr
 
 SETTINGS = ("no-dp", "record-dp", "user-dp")
@@ -109,10 +109,7 @@ def membership_inference(
             "train_seconds": fed.seconds,
         }
         if fed.user_dp is not None:
-            entry.update({"user_epsilon": fed.user_dp.epsilon(rounds, config.user_dp_accountant),
-                          "user_delta": fed.user_dp.target_delta, "accountant": config.user_dp_accountant,
-                          "noise_multiplier": fed.user_dp.noise_multiplier,
-                          "clipping_norm": fed.user_dp.clipping_norm, "sampling": fed.user_dp.sampling})
+            entry.update(user_dp_facts(fed.user_dp, rounds, config.user_dp_accountant))
         if fed.record_epsilons:
             spent = list(fed.record_epsilons.values())
             entry.update({"record_epsilon_max": max(spent), "record_epsilon_mean": float(np.mean(spent)),
