@@ -49,7 +49,9 @@ class FedRecConfig:
     local_epochs: int
     batch_size: int
     learning_rate: float
+    user_learning_rate: float
     local_optimizer: str
+    shared_adam_epsilon: float
     num_negatives: int
     loss: str
     num_server_rounds: int
@@ -100,9 +102,11 @@ class FedRecConfig:
             epochs=self.local_epochs,
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
+            user_learning_rate=self.user_learning_rate,
             num_negatives=self.num_negatives,
             loss=self.loss,
             optimizer=self.local_optimizer,
+            shared_adam_epsilon=self.shared_adam_epsilon,
             proximal_mu=self.proximal_mu if self.strategy == "fedprox" else 0.0,
         )
 
@@ -137,10 +141,10 @@ _POSITIVE = {
     "local_epochs", "batch_size", "num_server_rounds", "evaluate_every", "checkpoint_every", "eval_negatives",
     "learning_rate", "server_learning_rate", "server_eta", "min_train_clients", "min_available_clients",
     "secagg_num_shares", "secagg_reconstruction_threshold", "secagg_clipping_range", "secagg_quantization_range",
-    "secagg_max_weight", "record_dp_max_grad_norm", "record_dp_delta", "user_dp_clipping_norm",
+    "secagg_max_weight", "record_dp_max_grad_norm", "record_dp_delta", "user_dp_clipping_norm", "shared_adam_epsilon",
 }
 _NON_NEGATIVE = {
-    "eval_refit_epochs", "num_negatives", "clients_per_round", "proximal_mu", "implicit_threshold",
+    "eval_refit_epochs", "user_learning_rate", "num_negatives", "clients_per_round", "proximal_mu", "implicit_threshold",
     "record_dp_noise_multiplier", "record_dp_target_epsilon", "record_dp_epsilon_budget",
     "user_dp_noise_multiplier", "user_dp_delta", "user_dp_epsilon_budget",
 }

@@ -125,3 +125,38 @@ def test_refit_moves_only_the_user_rows():
         np.testing.assert_array_equal(value, before_shared[name])
     assert all(not np.array_equal(v, before_local[k]) for k, v in model.local_state().items())
     assert all(p.requires_grad for p in model.parameters()), "training is re-enabled afterwards"
+
+
+def _first_adam_step(shared_adam_epsilon: float, user_learning_rate: float = 0.0) -> tuple[torch.Tensor, ...]:
+    """One Adam step on a GMF whose item 0 gets a normal gradient and item 1 a tiny one."""
+    from common.training import make_optimizer
+
+    model = build_model(ModelConfig("gmf", embedding_dim=4), 1, 3, seed=0)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    config = TrainConfig(learning_rate=0.01, shared_adam_epsilon=shared_adam_epsilon, user_learning_rate=user_learning_rate)
+    optimizer = make_optimizer(model, config)
+    logits = model(torch.tensor([0, 0]), torch.tensor([0, 1]))
+    # Item 1's loss is scaled down 1e4 times, like a row touched once as a sampled negative.
+    (logits[0] + 1e-4 * logits[1]).backward()
+    optimizer.step()
+    moved = {name: (p.detach() - before[name]).abs() for name, p in model.named_parameters()}
+    return moved["item_embedding.weight"][0], moved["item_embedding.weight"][1], moved["user_embedding.weight"][0]
+
+
+def test_shared_adam_epsilon_scales_down_the_steps_of_barely_touched_item_rows():
+    # torch's default: Adam's first step is about the learning rate whatever the gradient.
+    trained, barely, user = _first_adam_step(1e-8)
+    assert torch.allclose(barely, torch.full_like(barely, 0.01), rtol=0.1)
+    assert torch.allclose(trained, torch.full_like(trained, 0.01), rtol=0.1)
+    # A larger shared epsilon shrinks the tiny-gradient row's step with its gradient ...
+    trained, barely, user_after = _first_adam_step(1e-3)
+    assert float(barely.max()) < 1e-3
+    assert float(trained.min()) > 1e-3
+    # ... and leaves the user-local rows on Adam's usual step.
+    assert torch.equal(user, user_after)
+
+
+def test_user_learning_rate_sets_the_step_of_the_user_rows_only():
+    trained, _, user = _first_adam_step(1e-8, user_learning_rate=0.001)
+    assert torch.allclose(user, torch.full_like(user, 0.001), rtol=0.1)
+    assert torch.allclose(trained, torch.full_like(trained, 0.01), rtol=0.1)

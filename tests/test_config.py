@@ -39,6 +39,8 @@ def test_unknown_key_is_rejected_before_anything_runs():
         ({"secagg-num-shares": 3, "secagg-reconstruction-threshold": 4}, "must not exceed secagg-num-shares"),
         ({"secure-aggregation": True, "secagg-num-shares": 2}, "secagg-num-shares >= 3"),
         ({"secagg-quantization-range": 0}, "secagg-quantization-range must be > 0"),
+        ({"shared-adam-epsilon": 0.0}, "shared-adam-epsilon must be > 0"),
+        ({"user-learning-rate": -0.1}, "user-learning-rate must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
