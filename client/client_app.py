@@ -13,22 +13,23 @@ users) from the next message on. ``Context.state`` then holds none of them.
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.client import NumPyClient
 from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS
 
 from client import store
-from client.coldstart import fold_in
+from client.coldstart import device_rows
 from client.local import RoundResult, evaluate_client, train_round
+from client.recommend import recommend_for_client, recommend_for_state, recommend_on_device
 from client.private_training import History, RecordDPConfig
 from common.config import FedRecConfig, parse_run_config
 from common.errors import DataError
@@ -38,6 +39,10 @@ LOCAL_STATE_KEY = "fedrec.user-local"
 RECORD_DP_HISTORY_KEY = "fedrec.record-dp-history"
 STATE_DIR_KEY = "state-dir"  # node-config: directory of the device's persistent state
 NUM_THREADS_KEY = "num-threads"  # node-config: torch threads the device may use (a phone shares its cores)
+ANSWER_QUERIES_KEY = "answer-queries"  # node-config: opt in to answering recommendation queries
+QUERY_KEY = "fedrec.query"  # query message: ConfigRecord {user (global id), k, extra-seen}
+QUERY_MODEL_KEY = "fedrec.global-model"  # query message: optional ArrayRecord of the shared arrays to rank with
+QUERY_REPLY_KEY = "fedrec.recommendation"  # reply: ConfigRecord {user, items, scores, model-round}
 # What a device may report when DP is on: nothing computed from its data beyond what the
 # mechanisms cover (the loss, the update norm and the touched count are not).
 DP_SAFE_METRICS = ("train_seconds", "upload_bytes", "download_bytes", "record_epsilon", "record_dp_declined")
@@ -177,22 +182,11 @@ class FedRecClient(NumPyClient):
         # With a state-dir the data comes from disk (read per message, under the lock).
         self.data = client_data_for(self.config, context) if self.state_dir is None else None
 
-    def _folded_in(self, state: store.DeviceState, parameters) -> dict[str, np.ndarray]:
-        """The state's user rows, with users added since the device last trained folded in.
-
-        A device that never trained (no rows at all) starts as the default path does, from
-        fresh rows; fold-in is for newcomers to a device that already follows the model.
-        Under record-level DP there is no fold-in: it would fit rows to the user's records
-        outside DP-SGD, and those rows shape every later upload.
-        """
-        local_state = state.local_state(self.config.model_config, self.config.seed)
-        new_users = state.users_without_rows()
-        if self.config.record_dp or len(state.row_users) == 0 or not new_users.any():
-            return local_state
-        epochs = max(self.config.local_epochs, self.config.eval_refit_epochs)
-        train_config = replace(self.config.train_config, epochs=epochs)
-        return fold_in(self.config.model_config, train_config, state.client_data(), parameters, local_state,
-                       new_users, seed=self.config.seed)
+    def _keep_global_model(self, parameters, config) -> None:
+        """Save the global model just received, so the device can recommend between rounds."""
+        assert self.state_dir is not None
+        model = store.GlobalModel(dict(self.context.run_config), list(parameters), int(config.get("server-round", 0)))
+        store.save_global_model(self.state_dir, model)
 
     def _train(self, data: ClientData, parameters, local_state, history: History, config) -> RoundResult:
         return train_round(
@@ -222,7 +216,8 @@ class FedRecClient(NumPyClient):
             # than being overwritten by it.
             with store.locked(self.state_dir):
                 state = device_state_for(self.config, self.context, self.state_dir)
-                local_state = self._folded_in(state, parameters)
+                self._keep_global_model(parameters, config)
+                local_state = device_rows(self.config, state, parameters)
                 result = self._train(state.client_data(), parameters, local_state, state.record_history, config)
                 store.save(self.state_dir, state.with_local_state(result.local_state, result.record_history))
             forget_context_copies(self.context)
@@ -237,7 +232,8 @@ class FedRecClient(NumPyClient):
         else:
             with store.locked(self.state_dir):
                 state = device_state_for(self.config, self.context, self.state_dir)
-            data, local_state = state.client_data(), self._folded_in(state, parameters)
+                self._keep_global_model(parameters, config)
+            data, local_state = state.client_data(), device_rows(self.config, state, parameters)
             forget_context_copies(self.context)
         assert data is not None
         metrics = evaluate_client(
@@ -275,5 +271,70 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     return secaggplus_mod(msg, context, call_next)
 
 
-MODS = [secure_aggregation_mod]
+def answer_query(msg: Message, context: Context) -> tuple[np.ndarray, np.ndarray, int]:
+    """Top-K for the user a query names: items, scores and the round of the model used.
+
+    The model is the one the query carries, else (with a state-dir) the last global model
+    the device saved; the user rows are the device's own.
+    """
+    config = parse_run_config(context.run_config)
+    request = msg.content.config_records.get(QUERY_KEY)
+    if request is None or "user" not in request:
+        raise ValueError(f"a recommendation query needs a ConfigRecord '{QUERY_KEY}' with at least 'user'")
+    user, k = int(request["user"]), int(request.get("k", 10))  # type: ignore[arg-type]
+    extra_seen = [int(item) for item in request.get("extra-seen", [])]  # type: ignore[union-attr]
+    arrays = msg.content.array_records.get(QUERY_MODEL_KEY)
+    shared = [array.numpy() for array in arrays.values()] if arrays is not None else None
+    model_round = int(request.get("server-round", -1))  # type: ignore[arg-type]
+    state_dir = state_dir_for(context)
+    if state_dir is not None:
+        if shared is None:
+            return recommend_on_device(str(state_dir), user, k, extra_seen=extra_seen)
+        with store.locked(state_dir):
+            state = device_state_for(config, context, state_dir)
+        return (*recommend_for_state(config, state, shared, user, k, extra_seen=extra_seen), model_round)
+    if shared is None:
+        raise ValueError(f"the query carries no '{QUERY_MODEL_KEY}' and this device keeps no global model (no state-dir)")
+    data, local_state = client_data_for(config, context), load_local_state(context)
+    if local_state is None:
+        raise ValueError("this device has not trained yet: it has no user rows to recommend from")
+    local = np.flatnonzero(data.global_users == user)
+    if len(local) == 0:
+        raise KeyError(f"user {user} is not on this device")
+    items, scores = recommend_for_client(config.model_config, data, shared, local_state, int(local[0]), k,
+                                         extra_seen=extra_seen)
+    return items, scores, model_round
+
+
+def recommendation_query_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Answer Flower ``query`` messages with one local user's top-K, computed on the device.
+
+    The reply goes to whoever sent the query (the ServerApp), and a top-K list reveals what
+    the user likes: a device answers only if its owner opted in with the node-config
+    ``answer-queries=true``; otherwise the query is refused and nothing is computed. Apps
+    on the device itself use :func:`client.recommend.recommend_on_device` (``fedrec
+    recommend --state-dir``), which sends nothing anywhere.
+    """
+    if msg.metadata.message_type.split(".")[0] != MessageType.QUERY:
+        return call_next(msg, context)
+    if context.node_config.get(ANSWER_QUERIES_KEY) is not True:
+        reason = (f"this device does not answer recommendation queries (node-config {ANSWER_QUERIES_KEY} is not "
+                  "true): a top-K list reveals its user's preferences to whoever asks")
+        return Message(Error(ErrorCode.MOD_FAILED_PRECONDITION, reason), reply_to=msg)
+    try:
+        items, scores, model_round = answer_query(msg, context)
+    except (KeyError, ValueError, IndexError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(message)), reply_to=msg)
+    request = msg.content.config_records[QUERY_KEY]
+    reply = ConfigRecord({
+        "user": int(request["user"]),  # type: ignore[arg-type]
+        "items": [int(item) for item in items],
+        "scores": [float(score) for score in scores],
+        "model-round": int(model_round),
+    })
+    return Message(RecordDict({QUERY_REPLY_KEY: reply}), reply_to=msg)
+
+
+MODS = [recommendation_query_mod, secure_aggregation_mod]
 app = ClientApp(client_fn=client_fn, mods=MODS)

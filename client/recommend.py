@@ -17,10 +17,17 @@ from contextlib import contextmanager
 import numpy as np
 import torch
 
+from client import store
+from client.store import DeviceState
+from common.config import FedRecConfig, parse_run_config
+from common.errors import DataError
 from common.federation import ClientData
 from common.models import ModelConfig, RecModel, build_model
 
-__all__ = ["device_model", "rank_unseen", "recommend", "recommend_for_client", "seen_mask", "torch_threads"]
+__all__ = [
+    "device_model", "rank_unseen", "recommend", "recommend_for_client", "recommend_for_state", "recommend_on_device",
+    "seen_mask", "torch_threads",
+]
 
 
 @contextmanager
@@ -148,3 +155,61 @@ def recommend_for_client(
     trained = data.train_items[data.train_users == local_user]
     seen = np.concatenate([trained, np.asarray(extra_seen if extra_seen is not None else [], dtype=np.int64).reshape(-1)])
     return recommend(model, local_user, seen, k, num_threads=num_threads)
+
+
+def recommend_for_state(
+    config: FedRecConfig,
+    state: DeviceState,
+    shared: Sequence[np.ndarray],
+    user: int,
+    k: int = 10,
+    *,
+    extra_seen: np.ndarray | Sequence[int] | None = None,
+    num_threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Top-``k`` for one of a device state's users (a global id), against ``shared``.
+
+    A user added since the device last trained is folded in first (as before a round); a
+    user with no interactions, or with no trained rows where fold-in is off (record-level
+    DP), has nothing personal to rank by, and that is an error rather than a list drawn
+    from a random embedding.
+    """
+    from client.coldstart import device_rows  # training code: imported only when needed
+
+    if not state.has_user(user):
+        raise KeyError(f"user {user} is not on this device")
+    local_user = int(np.flatnonzero(state.users == user)[0])
+    if not (state.train_users == user).any():
+        raise ValueError(f"user {user} has no interactions on this device yet: nothing personal to recommend from")
+    if config.record_dp and not np.isin(user, state.row_users):
+        raise ValueError(
+            f"user {user} has no trained rows yet (no fold-in under record-level DP): they get them in their first round"
+        )
+    local_state = device_rows(config, state, list(shared))
+    return recommend_for_client(config.model_config, state.client_data(), shared, local_state, local_user, k,
+                                extra_seen=extra_seen, num_threads=num_threads)
+
+
+def recommend_on_device(
+    state_dir: str,
+    user: int,
+    k: int = 10,
+    *,
+    extra_seen: np.ndarray | Sequence[int] | None = None,
+    num_threads: int | None = None,
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """Top-``k`` from a device's ``state-dir``: its users and rows plus the last global model it received.
+
+    Works between rounds and after a restart, with no server. Returns items, scores and
+    the round of the global model used. Bad requests are a one-line :class:`DataError`.
+    """
+    with store.locked(state_dir):
+        state = store.load(state_dir)
+        model = store.load_global_model(state_dir)
+    try:
+        items, scores = recommend_for_state(parse_run_config(model.run_config), state, model.shared, user, k,
+                                            extra_seen=extra_seen, num_threads=num_threads)
+    except (KeyError, ValueError, IndexError) as err:
+        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
+        raise DataError(str(message), store.state_file(state_dir)) from None
+    return items, scores, model.server_round

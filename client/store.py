@@ -20,6 +20,10 @@ never held them (same remaining users, rows and seeds; see ``tests/test_device_s
 It does not unlearn the user's past influence on the global model or on the other users'
 rows, which were trained with theirs.
 
+Beside it, ``global-model.npz`` holds the last global shared model the device received
+(with the run-config it belongs to), so the device can recommend between rounds and after
+a restart without asking the server (:func:`client.recommend.recommend_on_device`).
+
 Every disk operation takes an exclusive ``flock`` on ``<dir>/.lock``: the ClientApp holds
 it from loading the state to saving the trained rows, so an erasure during a round waits
 for the round to end instead of being overwritten by it.
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import tempfile
 from dataclasses import dataclass, field, replace
@@ -43,6 +48,8 @@ from common.models import ModelConfig, build_model
 
 __all__ = [
     "DeviceState",
+    "GLOBAL_MODEL_FILE",
+    "GlobalModel",
     "STATE_FILE",
     "add_interactions",
     "add_user",
@@ -50,13 +57,19 @@ __all__ = [
     "forget_user",
     "fresh_user_rows",
     "fresh_user_seed",
+    "global_model_file",
     "load",
+    "load_global_model",
     "locked",
     "save",
+    "save_global_model",
     "state_file",
 ]
 
 STATE_FILE = "device-state.npz"
+GLOBAL_MODEL_FILE = "global-model.npz"
+GLOBAL_FORMAT = "fedrec-global-model/1"
+_SHARED = "shared:"  # prefix of the shared arrays inside global-model.npz, in the model's order
 LOCK_FILE = ".lock"
 FORMAT = "fedrec-device-state/1"
 _ROWS = "rows:"  # prefix of user-local arrays inside the .npz
@@ -425,25 +438,21 @@ def load(state_dir: str | os.PathLike[str]) -> DeviceState:
         raise DataError(f"corrupted device state ({reason}); restore a backup or remove the file", path) from None
 
 
-def _remove_stale_temp_files(directory: Path) -> None:
+def _remove_stale_temp_files(directory: Path, name: str) -> None:
     """Temp files left by a crashed write may hold data of a user forgotten since; drop them."""
-    for stale in directory.glob(f".{STATE_FILE}.*.tmp"):
+    for stale in directory.glob(f".{name}.*.tmp"):
         stale.unlink(missing_ok=True)
 
 
-def save(state_dir: str | os.PathLike[str], state: DeviceState) -> Path:
-    """Write the state atomically: a crash at any point leaves the previous file intact.
-
-    Call with :func:`locked` held when the state was read from the same directory.
-    """
-    directory = Path(state_dir)
+def _write_atomically(directory: Path, name: str, arrays: dict[str, np.ndarray]) -> Path:
+    """``np.savez`` to ``directory/name`` via temp file, fsync and rename: all or nothing."""
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    _remove_stale_temp_files(directory)
-    path = directory / STATE_FILE
-    handle, tmp = tempfile.mkstemp(dir=directory, prefix=f".{STATE_FILE}.", suffix=".tmp")  # mode 0600
+    _remove_stale_temp_files(directory, name)
+    path = directory / name
+    handle, tmp = tempfile.mkstemp(dir=directory, prefix=f".{name}.", suffix=".tmp")  # mode 0600
     try:
         with os.fdopen(handle, "wb") as out:
-            np.savez(out, **state.to_arrays())
+            np.savez(out, **arrays)
             out.flush()
             os.fsync(out.fileno())
         os.replace(tmp, path)
@@ -456,6 +465,58 @@ def save(state_dir: str | os.PathLike[str], state: DeviceState) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def save(state_dir: str | os.PathLike[str], state: DeviceState) -> Path:
+    """Write the state atomically: a crash at any point leaves the previous file intact.
+
+    Call with :func:`locked` held when the state was read from the same directory.
+    """
+    return _write_atomically(Path(state_dir), STATE_FILE, state.to_arrays())
+
+
+@dataclass(frozen=True)
+class GlobalModel:
+    """The latest global shared model this device received, and the run-config it ran with.
+
+    Kept so the device can recommend between rounds (and after a restart) without the
+    server; the run-config tells which model the arrays belong to.
+    """
+
+    run_config: dict[str, object]
+    shared: list[np.ndarray]
+    server_round: int
+
+
+def global_model_file(state_dir: str | os.PathLike[str]) -> Path:
+    return Path(state_dir) / GLOBAL_MODEL_FILE
+
+
+def save_global_model(state_dir: str | os.PathLike[str], model: GlobalModel) -> Path:
+    """Write the received global model atomically beside the device state."""
+    arrays = {f"{_SHARED}{i:03d}": np.asarray(a) for i, a in enumerate(model.shared)}
+    arrays["format"] = np.array(GLOBAL_FORMAT)
+    arrays["run_config"] = np.array(json.dumps(dict(model.run_config), sort_keys=True))
+    arrays["server_round"] = np.array(int(model.server_round), np.int64)
+    return _write_atomically(Path(state_dir), GLOBAL_MODEL_FILE, arrays)
+
+
+def load_global_model(state_dir: str | os.PathLike[str]) -> GlobalModel:
+    """The saved global model; missing or unreadable is a one-line :class:`DataError`."""
+    path = global_model_file(state_dir)
+    if not path.is_file():
+        raise DataError("no global model on this device yet: it is saved when the device first takes part in a round", path)
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            if str(npz["format"]) != GLOBAL_FORMAT:
+                raise DataError(f"not a {GLOBAL_FORMAT} file (format {str(npz['format'])!r})", path)
+            shared = [npz[name] for name in sorted(n for n in npz.files if n.startswith(_SHARED))]
+            return GlobalModel(json.loads(str(npz["run_config"])), shared, int(npz["server_round"]))
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - zip, npy-header and JSON errors all mean the same to the operator
+        reason = " ".join(f"{type(err).__name__}: {err}".split())
+        raise DataError(f"corrupted global model ({reason}); it is rewritten at the next round", path) from None
 
 
 def _edit(state_dir: str | os.PathLike[str], change) -> DeviceState:

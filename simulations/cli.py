@@ -238,29 +238,40 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_recommend(args: argparse.Namespace) -> int:
-    """Top-K from an exported on-device model (client/export.py): torch only, no server, no data."""
+    """Top-K on the device: from an exported model (torch only) or from the device's state-dir."""
     from pathlib import Path
 
     import torch
 
     from common.config import ConfigError
 
-    path = Path(args.model_file)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such exported model (written by client.export.export_for_client)")
     try:
         extra_seen = [int(part) for part in args.extra_seen.split(",") if part.strip()] if args.extra_seen else []
     except ValueError:
         raise ConfigError(f"--extra-seen must be comma-separated item ids like '3,17'; got {args.extra_seen!r}") from None
     if args.k < 1:
         raise ConfigError(f"--k must be >= 1; got {args.k}")
-    torch.set_num_threads(args.threads)
-    model = torch.jit.load(str(path))
-    try:
-        items, scores = model(torch.tensor(extra_seen, dtype=torch.long), args.k)
-    except torch.jit.Error as err:  # the module's own checks (ids out of range)
-        raise ConfigError(str(err).strip().splitlines()[-1]) from None
-    for rank, (item, score) in enumerate(zip(items.tolist(), scores.tolist()), start=1):
+    if args.state_dir is not None:
+        from client.recommend import recommend_on_device
+
+        if args.user is None:
+            raise ConfigError("fedrec recommend --state-dir needs --user (a global user id on this device)")
+        items, scores, model_round = recommend_on_device(args.state_dir, args.user, args.k, extra_seen=extra_seen,
+                                                         num_threads=args.threads)
+        print(f"# user {args.user}, global model of round {model_round}", file=sys.stderr)
+        items, scores = items.tolist(), scores.tolist()
+    else:
+        path = Path(args.model_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such exported model (written by client.export.export_for_client)")
+        torch.set_num_threads(args.threads)
+        model = torch.jit.load(str(path))
+        try:
+            top_items, top_scores = model(torch.tensor(extra_seen, dtype=torch.long), args.k)
+        except torch.jit.Error as err:  # the module's own checks (ids out of range)
+            raise ConfigError(str(err).strip().splitlines()[-1]) from None
+        items, scores = top_items.tolist(), top_scores.tolist()
+    for rank, (item, score) in enumerate(zip(items, scores), start=1):
         print(f"{rank}\t{item}\t{score:.6f}")
     return 0
 
@@ -405,8 +416,11 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--run-dir", required=True, help="where audit.json goes (a run directory: its report is updated)")
     audit.set_defaults(func=cmd_audit)
 
-    recommend = sub.add_parser("recommend", help="top-K on the device from an exported model (TorchScript file)")
-    recommend.add_argument("--model-file", required=True, help="a user's exported model (client/export.py)")
+    recommend = sub.add_parser("recommend", help="top-K on the device: from an exported model or the device's state-dir")
+    source = recommend.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model-file", help="a user's exported model (client/export.py, TorchScript)")
+    source.add_argument("--state-dir", help="the SuperNode's state-dir: its users' rows and the last global model")
+    recommend.add_argument("--user", type=int, help="with --state-dir: the user's global id")
     recommend.add_argument("--k", type=int, default=10)
     recommend.add_argument("--extra-seen", help="comma-separated item ids to exclude besides the trained ones")
     recommend.add_argument("--threads", type=int, default=1, help="torch threads (a device shares its cores)")

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.app.message_type import MessageType
 from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.compat.common.recorddict_compat import (
@@ -29,9 +30,11 @@ from flwr.compat.common.recorddict_compat import (
 from flwr.supercore.task_identity import TaskIdentity
 
 import client.client_app as client_app
+import client.coldstart as coldstart
 from client import store
 from client.client_app import LOCAL_STATE_KEY, app
 from client.local import build_local_model, train_round, user_seed
+from client.recommend import recommend_for_client, recommend_on_device
 from common.config import parse_run_config
 from common.errors import DataError
 from common.federation import slicer_cached
@@ -305,7 +308,8 @@ def test_a_failed_write_leaves_the_previous_state(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert store.state_file(tmp_path).read_bytes() == before
     assert user in store.load(tmp_path).users.tolist()
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", store.STATE_FILE], "no temp file left"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", store.STATE_FILE, store.GLOBAL_MODEL_FILE], \
+        "no temp file left"
 
 
 def test_a_process_killed_mid_write_leaves_the_previous_state(tmp_path):
@@ -492,8 +496,8 @@ def test_fold_in_fits_only_the_new_users_rows_towards_their_items():
 
 def test_users_added_after_the_device_trained_are_folded_in_before_their_first_round(tmp_path, monkeypatch):
     calls = []
-    real = client_app.fold_in
-    monkeypatch.setattr(client_app, "fold_in", lambda *a, **k: calls.append(a[5].copy()) or real(*a, **k))
+    real = coldstart.fold_in
+    monkeypatch.setattr(coldstart, "fold_in", lambda *a, **k: calls.append(a[5].copy()) or real(*a, **k))
     config = run_config("gmf")
     directory = tmp_path / "kiosk"
     ctx = context(config, directory)
@@ -509,7 +513,7 @@ def test_users_added_after_the_device_trained_are_folded_in_before_their_first_r
 
 def test_no_fold_in_outside_dp_sgd_under_record_level_dp(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(client_app, "fold_in", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(coldstart, "fold_in", lambda *a, **k: calls.append(1))
     config = run_config("gmf", **{"record-dp": True})
     directory = tmp_path / "kiosk"
     ctx = context(config, directory)
@@ -517,3 +521,120 @@ def test_no_fold_in_outside_dp_sgd_under_record_level_dp(tmp_path, monkeypatch):
     store.add_user(directory, 1001, [1, 2, 3, 4, 5])
     fit(ctx, 2)
     assert calls == [] and 1001 in store.load(directory).row_users  # trained by DP-SGD, never folded in
+
+
+# --- recommending between rounds: the last global model on disk, the query handler ------------
+def query(ctx: Context, user: int, k: int = 5, shared: list[np.ndarray] | None = None, **extra) -> Message:
+    """A Flower query message through fedrec's whole ClientApp (mods included)."""
+    content = RecordDict({client_app.QUERY_KEY: ConfigRecord({"user": user, "k": k, **extra})})
+    if shared is not None:
+        content[client_app.QUERY_MODEL_KEY] = ArrayRecord(list(shared))
+    return app(Message(content, dst_node_id=1, message_type=MessageType.QUERY), ctx)
+
+
+def expected_top(config: dict, state: store.DeviceState, shared: list[np.ndarray], user: int, k: int = 5) -> list[int]:
+    cfg = parse_run_config(config)
+    local_user = int(np.flatnonzero(state.users == user)[0])
+    items, _ = recommend_for_client(cfg.model_config, state.client_data(), shared,
+                                    state.local_state(cfg.model_config, cfg.seed), local_user, k)
+    return items.tolist()
+
+
+@pytest.mark.parametrize("model", ["gmf", "neumf"])
+def test_the_device_recommends_from_the_last_global_model_it_received_after_a_restart(tmp_path, model, capsys):
+    from simulations.cli import main as fedrec
+
+    config = run_config(model)
+    fit(context(config, tmp_path), 1)
+    fit(context(config, tmp_path), 2)
+    kept = store.load_global_model(tmp_path)
+    assert kept.server_round == 2 and kept.run_config == config
+    assert_same_upload(kept.shared, global_model(config, 2))
+    state = store.load(tmp_path)  # after the round: every user has trained rows
+    user = int(state.users[1])
+    items, scores, model_round = recommend_on_device(str(tmp_path), user, 5)  # no server, no Context
+    assert items.tolist() == expected_top(config, state, global_model(config, 2), user) and model_round == 2
+    assert not np.isin(items, state.train_items[state.train_users == user]).any()
+    assert np.all(np.diff(scores) <= 0)
+    capsys.readouterr()
+    assert fedrec(["recommend", "--state-dir", str(tmp_path), "--user", str(user), "--k", "5"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [int(line.split("\t")[1]) for line in lines] == items.tolist()
+
+
+def test_recommending_on_the_device_explains_what_is_missing(tmp_path, capsys):
+    from simulations.cli import main as fedrec
+
+    config = run_config("gmf")
+    store.create(tmp_path / "new", num_items=80)
+    with pytest.raises(DataError, match="no global model on this device yet"):
+        recommend_on_device(str(tmp_path / "new"), 1)
+    fit(context(config, tmp_path), 1)
+    store.add_user(tmp_path, 5000)  # no interactions yet
+    with pytest.raises(DataError, match=r"device-state.npz: user 5000 has no interactions on this device yet"):
+        recommend_on_device(str(tmp_path), 5000)
+    with pytest.raises(DataError, match="user 4242 is not on this device"):
+        recommend_on_device(str(tmp_path), 4242)
+    capsys.readouterr()
+    assert fedrec(["recommend", "--state-dir", str(tmp_path)]) == 2
+    assert fedrec(["recommend", "--state-dir", str(tmp_path), "--user", "4242"]) == 2
+    errors = capsys.readouterr().err.splitlines()
+    assert len(errors) == 2 and all(line.startswith("fedrec: error: ") for line in errors)
+    assert "needs --user" in errors[0] and "user 4242 is not on this device" in errors[1]
+
+
+def test_a_newcomer_is_folded_in_before_their_first_recommendation(tmp_path, monkeypatch):
+    calls = []
+    real = coldstart.fold_in
+    monkeypatch.setattr(coldstart, "fold_in", lambda *a, **k: calls.append(1) or real(*a, **k))
+    fit(context(run_config("gmf"), tmp_path), 1)
+    store.add_user(tmp_path, 1001, [1, 2, 3, 4, 5])
+    items, _, _ = recommend_on_device(str(tmp_path), 1001, 5)
+    assert calls == [1] and not np.isin(items, [1, 2, 3, 4, 5]).any()
+
+
+def test_a_query_is_refused_unless_the_device_owner_opted_in(tmp_path, monkeypatch):
+    monkeypatch.setattr(client_app, "answer_query", lambda *a: pytest.fail("nothing may be computed"))
+    ctx = context(run_config("gmf"), tmp_path)
+    fit(ctx, 1)
+    reply = query(ctx, int(store.load(tmp_path).users[0]))
+    assert reply.has_error() and reply.error.code == ErrorCode.MOD_FAILED_PRECONDITION
+    assert "answer-queries" in reply.error.reason
+
+
+def test_an_opted_in_kiosk_answers_a_query_from_its_own_state(tmp_path):
+    config = run_config("mf")
+    ctx = context(config, tmp_path)
+    ctx.node_config[client_app.ANSWER_QUERIES_KEY] = True
+    fit(ctx, 1)
+    state = store.load(tmp_path)
+    user = int(state.users[2])
+    reply = query(ctx, user, k=4)  # no model in the query: the one the device kept
+    answer = reply.content.config_records[client_app.QUERY_REPLY_KEY]
+    assert answer["user"] == user and answer["model-round"] == 1
+    assert answer["items"] == expected_top(config, state, global_model(config, 1), user, k=4)
+    # With a model in the query, that model ranks.
+    reply = query(ctx, user, k=4, shared=global_model(config, 7), **{"server-round": 7})
+    answer = reply.content.config_records[client_app.QUERY_REPLY_KEY]
+    assert answer["items"] == expected_top(config, state, global_model(config, 7), user, k=4)
+    assert answer["model-round"] == 7
+    assert query(ctx, 4242).error.reason.endswith("device-state.npz: user 4242 is not on this device")
+
+
+def test_an_opted_in_device_without_a_state_dir_answers_from_its_context(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = run_config("gmf")
+    ctx = context(config, None)
+    ctx.node_config[client_app.ANSWER_QUERIES_KEY] = True
+    assert "has not trained yet" in query(ctx, 0, shared=global_model(config, 1)).error.reason
+    fit(ctx, 1)
+    cfg = parse_run_config(config)
+    data = slicer_cached(cfg).client(0)
+    user = int(data.global_users[1])
+    rows = {k: v.numpy() for k, v in ctx.state.array_records[LOCAL_STATE_KEY].items()}
+    expected, _ = recommend_for_client(cfg.model_config, data, global_model(config, 2), rows, 1, 5)
+    answer = query(ctx, user, shared=global_model(config, 2)).content.config_records[client_app.QUERY_REPLY_KEY]
+    assert answer["items"] == expected.tolist()
+    assert "keeps no global model" in query(ctx, user).error.reason
+    bad = app(Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY), ctx)
+    assert "needs a ConfigRecord 'fedrec.query'" in bad.error.reason
