@@ -29,11 +29,12 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 from client import store
 from client.coldstart import device_rows
 from client.local import RoundResult, evaluate_client, train_round
-from client.recommend import recommend_for_client, recommend_for_state, recommend_on_device
+from client.recommend import DeviceRecommendation, recommend_for_client, recommend_for_state, recommend_on_device
 from client.private_training import History, RecordDPConfig
 from common.config import FedRecConfig, parse_run_config
 from common.errors import DataError
 from common.federation import ClientData, slicer_cached
+from common.updates import POPULAR_ITEMS_KEY, decode_item_list
 
 LOCAL_STATE_KEY = "fedrec.user-local"
 RECORD_DP_HISTORY_KEY = "fedrec.record-dp-history"
@@ -185,7 +186,10 @@ class FedRecClient(NumPyClient):
     def _keep_global_model(self, parameters, config) -> None:
         """Save the global model just received, so the device can recommend between rounds."""
         assert self.state_dir is not None
-        model = store.GlobalModel(dict(self.context.run_config), list(parameters), int(config.get("server-round", 0)))
+        blob = config.get(POPULAR_ITEMS_KEY)  # absent in round 1 and when the server publishes none
+        popular = decode_item_list(blob) if blob is not None else np.empty(0, np.int64)
+        model = store.GlobalModel(dict(self.context.run_config), list(parameters), int(config.get("server-round", 0)),
+                                  popular)
         store.save_global_model(self.state_dir, model)
 
     def _train(self, data: ClientData, parameters, local_state, history: History, config) -> RoundResult:
@@ -271,8 +275,8 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     return secaggplus_mod(msg, context, call_next)
 
 
-def answer_query(msg: Message, context: Context) -> tuple[np.ndarray, np.ndarray, int]:
-    """Top-K for the user a query names: items, scores and the round of the model used.
+def answer_query(msg: Message, context: Context) -> DeviceRecommendation:
+    """Top-K for the user a query names.
 
     The model is the one the query carries, else (with a state-dir) the last global model
     the device saved; the user rows are the device's own.
@@ -292,7 +296,10 @@ def answer_query(msg: Message, context: Context) -> tuple[np.ndarray, np.ndarray
             return recommend_on_device(str(state_dir), user, k, extra_seen=extra_seen)
         with store.locked(state_dir):
             state = device_state_for(config, context, state_dir)
-        return (*recommend_for_state(config, state, shared, user, k, extra_seen=extra_seen), model_round)
+            kept = store.load_global_model(state_dir) if store.global_model_file(state_dir).is_file() else None
+        popular = kept.popular_items if kept is not None else np.empty(0, np.int64)
+        model = store.GlobalModel(dict(context.run_config), shared, model_round, popular)
+        return recommend_for_state(config, state, model, user, k, extra_seen=extra_seen)
     if shared is None:
         raise ValueError(f"the query carries no '{QUERY_MODEL_KEY}' and this device keeps no global model (no state-dir)")
     data, local_state = client_data_for(config, context), load_local_state(context)
@@ -303,7 +310,7 @@ def answer_query(msg: Message, context: Context) -> tuple[np.ndarray, np.ndarray
         raise KeyError(f"user {user} is not on this device")
     items, scores = recommend_for_client(config.model_config, data, shared, local_state, int(local[0]), k,
                                          extra_seen=extra_seen)
-    return items, scores, model_round
+    return DeviceRecommendation(items, scores, "model", model_round)
 
 
 def recommendation_query_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
@@ -322,16 +329,17 @@ def recommendation_query_mod(msg: Message, context: Context, call_next: ClientAp
                   "true): a top-K list reveals its user's preferences to whoever asks")
         return Message(Error(ErrorCode.MOD_FAILED_PRECONDITION, reason), reply_to=msg)
     try:
-        items, scores, model_round = answer_query(msg, context)
+        answer = answer_query(msg, context)
     except (KeyError, ValueError, IndexError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(message)), reply_to=msg)
     request = msg.content.config_records[QUERY_KEY]
     reply = ConfigRecord({
         "user": int(request["user"]),  # type: ignore[arg-type]
-        "items": [int(item) for item in items],
-        "scores": [float(score) for score in scores],
-        "model-round": int(model_round),
+        "items": [int(item) for item in answer.items],
+        "scores": [float(score) for score in answer.scores],
+        "source": answer.source,
+        "model-round": int(answer.model_round),
     })
     return Message(RecordDict({QUERY_REPLY_KEY: reply}), reply_to=msg)
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -25,7 +26,7 @@ from common.federation import ClientData
 from common.models import ModelConfig, RecModel, build_model
 
 __all__ = [
-    "device_model", "rank_unseen", "recommend", "recommend_for_client", "recommend_for_state", "recommend_on_device",
+    "DeviceRecommendation", "device_model", "rank_unseen", "recommend", "recommend_for_client", "recommend_for_state", "recommend_on_device",
     "seen_mask", "torch_threads",
 ]
 
@@ -157,37 +158,59 @@ def recommend_for_client(
     return recommend(model, local_user, seen, k, num_threads=num_threads)
 
 
+@dataclass(frozen=True)
+class DeviceRecommendation:
+    """A top-K list shown on the device, and where it came from."""
+
+    items: np.ndarray  # int64 item ids, best first
+    scores: np.ndarray  # float32 model scores; NaN for the popularity fallback (the server publishes a ranking only)
+    source: str  # "model": the user's rows and the global model; "popular": the server's popular items
+    model_round: int  # the round of the global model (or of the published list) used
+
+
 def recommend_for_state(
     config: FedRecConfig,
     state: DeviceState,
-    shared: Sequence[np.ndarray],
+    model: store.GlobalModel,
     user: int,
     k: int = 10,
     *,
     extra_seen: np.ndarray | Sequence[int] | None = None,
     num_threads: int | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Top-``k`` for one of a device state's users (a global id), against ``shared``.
+) -> DeviceRecommendation:
+    """Top-``k`` for one of a device state's users (a global id), against ``model``.
 
-    A user added since the device last trained is folded in first (as before a round); a
-    user with no interactions, or with no trained rows where fold-in is off (record-level
-    DP), has nothing personal to rank by, and that is an error rather than a list drawn
-    from a random embedding.
+    A user added since the device last trained is folded in first (as before a round). A
+    user with no interactions has nothing personal to rank by: they get the popular items
+    the server published (minus ``extra_seen``), never a list drawn from a random
+    embedding. Under record-level DP a newcomer has no rows until their first round (no
+    fold-in outside DP-SGD), and that is an error.
     """
     from client.coldstart import device_rows  # training code: imported only when needed
 
     if not state.has_user(user):
         raise KeyError(f"user {user} is not on this device")
-    local_user = int(np.flatnonzero(state.users == user)[0])
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
     if not (state.train_users == user).any():
-        raise ValueError(f"user {user} has no interactions on this device yet: nothing personal to recommend from")
+        if len(model.popular_items) == 0:
+            raise ValueError(
+                f"user {user} has no interactions on this device yet, and the server has published no popular "
+                "items to fall back on (it publishes none under differential privacy or with popular-items=0)"
+            )
+        seen = seen_mask(state.num_items, extra_seen)
+        popular = np.asarray(model.popular_items, np.int64)
+        items = popular[~seen[torch.as_tensor(popular)].numpy()][:k]
+        return DeviceRecommendation(items, np.full(len(items), np.nan, np.float32), "popular", model.server_round)
     if config.record_dp and not np.isin(user, state.row_users):
         raise ValueError(
             f"user {user} has no trained rows yet (no fold-in under record-level DP): they get them in their first round"
         )
-    local_state = device_rows(config, state, list(shared))
-    return recommend_for_client(config.model_config, state.client_data(), shared, local_state, local_user, k,
-                                extra_seen=extra_seen, num_threads=num_threads)
+    local_user = int(np.flatnonzero(state.users == user)[0])
+    local_state = device_rows(config, state, list(model.shared))
+    items, scores = recommend_for_client(config.model_config, state.client_data(), model.shared, local_state,
+                                         local_user, k, extra_seen=extra_seen, num_threads=num_threads)
+    return DeviceRecommendation(items, scores, "model", model.server_round)
 
 
 def recommend_on_device(
@@ -197,19 +220,18 @@ def recommend_on_device(
     *,
     extra_seen: np.ndarray | Sequence[int] | None = None,
     num_threads: int | None = None,
-) -> tuple[np.ndarray, np.ndarray, int]:
+) -> DeviceRecommendation:
     """Top-``k`` from a device's ``state-dir``: its users and rows plus the last global model it received.
 
-    Works between rounds and after a restart, with no server. Returns items, scores and
-    the round of the global model used. Bad requests are a one-line :class:`DataError`.
+    Works between rounds and after a restart, with no server. Bad requests are a one-line
+    :class:`DataError` naming the state file.
     """
     with store.locked(state_dir):
         state = store.load(state_dir)
         model = store.load_global_model(state_dir)
     try:
-        items, scores = recommend_for_state(parse_run_config(model.run_config), state, model.shared, user, k,
-                                            extra_seen=extra_seen, num_threads=num_threads)
+        return recommend_for_state(parse_run_config(model.run_config), state, model, user, k,
+                                   extra_seen=extra_seen, num_threads=num_threads)
     except (KeyError, ValueError, IndexError) as err:
         message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
         raise DataError(str(message), store.state_file(state_dir)) from None
-    return items, scores, model.server_round

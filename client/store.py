@@ -486,6 +486,7 @@ class GlobalModel:
     run_config: dict[str, object]
     shared: list[np.ndarray]
     server_round: int
+    popular_items: np.ndarray = field(default_factory=lambda: np.empty(0, np.int64))  # the server's fallback list
 
 
 def global_model_file(state_dir: str | os.PathLike[str]) -> Path:
@@ -498,6 +499,7 @@ def save_global_model(state_dir: str | os.PathLike[str], model: GlobalModel) -> 
     arrays["format"] = np.array(GLOBAL_FORMAT)
     arrays["run_config"] = np.array(json.dumps(dict(model.run_config), sort_keys=True))
     arrays["server_round"] = np.array(int(model.server_round), np.int64)
+    arrays["popular_items"] = np.asarray(model.popular_items, np.int64)
     return _write_atomically(Path(state_dir), GLOBAL_MODEL_FILE, arrays)
 
 
@@ -511,7 +513,8 @@ def load_global_model(state_dir: str | os.PathLike[str]) -> GlobalModel:
             if str(npz["format"]) != GLOBAL_FORMAT:
                 raise DataError(f"not a {GLOBAL_FORMAT} file (format {str(npz['format'])!r})", path)
             shared = [npz[name] for name in sorted(n for n in npz.files if n.startswith(_SHARED))]
-            return GlobalModel(json.loads(str(npz["run_config"])), shared, int(npz["server_round"]))
+            return GlobalModel(json.loads(str(npz["run_config"])), shared, int(npz["server_round"]),
+                               npz["popular_items"].astype(np.int64))
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - zip, npy-header and JSON errors all mean the same to the operator

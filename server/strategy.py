@@ -35,7 +35,14 @@ from flwr.supercore.differential_privacy import get_norm
 from common.config import FedRecConfig
 from common.metrics import merge_sums
 from common.privacy import UserLevelDP
-from common.updates import UpdateLayout, decode_mean_update, validate_upload
+from common.updates import (
+    POPULAR_ITEMS_KEY,
+    UpdateLayout,
+    decode_mean_update,
+    encode_item_list,
+    popular_items,
+    validate_upload,
+)
 from server.run_dir import RunRecorder
 
 
@@ -162,6 +169,13 @@ class FedRecStrategy(Strategy):
         self.recorder = recorder
         self.uploads_are_aggregated = uploads_are_aggregated
         self._round_started = time.perf_counter()
+        # Example-weighted sum of every round's touched vector: the popularity fallback.
+        # Under either DP (or whole-table averaging) the touched vector is all ones and
+        # says nothing, so nothing is published.
+        self.publishes_popularity = (
+            config.popular_items > 0 and config.row_wise_aggregation and user_dp is None and not config.record_dp
+        )
+        self.touched_totals = np.zeros(layout.num_items, dtype=np.float64)
 
     def __repr__(self) -> str:
         return f"FedRecStrategy(inner={self.inner!r}, rowwise={self.config.row_wise_aggregation})"
@@ -198,7 +212,7 @@ class FedRecStrategy(Strategy):
             )
         if self.uploads_are_aggregated:
             check_secagg_capacity(len(clients), self.config.secagg_quantization_range)
-        fit_ins = FitIns(parameters, {"server-round": server_round})
+        fit_ins = FitIns(parameters, self._round_config(server_round))
         return [(client, fit_ins) for client in clients]
 
     def aggregate_fit(
@@ -232,12 +246,21 @@ class FedRecStrategy(Strategy):
         if new_parameters is None:
             return None, summary
         self.current = parameters_to_ndarrays(new_parameters)
+        if self.publishes_popularity:
+            self.touched_totals += mean_upload[-1].astype(np.float64) * total
         client_metrics = [{**res.metrics, "node_id": proxy.node_id} for proxy, res in valid]
         summary.update(self._fit_summary(client_metrics, mean_upload[-1]))
         summary.update(self._privacy_summary(server_round, client_metrics))
         self.recorder.round_trained(server_round, summary, client_metrics, time.perf_counter() - self._round_started)
         self.recorder.maybe_checkpoint(server_round, self.layout.names, self.current, final=self._is_last(server_round))
         return new_parameters, summary
+
+    def _round_config(self, server_round: int) -> dict[str, Scalar]:
+        """What every request of a round carries: its number and, once known, the popular items."""
+        config: dict[str, Scalar] = {"server-round": server_round}
+        if self.publishes_popularity and self.touched_totals.any():
+            config[POPULAR_ITEMS_KEY] = encode_item_list(popular_items(self.touched_totals, self.config.popular_items))
+        return config
 
     def _validated(self, results: list[tuple[ClientProxy, FitRes]]) -> tuple[list[tuple[ClientProxy, FitRes]], int]:
         """Drop malformed uploads (wrong count/shape, NaN/Inf, no examples) with a logged reason."""
@@ -312,7 +335,7 @@ class FedRecStrategy(Strategy):
             clients = client_manager.sample(num_clients=client_manager.num_available())
         else:
             clients = self._sample(client_manager, self.config.fraction_evaluate, 0, 1)
-        ins = EvaluateIns(parameters, {"server-round": server_round})
+        ins = EvaluateIns(parameters, self._round_config(server_round))
         return [(client, ins) for client in clients]
 
     def aggregate_evaluate(

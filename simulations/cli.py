@@ -256,10 +256,10 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 
         if args.user is None:
             raise ConfigError("fedrec recommend --state-dir needs --user (a global user id on this device)")
-        items, scores, model_round = recommend_on_device(args.state_dir, args.user, args.k, extra_seen=extra_seen,
-                                                         num_threads=args.threads)
-        print(f"# user {args.user}, global model of round {model_round}", file=sys.stderr)
-        items, scores = items.tolist(), scores.tolist()
+        answer = recommend_on_device(args.state_dir, args.user, args.k, extra_seen=extra_seen, num_threads=args.threads)
+        what = "the server's popular items (no interactions yet)" if answer.source == "popular" else "the user's model"
+        print(f"# user {args.user}: {what}, global model of round {answer.model_round}", file=sys.stderr)
+        items, scores = answer.items.tolist(), answer.scores.tolist()
     else:
         path = Path(args.model_file)
         if not path.is_file():

@@ -39,6 +39,7 @@ from common.config import parse_run_config
 from common.errors import DataError
 from common.federation import slicer_cached
 from common.models import build_model
+from common.updates import POPULAR_ITEMS_KEY, encode_item_list
 from simulations.engine import fused_run_config
 
 KIOSKS = {
@@ -552,10 +553,12 @@ def test_the_device_recommends_from_the_last_global_model_it_received_after_a_re
     assert_same_upload(kept.shared, global_model(config, 2))
     state = store.load(tmp_path)  # after the round: every user has trained rows
     user = int(state.users[1])
-    items, scores, model_round = recommend_on_device(str(tmp_path), user, 5)  # no server, no Context
-    assert items.tolist() == expected_top(config, state, global_model(config, 2), user) and model_round == 2
+    answer = recommend_on_device(str(tmp_path), user, 5)  # no server, no Context
+    items = answer.items
+    assert items.tolist() == expected_top(config, state, global_model(config, 2), user)
+    assert answer.model_round == 2 and answer.source == "model"
     assert not np.isin(items, state.train_items[state.train_users == user]).any()
-    assert np.all(np.diff(scores) <= 0)
+    assert np.all(np.diff(answer.scores) <= 0)
     capsys.readouterr()
     assert fedrec(["recommend", "--state-dir", str(tmp_path), "--user", str(user), "--k", "5"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -571,8 +574,9 @@ def test_recommending_on_the_device_explains_what_is_missing(tmp_path, capsys):
         recommend_on_device(str(tmp_path / "new"), 1)
     fit(context(config, tmp_path), 1)
     store.add_user(tmp_path, 5000)  # no interactions yet
-    with pytest.raises(DataError, match=r"device-state.npz: user 5000 has no interactions on this device yet"):
-        recommend_on_device(str(tmp_path), 5000)
+    with pytest.raises(DataError, match=r"device-state.npz: user 5000 has no interactions on this device yet, "
+                                        "and the server has published no popular items"):
+        recommend_on_device(str(tmp_path), 5000)  # round 1 carries no list: none is known before it
     with pytest.raises(DataError, match="user 4242 is not on this device"):
         recommend_on_device(str(tmp_path), 4242)
     capsys.readouterr()
@@ -589,8 +593,8 @@ def test_a_newcomer_is_folded_in_before_their_first_recommendation(tmp_path, mon
     monkeypatch.setattr(coldstart, "fold_in", lambda *a, **k: calls.append(1) or real(*a, **k))
     fit(context(run_config("gmf"), tmp_path), 1)
     store.add_user(tmp_path, 1001, [1, 2, 3, 4, 5])
-    items, _, _ = recommend_on_device(str(tmp_path), 1001, 5)
-    assert calls == [1] and not np.isin(items, [1, 2, 3, 4, 5]).any()
+    answer = recommend_on_device(str(tmp_path), 1001, 5)
+    assert calls == [1] and answer.source == "model" and not np.isin(answer.items, [1, 2, 3, 4, 5]).any()
 
 
 def test_a_query_is_refused_unless_the_device_owner_opted_in(tmp_path, monkeypatch):
@@ -638,3 +642,31 @@ def test_an_opted_in_device_without_a_state_dir_answers_from_its_context(tmp_pat
     assert "keeps no global model" in query(ctx, user).error.reason
     bad = app(Message(RecordDict(), dst_node_id=1, message_type=MessageType.QUERY), ctx)
     assert "needs a ConfigRecord 'fedrec.query'" in bad.error.reason
+
+
+def test_a_user_with_no_interactions_gets_the_popular_items_the_server_published(tmp_path, capsys):
+    from simulations.cli import main as fedrec
+
+    config = run_config("gmf")
+    ctx = context(config, tmp_path)
+    fit(ctx, 1)
+    published = np.array([5, 9, 2, 40, 7], np.int64)
+    content = fitins_to_recorddict(
+        FitIns(ndarrays_to_parameters(global_model(config, 2)),
+               {"server-round": 2, POPULAR_ITEMS_KEY: encode_item_list(published)}),
+        keep_input=True,
+    )
+    app(Message(content, dst_node_id=1, message_type=MessageType.TRAIN), ctx)
+    assert store.load_global_model(tmp_path).popular_items.tolist() == published.tolist()
+    store.add_user(tmp_path, 5000)
+    answer = recommend_on_device(str(tmp_path), 5000, 3, extra_seen=[9])
+    assert answer.source == "popular" and answer.items.tolist() == [5, 2, 40] and np.isnan(answer.scores).all()
+    # Users with interactions still get their own model's list.
+    assert recommend_on_device(str(tmp_path), int(store.load(tmp_path).users[0]), 3).source == "model"
+    ctx.node_config[client_app.ANSWER_QUERIES_KEY] = True
+    reply = query(ctx, 5000, k=2).content.config_records[client_app.QUERY_REPLY_KEY]
+    assert reply["items"] == [5, 9] and reply["source"] == "popular"
+    capsys.readouterr()
+    assert fedrec(["recommend", "--state-dir", str(tmp_path), "--user", "5000", "--k", "2"]) == 0
+    out = capsys.readouterr()
+    assert [line.split("\t")[1] for line in out.out.splitlines()] == ["5", "9"] and "popular items" in out.err

@@ -8,7 +8,7 @@ import pytest
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from common.config import parse_run_config
-from common.updates import UpdateLayout, encode_update
+from common.updates import POPULAR_ITEMS_KEY, UpdateLayout, decode_item_list, encode_update
 from server.run_dir import RunRecorder
 from server.strategy import FedRecStrategy, check_secagg_capacity
 from simulations.engine import fused_run_config
@@ -97,3 +97,31 @@ def test_a_securely_aggregated_update_is_used_as_the_mean_and_still_checked(tmp_
     bad = [(SimpleNamespace(node_id=1), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(broken), 1, {}))]
     params, summary = _strategy(tmp_path / "b", aggregated=True).aggregate_fit(1, bad, [])
     assert params is None and summary["clients_rejected"] == 1
+
+
+def _published(strategy, server_round=2):
+    manager = SimpleNamespace(num_available=lambda: 4, sample=lambda num_clients, **_: list(range(num_clients)),
+                              wait_for=lambda *_: True, all=lambda: {})
+    (_, fit_ins), *_ = strategy.configure_fit(server_round, ndarrays_to_parameters([]), manager)
+    blob = fit_ins.config.get(POPULAR_ITEMS_KEY)
+    return None if blob is None else decode_item_list(blob).tolist()
+
+
+def test_the_server_publishes_the_items_most_devices_touched_as_the_popularity_fallback(tmp_path):
+    strategy = _strategy(tmp_path, **{"popular-items": 3})
+    assert _published(strategy, 1) is None  # nothing is known before the first round
+    # Example-weighted: item 2 by weights 3 + 1, item 0 by 2, item 3 by 1, item 1 by nobody.
+    strategy.aggregate_fit(1, [_result(1, _after(1.0, 1.0), [2, 0], num_examples=2),
+                               _result(2, _after(1.0, 1.0), [2], num_examples=3)], [])
+    strategy.aggregate_fit(2, [_result(3, _after(1.0, 1.0), [2, 3], num_examples=1)], [])
+    assert _published(strategy, 3) == [2, 0, 3]
+    manager = SimpleNamespace(num_available=lambda: 4, sample=lambda num_clients, **_: list(range(num_clients)))
+    (_, evaluate_ins), *_ = strategy.configure_evaluate(3, ndarrays_to_parameters([]), manager)
+    assert decode_item_list(evaluate_ins.config[POPULAR_ITEMS_KEY]).tolist() == [2, 0, 3]
+
+
+@pytest.mark.parametrize("overrides", [{"popular-items": 0}, {"row-wise-aggregation": False}, {"record-dp": True}])
+def test_no_popularity_is_published_when_the_touched_vectors_carry_none(tmp_path, overrides):
+    strategy = _strategy(tmp_path, **overrides)
+    strategy.aggregate_fit(1, [_result(1, _after(1.0, 1.0), [2, 0], num_examples=2)], [])
+    assert _published(strategy) is None
