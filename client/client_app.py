@@ -43,7 +43,7 @@ NUM_THREADS_KEY = "num-threads"  # node-config: torch threads the device may use
 ANSWER_QUERIES_KEY = "answer-queries"  # node-config: opt in to answering recommendation queries
 QUERY_KEY = "fedrec.query"  # query message: ConfigRecord {user (global id), k, extra-seen}
 QUERY_MODEL_KEY = "fedrec.global-model"  # query message: optional ArrayRecord of the shared arrays to rank with
-QUERY_REPLY_KEY = "fedrec.recommendation"  # reply: ConfigRecord {user, items, scores, model-round}
+QUERY_REPLY_KEY = "fedrec.recommendation"  # reply: ConfigRecord {user, items, scores, source, model-round}
 # What a device may report when DP is on: nothing computed from its data beyond what the
 # mechanisms cover (the loss, the update norm and the touched count are not).
 DP_SAFE_METRICS = ("train_seconds", "upload_bytes", "download_bytes", "record_epsilon", "record_dp_declined")
