@@ -26,8 +26,8 @@ from common.federation import ClientData
 from common.models import ModelConfig, RecModel, build_model
 
 __all__ = [
-    "DeviceRecommendation", "device_model", "rank_unseen", "recommend", "recommend_for_client", "recommend_for_state", "recommend_on_device",
-    "seen_mask", "torch_threads",
+    "DeviceRecommendation", "device_model", "rank_unseen", "recommend", "recommend_for_client", "recommend_for_state",
+    "recommend_on_device", "seen_mask", "torch_threads",
 ]
 
 

@@ -145,7 +145,8 @@ _POSITIVE = {
     "secagg_max_weight", "record_dp_max_grad_norm", "record_dp_delta", "user_dp_clipping_norm", "shared_adam_epsilon",
 }
 _NON_NEGATIVE = {
-    "eval_refit_epochs", "popular_items", "user_learning_rate", "num_negatives", "clients_per_round", "proximal_mu", "implicit_threshold",
+    "eval_refit_epochs", "popular_items", "user_learning_rate", "num_negatives", "clients_per_round", "proximal_mu",
+    "implicit_threshold",
     "record_dp_noise_multiplier", "record_dp_target_epsilon", "record_dp_epsilon_budget",
     "user_dp_noise_multiplier", "user_dp_delta", "user_dp_epsilon_budget",
 }
