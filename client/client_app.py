@@ -32,7 +32,7 @@ from client.local import RoundResult, evaluate_client, train_round
 from client.recommend import DeviceRecommendation, recommend_for_client, recommend_for_state, recommend_on_device
 from client.private_training import History, RecordDPConfig
 from common.config import FedRecConfig, parse_run_config
-from common.errors import DataError
+from common.errors import DataError, plain_message
 from common.federation import ClientData, slicer_cached
 from common.updates import POPULAR_ITEMS_KEY, decode_item_list
 
@@ -331,8 +331,7 @@ def recommendation_query_mod(msg: Message, context: Context, call_next: ClientAp
     try:
         answer = answer_query(msg, context)
     except (KeyError, ValueError, IndexError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(message)), reply_to=msg)
+        return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, plain_message(err)), reply_to=msg)
     request = msg.content.config_records[QUERY_KEY]
     reply = ConfigRecord({
         "user": int(request["user"]),  # type: ignore[arg-type]

@@ -21,7 +21,7 @@ import torch
 from client import store
 from client.store import DeviceState
 from common.config import FedRecConfig, parse_run_config
-from common.errors import DataError
+from common.errors import DataError, plain_message
 from common.federation import ClientData
 from common.models import ModelConfig, RecModel, build_model
 
@@ -233,5 +233,4 @@ def recommend_on_device(
         return recommend_for_state(parse_run_config(model.run_config), state, model, user, k,
                                    extra_seen=extra_seen, num_threads=num_threads)
     except (KeyError, ValueError, IndexError) as err:
-        message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-        raise DataError(str(message), store.state_file(state_dir)) from None
+        raise DataError(plain_message(err), store.state_file(state_dir)) from None

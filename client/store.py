@@ -42,7 +42,7 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from common.errors import DataError
+from common.errors import DataError, plain_message
 from common.federation import ClientData, EvalData
 from common.models import ModelConfig, build_model
 
@@ -528,8 +528,7 @@ def _edit(state_dir: str | os.PathLike[str], change) -> DeviceState:
         try:
             new = change(state)
         except (KeyError, ValueError) as err:
-            message = err.args[0] if isinstance(err, KeyError) and err.args else str(err)
-            raise DataError(str(message), state_file(state_dir)) from None
+            raise DataError(plain_message(err), state_file(state_dir)) from None
         save(state_dir, new)
         return new
 

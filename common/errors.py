@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 
-__all__ = ["DataError"]
+__all__ = ["DataError", "plain_message"]
 
 
 class DataError(ValueError):
@@ -45,3 +45,8 @@ class DataError(ValueError):
 
     def __reduce__(self):  # keep pickling (e.g. across Ray/Flower workers) intact
         return (type(self), (self.message, self.path, self.line))
+
+
+def plain_message(err: Exception) -> str:
+    """An exception's message as one would print it: ``str(KeyError("x"))`` adds quotes."""
+    return str(err.args[0]) if isinstance(err, KeyError) and err.args else str(err)
