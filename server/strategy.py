@@ -238,7 +238,7 @@ class FedRecStrategy(Strategy):
         )
         if self.user_dp is not None:
             mean_upload = self._privatize(mean_upload, len(valid))
-        lr = self.config.server_learning_rate if self.config.strategy in ("fedavg", "fedprox") else 1.0
+        lr = self.config.server_step(server_round) if self.config.strategy in ("fedavg", "fedprox") else 1.0
         decoded = decode_mean_update(self.layout, self.current, mean_upload, server_learning_rate=lr)
         total = sum(res.num_examples for _, res in valid)
         single = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(decoded), total, {})

@@ -11,7 +11,7 @@ The JSON holds run-config overrides (MovieLens-100K at ../shared/datasets/ml-100
 default); ``_slr`` sets the server learning rate, ``_adam`` a server Adam step size instead,
 ``eval-refit-epochs`` re-fits user rows before evaluating, ``_clients`` samples that many
 clients per round (seeded), ``_decay`` multiplies the server
-learning rate by that factor every round, ``_mom`` adds server momentum (FedAvgM),
+learning rate by that factor every round (from round ``_decay_from``), ``_mom`` adds server momentum (FedAvgM),
 ``_workers`` sets the size of the process pool (default 2).
 ``_clip`` C and ``_z`` z run user-level DP as the strategy does (clip on the device, weight
 1, noise of std z*C on the sum, divided by the clients per round); no accounting here.
@@ -81,7 +81,8 @@ with Pool(OV.get("_workers", 2), initializer=init) as pool:
             shared = [x + slr * v for x, v in zip(shared, vel)]
         else:
             shared = decode_mean_update(layout, shared, mean, server_learning_rate=slr)
-            slr *= decay
+            if rnd >= OV.get("_decay_from", 0):
+                slr *= decay
         if rnd % EVERY == 0 or rnd == ROUNDS:
             e = pool.map(ev, [(p, shared, states.get(p)) for p in range(n)], chunksize=32)
             parts = [{k[5:]: v for k, v in x.items() if k.startswith("test_")} for x in e]

@@ -41,6 +41,8 @@ def test_unknown_key_is_rejected_before_anything_runs():
         ({"secagg-quantization-range": 0}, "secagg-quantization-range must be > 0"),
         ({"shared-adam-epsilon": 0.0}, "shared-adam-epsilon must be > 0"),
         ({"user-learning-rate": -0.1}, "user-learning-rate must be >= 0"),
+        ({"server-learning-rate-decay": 1.5}, r"server-learning-rate-decay must be in \(0, 1\]"),
+        ({"server-learning-rate-decay-from": -1}, "server-learning-rate-decay-from must be >= 0"),
     ],
 )
 def test_bad_values_name_the_key(override, message):
@@ -57,3 +59,12 @@ def test_missing_key_names_the_key_and_where_defaults_live():
 
 def test_int_is_accepted_where_a_float_is_expected():
     assert parse_run_config(fused_run_config({"learning-rate": 1})).learning_rate == 1.0
+
+
+def test_server_step_is_constant_until_the_decay_round_then_geometric():
+    config = parse_run_config(fused_run_config(
+        {"server-learning-rate": 2.0, "server-learning-rate-decay": 0.5, "server-learning-rate-decay-from": 3}
+    ))
+    assert [config.server_step(r) for r in (1, 2, 3, 4, 5)] == [2.0, 2.0, 2.0, 1.0, 0.5]
+    constant = parse_run_config(fused_run_config({"server-learning-rate": 2.0, "server-learning-rate-decay": 0.5}))
+    assert constant.server_step(50) == 2.0, "decay-from 0 means no decay"

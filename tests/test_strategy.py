@@ -43,6 +43,15 @@ def test_fedavg_applies_the_row_wise_mean_times_the_server_learning_rate(tmp_pat
     assert summary["clients_ok"] == 2 and summary["item_rows_updated"] == 2
 
 
+def test_the_decayed_server_learning_rate_scales_later_rounds(tmp_path):
+    strategy = _strategy(tmp_path, strategy="fedavg", **{
+        "server-learning-rate": 2.0, "server-learning-rate-decay": 0.5, "server-learning-rate-decay-from": 1,
+    })
+    params, _ = strategy.aggregate_fit(2, [_result(1, _after(1.0, 1.0), [0])], [])
+    item, output = parameters_to_ndarrays(params)
+    assert item[0, 0] == pytest.approx(1.0) and output[0] == pytest.approx(1.0)  # round 2: 2.0 x 0.5 x delta 1
+
+
 def test_fedadam_takes_an_adam_step_of_size_eta_not_the_raw_mean(tmp_path):
     strategy = _strategy(tmp_path, strategy="fedadam", **{"server-eta": 0.01})
     params, _ = strategy.aggregate_fit(1, [_result(1, _after(1.0, 1.0), [0, 1, 2, 3])], [])

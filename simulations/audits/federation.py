@@ -108,7 +108,6 @@ def run_federation(
     dp = user_level_dp(config, dp_num_clients or len(clients))
     record_dp = record_dp_config(config)
     clipping = config.user_dp_clipping_norm if config.user_dp else None
-    lr = config.server_learning_rate if config.strategy in ("fedavg", "fedprox") else 1.0
     sampler = np.random.default_rng(sampling_seed)
     noise = np.random.default_rng(noise_seed)
     local_states: dict[int, dict[str, np.ndarray]] = {}
@@ -138,6 +137,7 @@ def run_federation(
         released = privatize(dp, mean, len(chosen), noise) if dp is not None else mean
         if observe is not None:
             observe(RoundView(rnd, chosen, uploads, weights, mean, released))
+        lr = config.server_step(rnd) if config.strategy in ("fedavg", "fedprox") else 1.0
         decoded = decode_mean_update(layout, current, released, server_learning_rate=lr)
         single = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(decoded), int(sum(weights)), {})
         new_parameters, _ = inner.aggregate_fit(rnd, [(None, single)], [])  # type: ignore[list-item]
