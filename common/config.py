@@ -18,6 +18,7 @@ PARTITIONINGS = ("user", "group")
 GRAD_SAMPLE_MODES = ("ghost", "hooks")
 ACCOUNTANTS = ("rdp", "pld")
 CLIENT_SAMPLINGS = ("fixed", "poisson")
+AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 
 
 class ConfigError(ValueError):
@@ -62,6 +63,14 @@ class FedRecConfig:
     server_eta: float
     proximal_mu: float
     row_wise_aggregation: bool
+    aggregation: str
+    trim_fraction: float
+    num_malicious: int
+    multi_krum_keep: int
+    norm_bound: float
+    max_update_norm: float
+    reject_norm_factor: float
+    exclude_after_rejections: int
     fraction_train: float
     clients_per_round: int
     min_train_clients: int
@@ -148,6 +157,7 @@ _CHOICES = {
     "record_dp_grad_sample_mode": GRAD_SAMPLE_MODES,
     "user_dp_accountant": ACCOUNTANTS,
     "client_sampling": CLIENT_SAMPLINGS,
+    "aggregation": AGGREGATIONS,
 }
 _POSITIVE = {
     "synthetic_users", "synthetic_items", "synthetic_mean_interactions", "users_per_client", "embedding_dim",
@@ -159,6 +169,7 @@ _POSITIVE = {
 _NON_NEGATIVE = {
     "eval_refit_epochs", "popular_items", "user_learning_rate", "num_negatives", "clients_per_round", "proximal_mu",
     "implicit_threshold", "server_learning_rate_decay_from",
+    "num_malicious", "multi_krum_keep", "norm_bound", "max_update_norm", "reject_norm_factor", "exclude_after_rejections",
     "record_dp_noise_multiplier", "record_dp_target_epsilon", "record_dp_epsilon_budget",
     "user_dp_noise_multiplier", "user_dp_delta", "user_dp_epsilon_budget",
 }
@@ -206,6 +217,19 @@ def parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
                 "user-dp-accountant 'pld' accounts for Poisson sampling only; set client-sampling = 'poisson' "
                 "or use the 'rdp' accountant, which also covers fixed-size sampling without replacement"
             )
+    if not 0.0 <= values["trim_fraction"] < 0.5:
+        raise ConfigError(f"trim-fraction must be in [0, 0.5); got {values['trim_fraction']!r}")
+    robust = values["aggregation"] != "mean" or values["norm_bound"] > 0
+    if robust and values["secure_aggregation"]:
+        raise ConfigError(
+            f"aggregation '{values['aggregation']}' / norm-bound need every client's update, but SecAgg+ only "
+            "reveals their sum; use aggregation = 'mean' and norm-bound = 0 with secure-aggregation"
+        )
+    if values["aggregation"] != "mean" and values["user_dp"]:
+        raise ConfigError(
+            f"aggregation '{values['aggregation']}' has a different sensitivity than the clipped sum that "
+            "user-dp's accountant assumes; use aggregation = 'mean' with user-dp"
+        )
     if values["record_dp"] and values["record_dp_noise_multiplier"] <= 0 and values["record_dp_target_epsilon"] <= 0:
         raise ConfigError("record-dp needs record-dp-noise-multiplier > 0 or record-dp-target-epsilon > 0")
     return FedRecConfig(**values)

@@ -93,17 +93,42 @@ def decode_mean_update(
     return new
 
 
+REJECTION_REASONS = ("arrays", "shape", "dtype", "non_finite", "touched", "no_examples", "norm", "clipping")
+
+
+class UpdateRejected(ValueError):
+    """An upload the server will not aggregate; ``reason`` is one of :data:`REJECTION_REASONS`."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
 def validate_upload(layout: UpdateLayout, upload: list[np.ndarray]) -> None:
-    """Reject an upload whose arrays do not match the layout (count, shape, finiteness)."""
+    """Reject an upload that does not match the layout: count, shape, dtype, finiteness, touched flags.
+
+    Clients send float32 arrays (the wire format halves the bytes of float64) and a touched
+    vector of weighted 0/1 flags in [0, 1]; anything else is a broken or hostile client.
+    """
     expected = layout.upload_shapes()
     if len(upload) != len(expected):
-        raise ValueError(f"update has {len(upload)} arrays, expected {len(expected)}")
+        raise UpdateRejected("arrays", f"update has {len(upload)} arrays, expected {len(expected)}")
     for index, (array, shape) in enumerate(zip(upload, expected)):
+        name = layout.names[index] if index < len(layout.names) else TOUCHED_KEY
         if tuple(array.shape) != shape:
-            name = layout.names[index] if index < len(layout.names) else TOUCHED_KEY
-            raise ValueError(f"update array {name} has shape {tuple(array.shape)}, expected {shape}")
+            raise UpdateRejected("shape", f"update array {name} has shape {tuple(array.shape)}, expected {shape}")
+        if not np.issubdtype(array.dtype, np.floating):
+            raise UpdateRejected("dtype", f"update array {name} has dtype {array.dtype}, expected a float type")
         if not np.all(np.isfinite(array)):
-            raise ValueError(f"update array {index} contains NaN or Inf")
+            raise UpdateRejected("non_finite", f"update array {name} contains NaN or Inf")
+    touched = upload[-1]
+    if touched.size and (touched.min() < 0.0 or touched.max() > 1.0):
+        raise UpdateRejected("touched", f"{TOUCHED_KEY} must lie in [0, 1], got [{touched.min():.3g}, {touched.max():.3g}]")
+
+
+def delta_norm(upload: list[np.ndarray]) -> float:
+    """L2 norm of an upload's deltas (the touched vector is bookkeeping, not a step)."""
+    return float(get_norm(upload[:-1]))
 
 
 def clip_deltas(upload: list[np.ndarray], clipping_norm: float) -> float:

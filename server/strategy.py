@@ -29,6 +29,7 @@ from flwr.common import (
 from flwr.common.logger import log
 from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
+from flwr.server.criterion import Criterion
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 from flwr.supercore.differential_privacy import get_norm
 
@@ -37,12 +38,16 @@ from common.metrics import merge_sums
 from common.privacy import UserLevelDP
 from common.updates import (
     POPULAR_ITEMS_KEY,
+    REJECTION_REASONS,
     UpdateLayout,
+    UpdateRejected,
     decode_mean_update,
+    delta_norm,
     encode_item_list,
     popular_items,
     validate_upload,
 )
+from server.robust import robust_mean
 from server.run_dir import RunRecorder
 
 
@@ -96,9 +101,42 @@ def check_clipped(upload: list[np.ndarray], clipping_norm: float, slack: float =
     """Under user-level DP every client's deltas (all but the touched vector) have norm <= C."""
     norm = get_norm(upload[:-1])
     if norm > clipping_norm * (1 + slack):
-        raise ValueError(f"update norm {norm:.6g} exceeds the user-dp clipping norm {clipping_norm}")
+        raise UpdateRejected("clipping", f"update norm {norm:.6g} exceeds the user-dp clipping norm {clipping_norm}")
     if not np.all(upload[-1] == 1.0):
-        raise ValueError("under user-dp the touched vector must be all ones (it would leak which items were trained)")
+        raise UpdateRejected(
+            "clipping", "under user-dp the touched vector must be all ones (it would leak which items were trained)"
+        )
+
+
+def check_norms(norms: list[float], max_norm: float, factor: float) -> list[str | None]:
+    """Per update, why its delta norm is absurd (None: fine).
+
+    Two rules: an absolute ceiling, and a multiple of the round's median norm, which adapts
+    to the dataset and model (a heavy user's honest update is tens of times the median, a
+    boosted poisoning update is orders of magnitude above it; on MovieLens-100K the heaviest
+    honest user's first update is 33x the median, hence the default of 100). The rule needs at
+    least 5 updates for the median to mean anything.
+    """
+    median = float(np.median(norms)) if len(norms) >= 5 else 0.0
+    reasons: list[str | None] = []
+    for norm in norms:
+        if max_norm > 0 and norm > max_norm:
+            reasons.append(f"update norm {norm:.4g} exceeds max-update-norm {max_norm:g}")
+        elif factor > 0 and median > 0 and norm > factor * median:
+            reasons.append(f"update norm {norm:.4g} exceeds {factor:g} x the round's median norm {median:.4g}")
+        else:
+            reasons.append(None)
+    return reasons
+
+
+class NotExcluded(Criterion):
+    """Sampling criterion: nodes the strategy has excluded for repeated bad updates are skipped."""
+
+    def __init__(self, excluded: set[int]) -> None:
+        self.excluded = excluded
+
+    def select(self, client: ClientProxy) -> bool:
+        return client.node_id not in self.excluded
 
 
 def privatize(
@@ -176,6 +214,8 @@ class FedRecStrategy(Strategy):
             config.popular_items > 0 and config.row_wise_aggregation and user_dp is None and not config.record_dp
         )
         self.touched_totals = np.zeros(layout.num_items, dtype=np.float64)
+        self.rejections: dict[int, int] = {}
+        self.excluded: set[int] = set()
 
     def __repr__(self) -> str:
         return f"FedRecStrategy(inner={self.inner!r}, rowwise={self.config.row_wise_aggregation})"
@@ -190,14 +230,17 @@ class FedRecStrategy(Strategy):
         client_manager.wait_for(self.config.min_available_clients)
         clients = sorted(client_manager.all().values(), key=lambda proxy: proxy.cid)
         chosen = self.sampling_rng.random(len(clients)) < self.user_dp.sampling_rate
-        return [client for client, keep in zip(clients, chosen) if keep]
+        return [client for client, keep in zip(clients, chosen) if keep and client.node_id not in self.excluded]
 
     def _sample(self, client_manager: ClientManager, fraction: float, count: int, minimum: int) -> list[ClientProxy]:
-        available = client_manager.num_available()
+        available = client_manager.num_available() - len(self.excluded)
         size = count if count > 0 else max(int(available * fraction), minimum)
         # Never ask for more clients than will be there: Flower's sampler returns none then.
         size = min(size, max(available, self.config.min_available_clients))
-        return client_manager.sample(num_clients=size, min_num_clients=self.config.min_available_clients)
+        criterion = NotExcluded(self.excluded) if self.excluded else None
+        return client_manager.sample(
+            num_clients=size, min_num_clients=self.config.min_available_clients, criterion=criterion
+        )
 
     # --- training ------------------------------------------------------------------
     def configure_fit(
@@ -225,7 +268,9 @@ class FedRecStrategy(Strategy):
         summary: dict[str, Scalar] = {
             "clients_ok": len(valid),
             "clients_failed": len(failures),
-            "clients_rejected": rejected,
+            "clients_rejected": sum(rejected.values()),
+            **{f"rejected_{reason}": count for reason, count in rejected.items()},
+            "clients_excluded": len(self.excluded),
         }
         if len(valid) < self.config.min_train_clients:
             log(WARNING, "round %s: %s usable updates < min-train-clients; model unchanged", server_round, len(valid))
@@ -233,9 +278,7 @@ class FedRecStrategy(Strategy):
                 log(ERROR, "round %s: first client failure: %s", server_round, describe_failure(failures[0]))
             self.recorder.round_trained(server_round, summary, [], time.perf_counter() - self._round_started)
             return None, summary
-        mean_upload = (
-            parameters_to_ndarrays(valid[0][1].parameters) if self.uploads_are_aggregated else weighted_mean(valid)
-        )
+        mean_upload = self._aggregate(valid)
         if self.user_dp is not None:
             mean_upload = self._privatize(mean_upload, len(valid))
         lr = self.config.server_step(server_round) if self.config.strategy in ("fedavg", "fedprox") else 1.0
@@ -262,31 +305,67 @@ class FedRecStrategy(Strategy):
             config[POPULAR_ITEMS_KEY] = encode_item_list(popular_items(self.touched_totals, self.config.popular_items))
         return config
 
-    def _validated(self, results: list[tuple[ClientProxy, FitRes]]) -> tuple[list[tuple[ClientProxy, FitRes]], int]:
-        """Drop malformed uploads (wrong count/shape, NaN/Inf, no examples) with a logged reason."""
+    def _aggregate(self, valid: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]:
+        """The round's mean upload: SecAgg+'s sum, the weighted mean, or a robust rule's stand-in."""
+        if self.uploads_are_aggregated:
+            return parameters_to_ndarrays(valid[0][1].parameters)
+        if self.config.aggregation == "mean" and self.config.norm_bound == 0:
+            return weighted_mean(valid)
+        ordered = sorted(valid, key=lambda item: hashlib.blake2b(b"".join(item[1].parameters.tensors)).digest())
+        uploads = [parameters_to_ndarrays(res.parameters) for _, res in ordered]
+        return robust_mean(self.config, uploads, [res.num_examples for _, res in ordered])
+
+    def _validated(
+        self, results: list[tuple[ClientProxy, FitRes]]
+    ) -> tuple[list[tuple[ClientProxy, FitRes]], dict[str, int]]:
+        """Drop bad uploads with a logged reason per client; count them by reason.
+
+        Structure first (arrays, shapes, dtypes, NaN/Inf, touched flags, example count, the
+        user-dp clipping), then the norm rules over the structurally sound ones. A node
+        rejected ``exclude-after-rejections`` times is not sampled again in this run.
+        """
+        rejected = dict.fromkeys(REJECTION_REASONS, 0)
         if self.uploads_are_aggregated:
             # One masked sum for all clients: only the aggregate itself can be checked.
             try:
                 if results:
                     validate_upload(self.layout, parameters_to_ndarrays(results[0][1].parameters))
-            except ValueError as err:
+            except UpdateRejected as err:
                 log(ERROR, "rejecting the securely aggregated update: %s", err)
-                return [], len(results)
-            return results, 0
-        valid = []
+                rejected[err.reason] = len(results)
+                return [], rejected
+            return results, rejected
+        sound, norms = [], []
         for proxy, res in results:
             try:
                 if res.num_examples <= 0:
-                    raise ValueError("reported no training examples")
+                    raise UpdateRejected("no_examples", "reported no training examples")
                 upload = parameters_to_ndarrays(res.parameters)
                 validate_upload(self.layout, upload)
                 if self.user_dp is not None:
                     check_clipped(upload, self.user_dp.clipping_norm)
-            except ValueError as err:
-                log(WARNING, "rejecting update from node %s: %s", proxy.node_id, err)
+            except UpdateRejected as err:
+                self._reject(proxy, err.reason, str(err), rejected)
                 continue
-            valid.append((proxy, res))
-        return valid, len(results) - len(valid)
+            sound.append((proxy, res))
+            norms.append(delta_norm(upload))
+        valid = []
+        for (proxy, res), why in zip(sound, check_norms(norms, self.config.max_update_norm, self.config.reject_norm_factor)):
+            if why is None:
+                valid.append((proxy, res))
+            else:
+                self._reject(proxy, "norm", why, rejected)
+        return valid, rejected
+
+    def _reject(self, proxy: ClientProxy, reason: str, message: str, counts: dict[str, int]) -> None:
+        counts[reason] += 1
+        strikes = self.rejections.get(proxy.node_id, 0) + 1
+        self.rejections[proxy.node_id] = strikes
+        limit = self.config.exclude_after_rejections
+        log(WARNING, "rejecting update from node %s (%s): %s", proxy.node_id, reason, message)
+        if limit > 0 and strikes >= limit and proxy.node_id not in self.excluded:
+            self.excluded.add(proxy.node_id)
+            log(WARNING, "node %s excluded for the rest of the run after %s rejected updates", proxy.node_id, strikes)
 
     def _privatize(self, mean_upload: list[np.ndarray], num_clients: int) -> list[np.ndarray]:
         assert self.user_dp is not None

@@ -59,17 +59,83 @@ def test_fedadam_takes_an_adam_step_of_size_eta_not_the_raw_mean(tmp_path):
     assert np.all(np.abs(item) <= 0.01 * 1.0001) and np.all(item > 0), "Adam's first step is about eta per coordinate"
 
 
-def test_malformed_updates_are_rejected_and_counted(tmp_path):
+def _raw(node_id, arrays, num_examples=1):
+    return SimpleNamespace(node_id=node_id), FitRes(Status(Code.OK, ""), ndarrays_to_parameters(arrays), num_examples, {})
+
+
+def _good_arrays(scale=1.0):
+    return encode_update(LAYOUT, GLOBAL, _after(scale, scale), np.array([0]))
+
+
+def _bad_upload(reason):
+    arrays = _good_arrays()
+    if reason == "arrays":
+        return arrays[:-1]
+    if reason == "shape":
+        return [np.zeros((3, 2), np.float32), *arrays[1:]]
+    if reason == "dtype":
+        return [arrays[0].astype(np.int32), *arrays[1:]]
+    if reason == "non_finite":
+        arrays[1][0] = np.nan
+        return arrays
+    if reason == "touched":
+        arrays[-1][2] = 7.0
+        return arrays
+    raise AssertionError(reason)
+
+
+@pytest.mark.parametrize("reason", ["arrays", "shape", "dtype", "non_finite", "touched"])
+def test_each_malformed_update_is_rejected_with_its_reason_and_the_round_goes_on(tmp_path, reason, caplog):
     strategy = _strategy(tmp_path)
-    good = _result(1, _after(1.0, 1.0), [0])
-    nan_after = _after(1.0, 1.0)
-    nan_after["output"][0] = np.nan
-    bad_nan = _result(2, nan_after, [0])
-    bad_shape = (SimpleNamespace(node_id=3), FitRes(Status(Code.OK, ""), ndarrays_to_parameters([np.zeros(2)]), 1, {}))
-    no_examples = _result(4, _after(1.0, 1.0), [0], num_examples=0)
-    params, summary = strategy.aggregate_fit(1, [good, bad_nan, bad_shape, no_examples], [])
-    assert summary["clients_ok"] == 1 and summary["clients_rejected"] == 3
-    assert np.isfinite(np.concatenate([a.ravel() for a in parameters_to_ndarrays(params)])).all()
+    params, summary = strategy.aggregate_fit(1, [_raw(1, _good_arrays()), _raw(2, _bad_upload(reason))], [])
+    assert summary["clients_ok"] == 1 and summary["clients_rejected"] == 1 and summary[f"rejected_{reason}"] == 1
+    assert sum(v for k, v in summary.items() if k.startswith("rejected_")) == 1
+    item, output = parameters_to_ndarrays(params)
+    np.testing.assert_allclose(output, 5.0 * 1.0)  # only the good client's delta, server lr 5
+    assert f"node 2 ({reason})" in caplog.text
+
+
+def test_no_examples_and_absurd_norms_are_rejected(tmp_path):
+    strategy = _strategy(tmp_path, **{"reject-norm-factor": 10.0})
+    honest = [_raw(n, _good_arrays(1.0 + 0.1 * n)) for n in range(1, 6)]
+    boosted = _raw(9, _good_arrays(1000.0))
+    empty = _raw(8, _good_arrays(), num_examples=0)
+    params, summary = strategy.aggregate_fit(1, [*honest, boosted, empty], [])
+    assert summary["clients_ok"] == 5 and summary["rejected_norm"] == 1 and summary["rejected_no_examples"] == 1
+    assert np.abs(parameters_to_ndarrays(params)[1]).max() < 10, "the boosted update never reached the model"
+    capped = _strategy(tmp_path / "abs", **{"max-update-norm": 1.5, "reject-norm-factor": 0.0})
+    _, summary = capped.aggregate_fit(1, [_raw(1, _good_arrays(0.5)), _raw(2, _good_arrays(1.0))], [])
+    assert summary["rejected_norm"] == 1  # |delta| of scale 1 is 2.0 (item row 1 + 3 outputs) > 1.5
+
+
+def test_a_node_that_keeps_sending_bad_updates_is_excluded_from_sampling(tmp_path):
+    strategy = _strategy(tmp_path, **{"exclude-after-rejections": 2})
+    for server_round in (1, 2):
+        _, summary = strategy.aggregate_fit(server_round, [_raw(1, _good_arrays()), _raw(7, _bad_upload("shape"))], [])
+    assert summary["clients_excluded"] == 1 and strategy.excluded == {7}
+    proxies = [SimpleNamespace(node_id=n, cid=str(n)) for n in (1, 7, 3)]
+
+    def sample(num_clients, min_num_clients=None, criterion=None):
+        eligible = [p for p in proxies if criterion is None or criterion.select(p)]
+        return eligible[:num_clients]
+
+    manager = SimpleNamespace(num_available=lambda: 3, sample=sample)
+    chosen = [proxy.node_id for proxy, _ in strategy.configure_fit(3, ndarrays_to_parameters([]), manager)]
+    assert chosen == [1, 3]
+    never = _strategy(tmp_path / "never", **{"exclude-after-rejections": 0})
+    for server_round in (1, 2, 3):
+        never.aggregate_fit(server_round, [_raw(1, _good_arrays()), _raw(7, _bad_upload("shape"))], [])
+    assert never.excluded == set()
+
+
+def test_robust_aggregation_replaces_the_mean(tmp_path):
+    uploads = [_raw(n, _good_arrays(1.0)) for n in range(1, 5)] + [_raw(9, _good_arrays(50.0))]
+    mean = _strategy(tmp_path / "m", **{"reject-norm-factor": 0.0})
+    mean.aggregate_fit(1, uploads, [])
+    median = _strategy(tmp_path / "d", aggregation="median", **{"reject-norm-factor": 0.0})
+    median.aggregate_fit(1, uploads, [])
+    assert mean.current[1][0] == pytest.approx(5.0 * (4 + 50) / 5)
+    assert median.current[1][0] == pytest.approx(5.0 * 1.0), "the median ignores the one outlier"
 
 
 def test_too_few_usable_updates_leave_the_model_unchanged(tmp_path):
