@@ -247,6 +247,7 @@ class FedRecClient(NumPyClient):
             local_state,
             seed=self.config.seed,
             refit=self.config.refit_config,
+            exposure_item=self.config.exposure_item,
         )
         num_users = int(metrics.get("test_count", 0))
         # The legacy API wants a loss; fedrec's evaluation is the ranking metrics above,

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.evaluation import evaluate_model
+from common.evaluation import evaluate_model, exposure_hits, model_scorers
 from common.federation import ClientData
 from common.metrics import sums
 from common.models import ModelConfig, RecModel, build_model
@@ -178,8 +178,12 @@ def evaluate_client(
     seed: int,
     k: int = 10,
     refit: TrainConfig | None = None,
+    exposure_item: int = -1,
 ) -> dict[str, float]:
     """Sums of per-user metrics (test and validation) for the server to average by users.
+
+    With ``exposure_item`` >= 0, also the sums of that item's exposure ratio ER@k
+    (``exposure_*``), the measure of item-promotion attacks.
 
     With ``refit``, the user rows are first re-fitted on the device against the global
     item side it just received (:func:`refit_user_rows`), as a device would before
@@ -194,4 +198,10 @@ def evaluate_client(
         per_user = evaluate_model(model, part.users, part.items, part.negatives, seen, k)
         if per_user:
             result.update({f"{prefix}_{key}": value for key, value in sums(per_user).items()})
+    if exposure_item >= 0 and len(data.test.users):
+        seen = data.seen_items(include_validation=True)
+        interacted = [np.union1d(seen[u], data.test.items[data.test.users == u]) for u in range(len(seen))]
+        _, score_all = model_scorers(model)
+        exposure = exposure_hits(score_all, np.unique(data.test.users), interacted, exposure_item, k=k)
+        result.update({f"exposure_{key}": value for key, value in exposure.items()})
     return result

@@ -79,6 +79,7 @@ class FedRecConfig:
     evaluate_every: int
     final_full_evaluation: bool
     eval_refit_epochs: int
+    exposure_item: int
     popular_items: int
     run_dir: str
     checkpoint_every: int
@@ -103,6 +104,7 @@ class FedRecConfig:
     user_dp_accountant: str
     client_sampling: str
     report: bool
+    resume: bool
 
     @property
     def model_config(self) -> ModelConfig:
@@ -217,6 +219,8 @@ def parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
                 "user-dp-accountant 'pld' accounts for Poisson sampling only; set client-sampling = 'poisson' "
                 "or use the 'rdp' accountant, which also covers fixed-size sampling without replacement"
             )
+    if values["exposure_item"] < -1:
+        raise ConfigError(f"exposure-item must be an item id >= 0, or -1 for none; got {values['exposure_item']!r}")
     if not 0.0 <= values["trim_fraction"] < 0.5:
         raise ConfigError(f"trim-fraction must be in [0, 0.5); got {values['trim_fraction']!r}")
     robust = values["aggregation"] != "mean" or values["norm_bound"] > 0
@@ -233,6 +237,12 @@ def parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
     if values["record_dp"] and values["record_dp_noise_multiplier"] <= 0 and values["record_dp_target_epsilon"] <= 0:
         raise ConfigError("record-dp needs record-dp-noise-multiplier > 0 or record-dp-target-epsilon > 0")
     return FedRecConfig(**values)
+
+
+def check_against_data(config: FedRecConfig, num_items: int) -> None:
+    """The checks that need the loaded dataset (run before the first round)."""
+    if config.exposure_item >= num_items:
+        raise ConfigError(f"exposure-item {config.exposure_item} is not an item of this dataset (0..{num_items - 1})")
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

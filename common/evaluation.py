@@ -81,3 +81,24 @@ def evaluate_model(
     """:func:`evaluate_ranking` with a model's scores."""
     pairs, all_items = model_scorers(model)
     return evaluate_ranking(pairs, all_items, users, held_out, negatives, seen, k=k, full=full)
+
+
+def exposure_hits(
+    score_all: AllScorer, users: np.ndarray, interacted: list[np.ndarray], item: int, *, k: int = 10
+) -> dict[str, float]:
+    """Sums for the exposure ratio ER@k of one item: the share of users who never interacted
+    with it and still find it in their top-k of the items they have not interacted with.
+
+    The measure of item-promotion attacks (FedRecAttack, PipAttack); ``interacted[u]`` is
+    everything user ``u`` interacted with, held-out items included.
+    """
+    eligible = [u for u in users if item not in set(interacted[u].tolist())]
+    if not eligible:
+        return {}
+    scores = score_all(np.asarray(eligible)).astype(np.float64)
+    hits = 0
+    for row, user in zip(scores, eligible):
+        row[interacted[user]] = -np.inf
+        threshold = np.partition(row, -k)[-k] if len(row) > k else -np.inf
+        hits += int(row[item] >= threshold and np.isfinite(row[item]))
+    return {"count": float(len(eligible)), f"er@{k}": float(hits)}

@@ -11,9 +11,13 @@ Layout::
     dataset.json         counts only: users, items, interactions, clients
     report.html/.json    the privacy audit report (``fedrec report``), when the run ends
     checkpoints/         shared model every N rounds and ``final.npz``
+    server-state.npz     everything the server needs to resume after its last completed round
+                         (shared model, server optimizer, popularity sums, exclusions, round)
     summary.json         final metrics and wall time, written when the run ends
 
-An earlier run in the same directory is moved aside, never overwritten. Every file is
+An earlier run in the same directory is moved aside, never overwritten, unless the run
+resumes it (``resume = true``): then the rows up to its last completed round are kept and
+the run goes on from there. Every file is
 replaced atomically (write to a temporary file, then ``os.replace``) or
 appended line by line, so a killed server leaves the last complete round on disk.
 """
@@ -27,6 +31,7 @@ import json
 import math
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -70,20 +75,86 @@ def keep_previous_run(path: Path) -> Path | None:
     return target
 
 
+SERVER_STATE_FILE = "server-state.npz"
+RESUME_KEY = "resume"  # the one run-config key a resumed run may change
+
+
+@dataclass
+class ServerState:
+    """What a server needs to go on after ``server_round``: arrays by name plus JSON-able facts."""
+
+    server_round: int
+    arrays: dict[str, np.ndarray]
+    facts: dict[str, Any]
+
+
+def save_server_state(run_dir: str | os.PathLike, state: ServerState) -> None:
+    """Write ``server-state.npz`` atomically: a kill leaves the previous round's state or this one."""
+    buffer = io.BytesIO()
+    facts = json.dumps(state.facts, default=_jsonable)
+    np.savez(buffer, __round__=np.array(state.server_round), __facts__=np.array(facts), **state.arrays)
+    atomic_write_bytes(Path(run_dir) / SERVER_STATE_FILE, buffer.getvalue())
+
+
+def load_server_state(run_dir: str | os.PathLike) -> ServerState | None:
+    """The state of an interrupted run in ``run_dir`` (None if it never completed a round)."""
+    path = Path(run_dir) / SERVER_STATE_FILE
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path) as archive:
+            arrays = {k: archive[k] for k in archive.files if k not in ("__round__", "__facts__")}
+            return ServerState(int(archive["__round__"]), arrays, json.loads(str(archive["__facts__"])))
+    except (OSError, ValueError, KeyError) as err:
+        raise ValueError(f"{path}: not a fedrec server state ({err})") from None
+
+
+def _without_resume(run_config: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in run_config.items() if k != RESUME_KEY}
+
+
 class RunRecorder:
     """Writes per-round metrics, client traffic and checkpoints into one directory."""
 
-    def __init__(self, run_dir: str | os.PathLike, run_config: Mapping[str, Any], checkpoint_every: int) -> None:
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        run_config: Mapping[str, Any],
+        checkpoint_every: int,
+        *,
+        resume_after: int = 0,
+    ) -> None:
+        """``resume_after`` > 0: continue the run in ``run_dir`` after that completed round."""
         self.path = Path(run_dir)
-        self.previous = keep_previous_run(self.path)
-        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         self.checkpoint_every = checkpoint_every
         self.rows: list[dict[str, Any]] = []
         self.started = time.time()
+        if resume_after > 0:
+            self.previous = None
+            self._keep_rows_up_to(resume_after, run_config)
+            return
+        self.previous = keep_previous_run(self.path)
+        (self.path / "checkpoints").mkdir(parents=True, exist_ok=True)
         resolved = {"run_config": dict(run_config), "config_sha256": config_hash(run_config), "started_at": self.started}
         atomic_write_bytes(self.path / "config.json", json.dumps(resolved, indent=2, sort_keys=True).encode())
         for name in ("metrics.jsonl", "traffic.jsonl"):
             (self.path / name).write_text("")
+
+    def _keep_rows_up_to(self, server_round: int, run_config: Mapping[str, Any]) -> None:
+        """Resume: the same run-config (but ``resume``), and only rows of completed rounds."""
+        written = json.loads((self.path / "config.json").read_text())["run_config"]
+        if _without_resume(written) != _without_resume(run_config):
+            changed = sorted(k for k in set(written) | set(run_config) if k != RESUME_KEY and written.get(k) != run_config.get(k))
+            raise ValueError(
+                f"{self.path}: cannot resume with a different run-config (changed: {', '.join(changed)}); "
+                "resume with the interrupted run's settings or use a new run-dir"
+            )
+        for name in ("metrics.jsonl", "traffic.jsonl"):
+            lines = (self.path / name).read_text().splitlines() if (self.path / name).exists() else []
+            kept = [line for line in lines if line.strip() and json.loads(line).get("round", 0) <= server_round]
+            atomic_write_bytes(self.path / name, "".join(line + "\n" for line in kept).encode())
+            if name == "metrics.jsonl":
+                self.rows = [json.loads(line) for line in kept]
 
     def _append(self, name: str, row: Mapping[str, Any]) -> None:
         with open(self.path / name, "a", encoding="utf-8") as handle:

@@ -16,12 +16,12 @@ from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import ServerApp
 
-from common.config import FedRecConfig, parse_run_config
+from common.config import FedRecConfig, check_against_data, parse_run_config
 from common.federation import PreparedData, prepare_cached, slicer_cached
 from common.models import build_model
 from common.privacy import UserLevelDP
 from common.updates import UpdateLayout
-from server.run_dir import RunRecorder
+from server.run_dir import RunRecorder, load_server_state
 from server.strategy import FedRecStrategy
 
 app = ServerApp()
@@ -157,10 +157,16 @@ def main(grid: Grid, context: Context) -> None:
     """Train for ``num-server-rounds`` and leave a complete run directory behind."""
     config = parse_run_config(context.run_config)
     prepared = prepare_cached(config)
+    check_against_data(config, prepared.num_items)
     model = build_model(config.model_config, 0, prepared.num_items, seed=config.seed)
     shared = model.shared_state()
     layout = UpdateLayout.from_state(shared, model.item_row_parameter_names(), prepared.num_items)
-    recorder = RunRecorder(config.run_dir, context.run_config, config.checkpoint_every)
+    resumed = load_server_state(config.run_dir) if config.resume else None
+    if config.resume and resumed is None:
+        log(logging.WARNING, "fedrec: resume = true but %s holds no completed round; starting at round 1", config.run_dir)
+    recorder = RunRecorder(
+        config.run_dir, context.run_config, config.checkpoint_every, resume_after=resumed.server_round if resumed else 0
+    )
     dp = user_level_dp(config, len(slicer_cached(config)))
     rounds, stop_reason = plan_rounds(config, dp)
     recorder.write_json("privacy.json", {**privacy_plan(config, dp, rounds, stop_reason), "transport": transport_facts(grid)})
@@ -176,6 +182,9 @@ def main(grid: Grid, context: Context) -> None:
         user_dp=dp,
         num_rounds=rounds,
     )
+    if resumed is not None:
+        strategy.restore(resumed)
+        log(logging.INFO, "fedrec: resuming %s after round %d of %d", config.run_dir, resumed.server_round, rounds)
     log(
         logging.INFO,
         "fedrec: %s on %s (%d users, %d items), %s, secure aggregation %s, run dir %s",
@@ -187,11 +196,16 @@ def main(grid: Grid, context: Context) -> None:
         "SecAgg+" if config.secure_aggregation else "off",
         recorder.path,
     )
-    legacy_context = LegacyContext(
-        context=context, config=ServerConfig(num_rounds=rounds), strategy=strategy
-    )
-    DefaultWorkflow(fit_workflow=fit_workflow(config))(grid, legacy_context)
-    summary = recorder.finish({"stop_reason": stop_reason} if stop_reason else None)
+    remaining = rounds - strategy.start_round
+    if remaining > 0:
+        legacy_context = LegacyContext(
+            context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy
+        )
+        DefaultWorkflow(fit_workflow=fit_workflow(config))(grid, legacy_context)
+    extra: dict = {"stop_reason": stop_reason} if stop_reason else {}
+    if resumed is not None:
+        extra.update(resumed_after_round=resumed.server_round, wall_seconds_before_resume=strategy.elapsed_before)
+    summary = recorder.finish(extra)
     if config.report:
         write_report_safely(config.run_dir)
     final = summary.get("final_evaluation", {})

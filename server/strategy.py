@@ -48,7 +48,7 @@ from common.updates import (
     validate_upload,
 )
 from server.robust import robust_mean
-from server.run_dir import RunRecorder
+from server.run_dir import RunRecorder, ServerState, save_server_state
 
 
 def build_inner_strategy(config: FedRecConfig, initial: Parameters) -> Strategy:
@@ -207,6 +207,7 @@ class FedRecStrategy(Strategy):
         self.recorder = recorder
         self.uploads_are_aggregated = uploads_are_aggregated
         self._round_started = time.perf_counter()
+        self._created = time.perf_counter()
         # Example-weighted sum of every round's touched vector: the popularity fallback.
         # Under either DP (or whole-table averaging) the touched vector is all ones and
         # says nothing, so nothing is published.
@@ -216,9 +217,52 @@ class FedRecStrategy(Strategy):
         self.touched_totals = np.zeros(layout.num_items, dtype=np.float64)
         self.rejections: dict[int, int] = {}
         self.excluded: set[int] = set()
+        # Rounds an interrupted run already completed: Flower's workflow counts from 1 again,
+        # fedrec's rounds (records, accounting, schedules) go on from here.
+        self.start_round = 0
+        self.elapsed_before = 0.0
 
     def __repr__(self) -> str:
         return f"FedRecStrategy(inner={self.inner!r}, rowwise={self.config.row_wise_aggregation})"
+
+    # --- resuming ------------------------------------------------------------------
+    def server_state(self, server_round: int) -> ServerState:
+        """Everything :meth:`restore` needs to go on after ``server_round``."""
+        arrays = {f"shared/{name}": value for name, value in zip(self.layout.names, self.current)}
+        for slot in ("m_t", "v_t"):  # FedAdam / FedYogi's moments (absent for FedAvg / FedProx)
+            for index, value in enumerate(getattr(self.inner, slot, None) or []):
+                arrays[f"inner/{slot}/{index}"] = np.asarray(value)
+        arrays["touched_totals"] = self.touched_totals
+        facts = {
+            "rejections": {str(k): v for k, v in self.rejections.items()},
+            "excluded": sorted(self.excluded),
+            "elapsed_seconds": self.elapsed_before + time.perf_counter() - self._created,
+            "user_dp_rounds_accounted": server_round if self.user_dp is not None else 0,
+        }
+        return ServerState(server_round, arrays, facts)
+
+    def restore(self, state: ServerState) -> None:
+        """Continue after ``state.server_round``: model, server optimizer, popularity sums, exclusions."""
+        names = [f"shared/{name}" for name in self.layout.names]
+        missing = [n for n in names if n not in state.arrays]
+        if missing:
+            raise ValueError(f"server state lacks {', '.join(missing)}: it belongs to another model")
+        restored = [state.arrays[n] for n in names]  # dtype as saved: bit for bit
+        if [a.shape for a in restored] != [a.shape for a in self.current]:
+            raise ValueError("server state has other shapes than this run's model: it belongs to another run")
+        self.current = restored
+        self.inner = build_inner_strategy(self.config, ndarrays_to_parameters(self.current))
+        if hasattr(self.inner, "current_weights"):
+            self.inner.current_weights = [a.copy() for a in self.current]
+        for slot in ("m_t", "v_t"):
+            moments = [state.arrays[f"inner/{slot}/{i}"] for i in range(len(names)) if f"inner/{slot}/{i}" in state.arrays]
+            if moments and hasattr(self.inner, slot):
+                setattr(self.inner, slot, moments)
+        self.touched_totals = state.arrays.get("touched_totals", self.touched_totals).astype(np.float64)
+        self.rejections = {int(k): int(v) for k, v in state.facts.get("rejections", {}).items()}
+        self.excluded = {int(n) for n in state.facts.get("excluded", [])}
+        self.elapsed_before = float(state.facts.get("elapsed_seconds", 0.0))
+        self.start_round = state.server_round
 
     # --- setup ---------------------------------------------------------------------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -246,6 +290,7 @@ class FedRecStrategy(Strategy):
     def configure_fit(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, FitIns]]:
+        server_round += self.start_round
         self._round_started = time.perf_counter()
         if self.config.client_sampling == "poisson" and self.user_dp is not None:
             clients = self._sample_poisson(client_manager)
@@ -264,6 +309,7 @@ class FedRecStrategy(Strategy):
         results: list[tuple[ClientProxy, FitRes]],
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
+        server_round += self.start_round
         valid, rejected = self._validated(results)
         summary: dict[str, Scalar] = {
             "clients_ok": len(valid),
@@ -277,6 +323,7 @@ class FedRecStrategy(Strategy):
             if failures:
                 log(ERROR, "round %s: first client failure: %s", server_round, describe_failure(failures[0]))
             self.recorder.round_trained(server_round, summary, [], time.perf_counter() - self._round_started)
+            save_server_state(self.recorder.path, self.server_state(server_round))
             return None, summary
         mean_upload = self._aggregate(valid)
         if self.user_dp is not None:
@@ -287,6 +334,7 @@ class FedRecStrategy(Strategy):
         single = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(decoded), total, {})
         new_parameters, _ = self.inner.aggregate_fit(server_round, [(valid[0][0], single)], [])
         if new_parameters is None:
+            save_server_state(self.recorder.path, self.server_state(server_round))
             return None, summary
         self.current = parameters_to_ndarrays(new_parameters)
         if self.publishes_popularity:
@@ -296,6 +344,7 @@ class FedRecStrategy(Strategy):
         summary.update(self._privacy_summary(server_round, client_metrics))
         self.recorder.round_trained(server_round, summary, client_metrics, time.perf_counter() - self._round_started)
         self.recorder.maybe_checkpoint(server_round, self.layout.names, self.current, final=self._is_last(server_round))
+        save_server_state(self.recorder.path, self.server_state(server_round))
         return new_parameters, summary
 
     def _round_config(self, server_round: int) -> dict[str, Scalar]:
@@ -407,6 +456,7 @@ class FedRecStrategy(Strategy):
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        server_round += self.start_round
         last = self._is_last(server_round)
         if not last and server_round % self.config.evaluate_every != 0:
             return []
@@ -423,11 +473,12 @@ class FedRecStrategy(Strategy):
         results: list[tuple[ClientProxy, EvaluateRes]],
         failures: list[tuple[ClientProxy, EvaluateRes] | BaseException],
     ) -> tuple[float | None, dict[str, Scalar]]:
+        server_round += self.start_round
         if failures:
             log(WARNING, "round %s: %s evaluation failures, first: %s", server_round, len(failures), describe_failure(failures[0]))
         metrics_list = [dict(res.metrics) for _, res in results]
         summary: dict[str, Scalar] = {"eval_clients": len(results), "eval_failures": len(failures)}
-        for prefix in ("test", "val"):
+        for prefix in ("test", "val", "exposure"):
             merged = merge_sums(split_prefixed(metrics_list, prefix))
             summary.update({f"{prefix}_{k}": v for k, v in merged.items()})
         if self._is_last(server_round) and self.config.final_full_evaluation:

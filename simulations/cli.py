@@ -82,14 +82,18 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
+    from common.config import check_against_data
     from common.federation import slicer_cached
     from simulations.engine import run_in_process
 
     overrides = _overrides(
-        args, {"model": args.model, "num-server-rounds": args.rounds, "run-dir": args.run_dir}
+        args, {"model": args.model, "num-server-rounds": args.rounds, "run-dir": args.run_dir,
+               "resume": True if args.resume else None}
     )
     config = _config(overrides)
-    num_clients = len(slicer_cached(config))
+    slicer = slicer_cached(config)
+    num_clients = len(slicer)
+    check_against_data(config, slicer.prepared.num_items)
     print(
         f"fedrec simulate: {config.model} on {config.dataset}, {num_clients} clients, "
         f"{config.num_server_rounds} rounds -> {config.run_dir}",
@@ -357,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--rounds", type=int, help="num-server-rounds")
     simulate.add_argument("--run-dir", help="where metrics, checkpoints and the summary go")
     simulate.add_argument("--verbose", action="store_true", help="debug logs from Flower and Ray")
+    simulate.add_argument("--resume", action="store_true", help="continue the run in --run-dir after its last completed round")
     simulate.set_defaults(func=cmd_simulate)
 
     certs = sub.add_parser("certs", help="write a CA and a SuperLink TLS certificate (ca.crt, server.pem, server.key)")
