@@ -86,10 +86,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from common.federation import slicer_cached
     from simulations.engine import run_in_process
 
+    from simulations.scenario import load_scenario
+
     overrides = _overrides(
         args, {"model": args.model, "num-server-rounds": args.rounds, "run-dir": args.run_dir,
                "resume": True if args.resume else None}
     )
+    if args.scenario:
+        overrides = {**load_scenario(args.scenario), **overrides}
     config = _config(overrides)
     slicer = slicer_cached(config)
     num_clients = len(slicer)
@@ -357,6 +361,7 @@ def build_parser() -> argparse.ArgumentParser:
     baseline.set_defaults(func=cmd_baseline)
 
     simulate = sub.add_parser("simulate", help="run the federated app in-process on the Simulation Engine")
+    simulate.add_argument("scenario", nargs="?", help="a scenario TOML file of run-config keys (simulations/scenarios/)")
     _common_flags(simulate)
     simulate.add_argument("--rounds", type=int, help="num-server-rounds")
     simulate.add_argument("--run-dir", help="where metrics, checkpoints and the summary go")
