@@ -72,3 +72,15 @@ def test_norm_bound_clips_deltas_but_not_the_touched_vector():
     assert delta_norm(bound_norm(_fleet()[0], 1e6)) == pytest.approx(delta_norm(_fleet()[0]))
     row = _target_row(_config(**{"norm-bound": 1.0}), _fleet())
     assert np.linalg.norm(row) <= 1.0 + 1e-6, "the poisoner's row moves at most by the bound"
+
+
+def test_exposure_ratio_counts_only_users_who_never_had_the_item():
+    from common.evaluation import exposure_hits
+
+    scores = np.array([[0.0, 1.0, 5.0, 2.0], [0.0, 9.0, 8.0, 1.0], [3.0, 2.0, 1.0, 0.0]])
+    interacted = [np.array([3]), np.array([1]), np.array([2])]  # user 2 had item 2: not counted
+    got = exposure_hits(lambda users: scores[users], np.array([0, 1, 2]), interacted, item=2, k=1)
+    # user 0: best unseen is item 2 (hit); user 1: item 1 is seen, so item 2 is top (hit)
+    assert got == {"count": 2.0, "er@1": 2.0}
+    got = exposure_hits(lambda users: scores[users], np.array([0, 1]), [np.array([], int), np.array([], int)], item=2, k=1)
+    assert got == {"count": 2.0, "er@1": 1.0}  # user 1 now ranks item 1 above it
