@@ -16,7 +16,7 @@ from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.serverapp import ServerApp
 
-from common.config import FedRecConfig, check_against_data, parse_run_config
+from common.config import ConfigError, FedRecConfig, check_against_data, parse_run_config
 from common.federation import PreparedData, prepare_cached, slicer_cached
 from common.models import build_model
 from common.privacy import UserLevelDP
@@ -162,6 +162,13 @@ def main(grid: Grid, context: Context) -> None:
     shared = model.shared_state()
     layout = UpdateLayout.from_state(shared, model.item_row_parameter_names(), prepared.num_items)
     resumed = load_server_state(config.run_dir) if config.resume else None
+    if resumed is not None and config.record_dp and transport_facts(grid)["engine"] == "simulation":
+        # Each device's record-level accountant lives in its Context, which died with the
+        # simulation: resuming would restart every device's epsilon at zero.
+        raise ConfigError(
+            "resume with record-dp in simulation would restart every device's record-level epsilon at zero "
+            "(their accountants lived in the killed process); start a new run-dir instead"
+        )
     if config.resume and resumed is None:
         log(logging.WARNING, "fedrec: resume = true but %s holds no completed round; starting at round 1", config.run_dir)
     recorder = RunRecorder(

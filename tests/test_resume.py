@@ -130,3 +130,22 @@ def test_a_killed_run_resumes_after_its_last_completed_round_and_epsilon_goes_on
     # DP noise is drawn from OS entropy, so two runs never agree bit for bit; on 60 users
     # one HR@10 standard error is about 0.06.
     assert abs(a["test_sampled_hr@10"] - b["test_sampled_hr@10"]) < 0.2
+
+
+def test_a_simulation_with_record_level_dp_refuses_to_resume(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from common.config import ConfigError
+    from server.run_dir import ServerState, save_server_state
+    from server.server_app import main
+
+    class InMemoryGrid:  # what the Simulation Engine hands the ServerApp (matched by type name)
+        pass
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save_server_state(run_dir, ServerState(2, {}, {}))
+    run_config = fused_run_config({"record-dp": True, "resume": True, "run-dir": str(run_dir)})
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    with pytest.raises(ConfigError, match="record-level epsilon at zero"):
+        main(InMemoryGrid(), context)
