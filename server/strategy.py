@@ -114,7 +114,7 @@ def check_norms(norms: list[float], max_norm: float, factor: float) -> list[str 
     Two rules: an absolute ceiling, and a multiple of the round's median norm, which adapts
     to the dataset and model (a heavy user's honest update is tens of times the median, a
     boosted poisoning update is orders of magnitude above it; on MovieLens-100K the heaviest
-    honest user's first update is 33x the median, hence the default of 100). The rule needs at
+    honest user's first update is 33x the median, 3.5x by round 100, hence the default of 100). The rule needs at
     least 5 updates for the median to mean anything.
     """
     median = float(np.median(norms)) if len(norms) >= 5 else 0.0

@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", default="0.05,0.01", help="fake devices per honest device")
     parser.add_argument("--defenses", default="none,norm-reject,norm-bound,trimmed-mean,median,multi-krum",
                         help=f"any of {', '.join(DEFENSES)}")
-    parser.add_argument("--clean", default="none", help="defenses also run without attackers (their cost)")
+    parser.add_argument("--clean", default="none", help="defenses also run without attackers (their cost; run first)")
     parser.add_argument("--target", type=int, default=-1, help="item to promote (default: a least-popular one)")
     parser.add_argument("--boost", type=float, default=30.0, help="factor on the fake devices' deltas")
     parser.add_argument("--filler", type=int, default=20, help="popular items in a fake profile")
@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown defense(s) {', '.join(unknown)}; choose from {', '.join(DEFENSES)}")
     points = [(f"clean-{d}", 0.0, d) for d in args.clean.split(",") if d]
-    points += [(f"{f:g}-{d}", f, d) for f in map(float, args.fractions.split(",")) for d in args.defenses.split(",") if d]
+    fractions = [float(f) for f in args.fractions.split(",") if f.strip()]
+    points += [(f"{f:g}-{d}", f, d) for f in fractions for d in args.defenses.split(",") if d]
     print(f"[poisoning] target item {target}, {num_honest} honest devices, boost {args.boost}", file=sys.stderr)
     table = []
     for name, fraction, defense in points:
