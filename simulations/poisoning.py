@@ -5,15 +5,17 @@ In the spirit of PipAttack / FedRecAttack. ``M = ceil(fraction x N)`` fake devic
 the global model it is sent and the popular items the server publishes. Each round it
 trains fedrec's own local step on a made-up profile, the target item plus the most popular
 items (popularity alignment: the target row is pulled towards the taste most users share),
-and multiplies its deltas by ``boost`` before uploading. Row-wise averaging makes this
-strong: the target row is averaged only over the devices that touched it, mostly fakes.
+multiplies its deltas by ``boost`` and claims ``claim`` training examples (700, about the
+heaviest honest MovieLens-100K user, so the claim alone looks plausible) before uploading.
+Row-wise averaging helps it: the target row is averaged only over the devices that touched
+it (the fakes, and honest devices that drew it as a sampled negative).
 
 The measure is the exposure ratio ER@10 of the target (share of honest users who never
 interacted with it and find it in their top-10; ``exposure-item`` run-config), next to the
 honest users' HR@10, per defense (``aggregation`` / ``norm-bound`` / the norm rejection).
 
-    python -m simulations.poisoning --data ../shared/datasets/ml-100k --rounds 40 \\
-        --fractions 0.05,0.01 --defenses none,norm-bound,trimmed-mean,median,multi-krum
+    python -m simulations.poisoning --data ../shared/datasets/ml-100k --rounds 25 \\
+        --fractions 0.05 --defenses none,multi-krum,median,trimmed-mean --clean none
 """
 
 from __future__ import annotations
@@ -72,8 +74,9 @@ def fake_profile(
 class PromotionAttacker(NumPyClient):
     """A fake device: trains on a fake profile with fedrec's local step, boosts, uploads."""
 
-    def __init__(self, config: FedRecConfig, node: int, target: int, boost: float, filler: int) -> None:
+    def __init__(self, config: FedRecConfig, node: int, target: int, boost: float, filler: int, claim: int) -> None:
         self.config, self.node, self.target, self.boost, self.filler = config, node, target, boost, filler
+        self.claim = claim
 
     def fit(self, parameters, config):  # type: ignore[override]
         server_round = int(config.get("server-round", 0))
@@ -86,7 +89,8 @@ class PromotionAttacker(NumPyClient):
             seed=self.config.seed, server_round=server_round, rowwise=self.config.row_wise_aggregation,
         )
         upload = [a * self.boost for a in result.upload[:-1]] + [result.upload[-1]]
-        return upload, result.num_examples, {"train_loss": result.metrics["train_loss"]}
+        weight = self.claim if self.claim > 0 else result.num_examples
+        return upload, weight, {"train_loss": result.metrics["train_loss"]}
 
     def evaluate(self, parameters, config):  # type: ignore[override]
         return 0.0, 0, {}  # a fake user has nothing to evaluate and must not count as a user
@@ -96,14 +100,14 @@ def _num_items(config: FedRecConfig) -> int:
     return slicer_cached(config).prepared.num_items
 
 
-def attack_app(num_honest: int, target: int, boost: float, filler: int) -> ClientApp:
+def attack_app(num_honest: int, target: int, boost: float, filler: int, claim: int = 0) -> ClientApp:
     """fedrec's ClientApp for SuperNodes ``0..num_honest-1``; attackers above."""
 
     def client_fn(context: Context):
         partition = int(context.node_config["partition-id"])
         if partition >= num_honest:
             config = parse_run_config(context.run_config)
-            return PromotionAttacker(config, partition, target, boost, filler).to_client()
+            return PromotionAttacker(config, partition, target, boost, filler, claim).to_client()
         context.node_config["num-partitions"] = num_honest  # the honest slicer knows N clients
         return FedRecClient(context).to_client()
 
@@ -119,12 +123,12 @@ def unpopular_target(config: FedRecConfig) -> int:
 
 
 def run_point(name: str, overrides: dict[str, Any], num_honest: int, num_fake: int, target: int, boost: float,
-              filler: int, out: Path) -> dict[str, Any]:
+              filler: int, claim: int, out: Path) -> dict[str, Any]:
     run_dir = out / name
     overrides = {**overrides, "run-dir": str(run_dir), "exposure-item": target}
     started = time.time()
     print(f"[poisoning] {name}: {num_fake} fake devices, {json.dumps(overrides)}", file=sys.stderr, flush=True)
-    run_in_process(overrides, num_honest + num_fake, client_app=attack_app(num_honest, target, boost, filler))
+    run_in_process(overrides, num_honest + num_fake, client_app=attack_app(num_honest, target, boost, filler, claim))
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     final = summary.get("final_evaluation", {})
@@ -164,6 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", type=int, default=-1, help="item to promote (default: a least-popular one)")
     parser.add_argument("--boost", type=float, default=30.0, help="factor on the fake devices' deltas")
     parser.add_argument("--filler", type=int, default=20, help="popular items in a fake profile")
+    parser.add_argument("--claim", type=int, default=700, help="training examples a fake device claims (0: its own)")
     parser.add_argument("--out", default="runs/poisoning")
     parser.add_argument("-c", "--run-config", default="", help="extra run-config overrides, TOML pairs")
     args = parser.parse_args(argv)
@@ -193,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, fraction, defense in points:
         num_fake = math.ceil(fraction * num_honest)
         table.append(run_point(name, {**common, **DEFENSES[defense]}, num_honest, num_fake, target, args.boost,
-                               args.filler, out))
-        (out / "table.json").write_text(json.dumps({"target": target, "boost": args.boost, "rows": table}, indent=2))
+                               args.filler, args.claim, out))
+        facts = {"target": target, "boost": args.boost, "claim": args.claim, "filler": args.filler, "rows": table}
+        (out / "table.json").write_text(json.dumps(facts, indent=2))
         print(markdown(table), flush=True)
     return 0
 
