@@ -154,7 +154,7 @@ def test_server_rejects_plain_updates_that_are_not_clipped(tmp_path):
         for i, u in enumerate((small, large))
     ]
     valid, rejected = strategy._validated(results)
-    assert [p.node_id for p, _ in valid] == [0] and rejected == 1
+    assert [p.node_id for p, _ in valid] == [0] and rejected["clipping"] == 1 and sum(rejected.values()) == 1
     with pytest.raises(ValueError, match="touched vector must be all ones"):
         check_clipped(encode_update(LAYOUT, GLOBAL, GLOBAL, np.array([1, 2])), 1.0)
 
