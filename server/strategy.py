@@ -378,7 +378,7 @@ class FedRecStrategy(Strategy):
             # One masked sum for all clients: only the aggregate itself can be checked.
             try:
                 if results:
-                    validate_upload(self.layout, parameters_to_ndarrays(results[0][1].parameters))
+                    validate_upload(self.layout, parameters_to_ndarrays(results[0][1].parameters), one_client=False)
             except UpdateRejected as err:
                 log(ERROR, "rejecting the securely aggregated update: %s", err)
                 rejected[err.reason] = len(results)
