@@ -63,6 +63,12 @@ def build_inner_strategy(config: FedRecConfig, initial: Parameters) -> Strategy:
     return FedYogi(eta=config.server_eta, **common)
 
 
+def in_content_order(results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, FitRes]]:
+    """Results sorted by their uploads' content, not their arrival: aggregates are then the same
+    bit for bit however the clients' replies interleave."""
+    return sorted(results, key=lambda item: hashlib.blake2b(b"".join(item[1].parameters.tensors)).digest())
+
+
 def weighted_mean(results: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]:
     """Example-weighted mean of the uploads: what SecAgg+ would hand us, computed in the clear.
 
@@ -71,8 +77,7 @@ def weighted_mean(results: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]
     """
     total = float(sum(res.num_examples for _, res in results))
     mean: list[np.ndarray] | None = None
-    ordered = sorted(results, key=lambda item: hashlib.blake2b(b"".join(item[1].parameters.tensors)).digest())
-    for _, res in ordered:
+    for _, res in in_content_order(results):
         arrays = parameters_to_ndarrays(res.parameters)
         weight = res.num_examples / total
         if mean is None:
@@ -360,7 +365,7 @@ class FedRecStrategy(Strategy):
             return parameters_to_ndarrays(valid[0][1].parameters)
         if self.config.aggregation == "mean" and self.config.norm_bound == 0:
             return weighted_mean(valid)
-        ordered = sorted(valid, key=lambda item: hashlib.blake2b(b"".join(item[1].parameters.tensors)).digest())
+        ordered = in_content_order(valid)
         uploads = [parameters_to_ndarrays(res.parameters) for _, res in ordered]
         return robust_mean(self.config, uploads, [res.num_examples for _, res in ordered])
 
