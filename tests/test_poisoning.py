@@ -7,7 +7,10 @@ import pytest
 from common.config import parse_run_config
 from common.federation import slicer_cached
 from simulations.engine import fused_run_config, run_in_process
-from simulations.poisoning import DEFENSES, attack_app, fake_profile, unpopular_target
+from common.models import ModelConfig
+from simulations.poisoning import (
+    DEFENSES, align_target_rows, attack_app, fake_profile, item_table_indices, unpopular_target,
+)
 
 FLEET = {
     "synthetic-users": 40, "synthetic-items": 200, "synthetic-mean-interactions": 15, "num-server-rounds": 8,
@@ -32,6 +35,27 @@ def test_fake_profile_is_the_target_plus_the_published_popular_items():
     profile = fake_profile(7, np.array([3, 7, 1, 4]), filler=2, num_items=10, rng=np.random.default_rng(0))
     assert sorted(profile.train_items.tolist()) == [1, 3, 7]
     assert profile.num_users == 1 and len(profile.test.users) == 0
+
+
+def test_alignment_moves_only_the_target_rows_to_a_multiple_of_the_popular_mean():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    shared = [rng.normal(size=(6, 3)).astype(np.float32), rng.normal(size=(1, 3)).astype(np.float32)]
+    trained = [rng.normal(size=(6, 3)).astype(np.float32), rng.normal(size=(1, 3)).astype(np.float32),
+               np.array([1, 1, 0, 0, 0, 0], np.float32)]
+    poisoned = align_target_rows(shared, trained, [0], target=4, anchors=np.array([0, 1]), scale=3.0)
+    np.testing.assert_allclose(shared[0][4] + poisoned[0][4], 3.0 * shared[0][[0, 1]].mean(axis=0), rtol=1e-6)
+    np.testing.assert_array_equal(np.delete(poisoned[0], 4, axis=0), np.delete(trained[0], 4, axis=0))
+    np.testing.assert_array_equal(poisoned[1], trained[1])  # the dense output layer stays as trained
+    assert poisoned[2].tolist() == [1, 1, 0, 0, 1, 0], "the target row is marked touched"
+    assert trained[2][4] == 0, "the trained upload itself is not modified"
+
+
+def test_item_tables_are_found_by_the_naming_rule():
+    assert item_table_indices(ModelConfig("gmf", embedding_dim=4), 10) == [0]
+    assert len(item_table_indices(ModelConfig("mf", embedding_dim=4), 10)) == 2  # item embedding and item bias
+    assert len(item_table_indices(ModelConfig("neumf", embedding_dim=4), 10)) == 2  # GMF and MLP item embeddings
 
 
 def test_fake_users_promote_the_target_and_the_median_keeps_it_out(tmp_path):
