@@ -13,6 +13,7 @@ users) from the next message on. ``Context.state`` then holds none of them.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFI
 
 from client import store
 from client.coldstart import device_rows
+from client.fleet import LOCAL_EPOCHS_KEY, fleet_mod
 from client.local import RoundResult, evaluate_client, train_round
 from client.recommend import DeviceRecommendation, recommend_for_client, recommend_for_state, recommend_on_device
 from client.private_training import History, RecordDPConfig
@@ -193,9 +195,12 @@ class FedRecClient(NumPyClient):
         store.save_global_model(self.state_dir, model)
 
     def _train(self, data: ClientData, parameters, local_state, history: History, config) -> RoundResult:
+        train_config = self.config.train_config
+        if LOCAL_EPOCHS_KEY in config:  # this round's epochs, as the fleet behaviour decided
+            train_config = replace(train_config, epochs=int(config[LOCAL_EPOCHS_KEY]))
         return train_round(
             self.config.model_config,
-            self.config.train_config,
+            train_config,
             data,
             parameters,
             local_state,
@@ -344,5 +349,6 @@ def recommendation_query_mod(msg: Message, context: Context, call_next: ClientAp
     return Message(RecordDict({QUERY_REPLY_KEY: reply}), reply_to=msg)
 
 
-MODS = [recommendation_query_mod, secure_aggregation_mod]
+# Outermost first: a fleet device that is absent this round computes nothing, SecAgg+ included.
+MODS = [recommendation_query_mod, fleet_mod, secure_aggregation_mod]
 app = ClientApp(client_fn=client_fn, mods=MODS)

@@ -19,6 +19,10 @@ GRAD_SAMPLE_MODES = ("ghost", "hooks")
 ACCOUNTANTS = ("rdp", "pld")
 CLIENT_SAMPLINGS = ("fixed", "poisson")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
+TOO_FEW_CLIENTS = ("skip", "retry")
+# Replies a simulated fleet device refuses (client.fleet) start with this; the server counts them by kind.
+FLEET_FAILURE_PREFIX = "fleet:"
+ROUND_ATTEMPT_KEY = "round-attempt"  # fit config of a retried round: 1, 2, ... (absent on the first attempt)
 
 
 class ConfigError(ValueError):
@@ -81,6 +85,15 @@ class FedRecConfig:
     eval_refit_epochs: int
     exposure_item: int
     popular_items: int
+    dropout_probability: float
+    straggler_fraction: float
+    straggler_slowdown: float
+    round_deadline: float
+    late_join_fraction: float
+    leave_fraction: float
+    local_epochs_min: int
+    too_few_clients: str
+    round_retries: int
     run_dir: str
     checkpoint_every: int
     secure_aggregation: bool
@@ -160,6 +173,7 @@ _CHOICES = {
     "user_dp_accountant": ACCOUNTANTS,
     "client_sampling": CLIENT_SAMPLINGS,
     "aggregation": AGGREGATIONS,
+    "too_few_clients": TOO_FEW_CLIENTS,
 }
 _POSITIVE = {
     "synthetic_users", "synthetic_items", "synthetic_mean_interactions", "users_per_client", "embedding_dim",
@@ -167,6 +181,7 @@ _POSITIVE = {
     "learning_rate", "server_learning_rate", "server_eta", "min_train_clients", "min_available_clients",
     "secagg_num_shares", "secagg_reconstruction_threshold", "secagg_clipping_range", "secagg_quantization_range",
     "secagg_max_weight", "record_dp_max_grad_norm", "record_dp_delta", "user_dp_clipping_norm", "shared_adam_epsilon",
+    "straggler_slowdown",
 }
 _NON_NEGATIVE = {
     "eval_refit_epochs", "popular_items", "user_learning_rate", "num_negatives", "clients_per_round", "proximal_mu",
@@ -174,7 +189,9 @@ _NON_NEGATIVE = {
     "num_malicious", "multi_krum_keep", "norm_bound", "max_update_norm", "reject_norm_factor", "exclude_after_rejections",
     "record_dp_noise_multiplier", "record_dp_target_epsilon", "record_dp_epsilon_budget",
     "user_dp_noise_multiplier", "user_dp_delta", "user_dp_epsilon_budget",
+    "round_deadline", "local_epochs_min", "round_retries",
 }
+_PROBABILITIES = {"dropout_probability", "straggler_fraction", "late_join_fraction", "leave_fraction"}
 _FRACTIONS = {"fraction_train", "fraction_evaluate", "server_learning_rate_decay"}
 
 
@@ -198,6 +215,13 @@ def parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
     for name in _FRACTIONS:
         if not 0.0 < values[name] <= 1.0:
             raise ConfigError(f"{name.replace('_', '-')} must be in (0, 1]; got {values[name]!r}")
+    for name in _PROBABILITIES:
+        if not 0.0 <= values[name] <= 1.0:
+            raise ConfigError(f"{name.replace('_', '-')} must be in [0, 1]; got {values[name]!r}")
+    if values["local_epochs_min"] > values["local_epochs"]:
+        raise ConfigError(
+            f"local-epochs-min ({values['local_epochs_min']}) must not exceed local-epochs ({values['local_epochs']})"
+        )
     if values["loss"] == "bpr" and values["num_negatives"] < 1:
         raise ConfigError("loss 'bpr' needs num-negatives >= 1")
     parse_layers(values["mlp_layers"])

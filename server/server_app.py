@@ -9,11 +9,13 @@ SecAgg+ on, so secure aggregation can replace the fit stage without touching tra
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
+from flwr.server.workflow.default_workflows import default_fit_workflow
 from flwr.serverapp import ServerApp
 
 from common.config import ConfigError, FedRecConfig, check_against_data, parse_run_config
@@ -21,16 +23,17 @@ from common.federation import PreparedData, prepare_cached, slicer_cached
 from common.models import build_model
 from common.privacy import UserLevelDP
 from common.updates import UpdateLayout
+from server.fleet import retrying, with_deadline
 from server.run_dir import RunRecorder, load_server_state
 from server.strategy import FedRecStrategy
 
 app = ServerApp()
 
 
-def fit_workflow(config: FedRecConfig) -> SecAggPlusWorkflow | None:
-    """Flower's SecAgg+ fit stage when the run asks for it (None: the plain default)."""
+def fit_workflow(config: FedRecConfig) -> SecAggPlusWorkflow | Callable:
+    """Flower's SecAgg+ fit stage when the run asks for it, else Flower's plain default."""
     if not config.secure_aggregation:
-        return None
+        return default_fit_workflow
     return SecAggPlusWorkflow(
         num_shares=config.secagg_num_shares,
         reconstruction_threshold=config.secagg_reconstruction_threshold,
@@ -208,7 +211,9 @@ def main(grid: Grid, context: Context) -> None:
         legacy_context = LegacyContext(
             context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy
         )
-        DefaultWorkflow(fit_workflow=fit_workflow(config))(grid, legacy_context)
+        retries = config.round_retries if config.too_few_clients == "retry" else 0
+        fit = retrying(fit_workflow(config), strategy, retries)
+        DefaultWorkflow(fit_workflow=fit)(with_deadline(grid, config, transport_facts(grid)["engine"]), legacy_context)
     extra: dict = {"stop_reason": stop_reason} if stop_reason else {}
     if resumed is not None:
         extra.update(resumed_after_round=resumed.server_round, wall_seconds_before_resume=strategy.elapsed_before)

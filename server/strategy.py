@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from logging import ERROR, WARNING
+from logging import ERROR, INFO, WARNING
 
 import numpy as np
 from flwr.common import (
@@ -33,7 +33,7 @@ from flwr.server.criterion import Criterion
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, FedYogi, Strategy
 from flwr.supercore.differential_privacy import get_norm
 
-from common.config import FedRecConfig
+from common.config import FLEET_FAILURE_PREFIX, ROUND_ATTEMPT_KEY, FedRecConfig
 from common.metrics import merge_sums
 from common.privacy import UserLevelDP
 from common.updates import (
@@ -174,6 +174,34 @@ def describe_failure(failure: tuple[ClientProxy, FitRes | EvaluateRes] | BaseExc
     return f"node {failure[0].node_id}: {failure[1].status.message}"
 
 
+def failure_kinds(failures: list[tuple[ClientProxy, FitRes] | BaseException]) -> dict[str, int]:
+    """Failed replies by kind: devices a simulated fleet made absent or late (``client.fleet``)."""
+    texts = [describe_failure(failure) for failure in failures]
+    late = sum(FLEET_FAILURE_PREFIX in text and "deadline" in text for text in texts)
+    absent = sum(FLEET_FAILURE_PREFIX in text for text in texts) - late
+    return {"clients_unavailable": absent, "clients_late": late} if failures else {}
+
+
+def progress_line(server_round: int, num_rounds: int, summary: dict[str, Scalar], seconds: float, per_round: float) -> str:
+    """One line per round for the console: where the run is, what came back, how long is left."""
+    parts = [f"fedrec: round {server_round}/{num_rounds}",
+             f"{summary.get('clients_ok', 0)}/{summary.get('clients_sampled', 0)} updates"]
+    problems = [f"{summary[key]} {key.split('_', 1)[1].replace('_', ' ')}"
+                for key in ("clients_failed", "clients_no_reply", "clients_rejected") if summary.get(key)]
+    if problems:
+        parts[-1] += f" ({', '.join(problems)})"
+    if "train_loss" in summary:
+        parts.append(f"loss {float(summary['train_loss']):.4f}")
+    if "user_epsilon" in summary:
+        parts.append(f"user eps {float(summary['user_epsilon']):.3g}")
+    parts.append(f"{seconds:.1f} s")
+    remaining = num_rounds - server_round
+    if remaining > 0 and per_round > 0:
+        eta = int(per_round * remaining)
+        parts.append(f"ETA {eta // 60} min {eta % 60:02d} s")
+    return " | ".join(parts)
+
+
 def split_prefixed(metrics: list[dict[str, Scalar]], prefix: str) -> list[dict[str, float]]:
     """Per-client sums under ``prefix_`` with the prefix removed (for :func:`merge_sums`)."""
     parts = []
@@ -226,6 +254,13 @@ class FedRecStrategy(Strategy):
         # fedrec's rounds (records, accounting, schedules) go on from here.
         self.start_round = 0
         self.elapsed_before = 0.0
+        # Short rounds (server.fleet.retrying): the attempt, attempts left after it, whether
+        # the current round has been recorded, and what was asked of it.
+        self.attempt = 0
+        self.attempts_left = 0
+        self.round_complete = True
+        self._configured_round = 0
+        self._sampled = 0
 
     def __repr__(self) -> str:
         return f"FedRecStrategy(inner={self.inner!r}, rowwise={self.config.row_wise_aggregation})"
@@ -305,6 +340,7 @@ class FedRecStrategy(Strategy):
             )
         if self.uploads_are_aggregated:
             check_secagg_capacity(len(clients), self.config.secagg_quantization_range)
+        self.round_complete, self._configured_round, self._sampled = False, server_round, len(clients)
         fit_ins = FitIns(parameters, self._round_config(server_round))
         return [(client, fit_ins) for client in clients]
 
@@ -317,18 +353,26 @@ class FedRecStrategy(Strategy):
         server_round += self.start_round
         valid, rejected = self._validated(results)
         summary: dict[str, Scalar] = {
+            "clients_sampled": self._sampled,
             "clients_ok": len(valid),
             "clients_failed": len(failures),
+            **failure_kinds(failures),
+            # Sampled devices whose reply never came (a deployment's round-deadline passed).
+            "clients_no_reply": max(0, self._sampled - len(results) - len(failures)),
             "clients_rejected": sum(rejected.values()),
             **{f"rejected_{reason}": count for reason, count in rejected.items()},
             "clients_excluded": len(self.excluded),
         }
         if len(valid) < self.config.min_train_clients:
-            log(WARNING, "round %s: %s usable updates < min-train-clients; model unchanged", server_round, len(valid))
             if failures:
                 log(ERROR, "round %s: first client failure: %s", server_round, describe_failure(failures[0]))
-            self.recorder.round_trained(server_round, summary, [], time.perf_counter() - self._round_started)
-            save_server_state(self.recorder.path, self.server_state(server_round))
+            if self.attempts_left > 0:
+                log(WARNING, "round %s: %s usable updates < min-train-clients %s; running the round again (%s retries left)",
+                    server_round, len(valid), self.config.min_train_clients, self.attempts_left - 1)
+                return None, summary
+            log(WARNING, "round %s: %s usable updates < min-train-clients; round skipped, model unchanged",
+                server_round, len(valid))
+            self._record_round(server_round, summary, [])
             return None, summary
         mean_upload = self._aggregate(valid)
         if self.user_dp is not None:
@@ -347,14 +391,35 @@ class FedRecStrategy(Strategy):
         client_metrics = [{**res.metrics, "node_id": proxy.node_id} for proxy, res in valid]
         summary.update(self._fit_summary(client_metrics, mean_upload[-1]))
         summary.update(self._privacy_summary(server_round, client_metrics))
-        self.recorder.round_trained(server_round, summary, client_metrics, time.perf_counter() - self._round_started)
+        self._record_round(server_round, summary, client_metrics)
+        return new_parameters, summary
+
+    def _record_round(self, server_round: int, summary: dict[str, Scalar], client_metrics: list[dict[str, Scalar]]) -> None:
+        """A finished round (trained or skipped): metrics, checkpoint, server state, progress line."""
+        seconds = time.perf_counter() - self._round_started
+        self.recorder.round_trained(server_round, summary, client_metrics, seconds)
         self.recorder.maybe_checkpoint(server_round, self.layout.names, self.current, final=self._is_last(server_round))
         save_server_state(self.recorder.path, self.server_state(server_round))
-        return new_parameters, summary
+        self.round_complete = True
+        log(INFO, "%s", progress_line(server_round, self.num_rounds, summary, seconds, self._seconds_per_round(server_round)))
+
+    def _seconds_per_round(self, server_round: int) -> float:
+        """Mean wall time of this process's rounds so far, evaluations included (for the ETA)."""
+        done = server_round - self.start_round
+        return (time.perf_counter() - self._created) / done if done > 0 else 0.0
+
+    def record_skipped_round(self) -> None:
+        """The configured round never reached aggregation (no clients, or SecAgg+ gave up): record it as skipped."""
+        if self.round_complete:
+            return
+        log(WARNING, "round %s: no aggregate after every attempt; round skipped, model unchanged", self._configured_round)
+        self._record_round(self._configured_round, {"clients_sampled": self._sampled, "clients_ok": 0}, [])
 
     def _round_config(self, server_round: int) -> dict[str, Scalar]:
         """What every request of a round carries: its number and, once known, the popular items."""
         config: dict[str, Scalar] = {"server-round": server_round}
+        if self.attempt:  # a retried round: devices know it is another try (client.fleet draws anew)
+            config[ROUND_ATTEMPT_KEY] = self.attempt
         if self.publishes_popularity and self.touched_totals.any():
             config[POPULAR_ITEMS_KEY] = encode_item_list(popular_items(self.touched_totals, self.config.popular_items))
         return config
