@@ -36,7 +36,7 @@ from client.private_training import History, RecordDPConfig
 from common.config import FedRecConfig, parse_run_config
 from common.errors import DataError, plain_message
 from common.federation import ClientData, slicer_cached
-from common.updates import POPULAR_ITEMS_KEY, decode_item_list
+from common.updates import POPULAR_ITEMS_KEY, decode_item_list, for_transport
 
 LOCAL_STATE_KEY = "fedrec.user-local"
 RECORD_DP_HISTORY_KEY = "fedrec.record-dp-history"
@@ -230,10 +230,11 @@ class FedRecClient(NumPyClient):
                 result = self._train(state.client_data(), parameters, local_state, state.record_history, config)
                 store.save(self.state_dir, state.with_local_state(result.local_state, result.record_history))
             forget_context_copies(self.context)
-        metrics = result.metrics
+        upload = for_transport(result.upload, self.config.transport_dtype)
+        metrics = {**result.metrics, "upload_bytes": float(sum(a.nbytes for a in upload))}
         if self.config.user_dp or self.config.record_dp:
             metrics = {k: v for k, v in metrics.items() if k in DP_SAFE_METRICS}
-        return result.upload, aggregation_weight(self.config, result.num_examples, bool(result.declined)), metrics
+        return upload, aggregation_weight(self.config, result.num_examples, bool(result.declined)), metrics
 
     def evaluate(self, parameters, config):  # type: ignore[override]
         if self.state_dir is None:

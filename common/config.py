@@ -20,6 +20,7 @@ ACCOUNTANTS = ("rdp", "pld")
 CLIENT_SAMPLINGS = ("fixed", "poisson")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 TOO_FEW_CLIENTS = ("skip", "retry")
+TRANSPORT_DTYPES = ("float32", "float16")
 # Replies a simulated fleet device refuses (client.fleet) start with this; the server counts them by kind.
 FLEET_FAILURE_PREFIX = "fleet:"
 ROUND_ATTEMPT_KEY = "round-attempt"  # fit config of a retried round: 1, 2, ... (absent on the first attempt)
@@ -67,6 +68,7 @@ class FedRecConfig:
     server_eta: float
     proximal_mu: float
     row_wise_aggregation: bool
+    transport_dtype: str
     aggregation: str
     trim_fraction: float
     num_malicious: int
@@ -174,6 +176,7 @@ _CHOICES = {
     "client_sampling": CLIENT_SAMPLINGS,
     "aggregation": AGGREGATIONS,
     "too_few_clients": TOO_FEW_CLIENTS,
+    "transport_dtype": TRANSPORT_DTYPES,
 }
 _POSITIVE = {
     "synthetic_users", "synthetic_items", "synthetic_mean_interactions", "users_per_client", "embedding_dim",
@@ -243,6 +246,11 @@ def parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
                 "user-dp-accountant 'pld' accounts for Poisson sampling only; set client-sampling = 'poisson' "
                 "or use the 'rdp' accountant, which also covers fixed-size sampling without replacement"
             )
+    if values["transport_dtype"] != "float32" and (values["secure_aggregation"] or values["user_dp"]):
+        raise ConfigError(
+            f"transport-dtype {values['transport_dtype']!r} is for plain uploads: SecAgg+ quantizes uploads itself, "
+            "and user-dp's clipping bound must hold exactly for what is sent; use transport-dtype = 'float32'"
+        )
     if values["exposure_item"] < -1:
         raise ConfigError(f"exposure-item must be an item id >= 0, or -1 for none; got {values['exposure_item']!r}")
     if not 0.0 <= values["trim_fraction"] < 0.5:

@@ -132,7 +132,7 @@ def validate_upload(layout: UpdateLayout, upload: list[np.ndarray], *, one_clien
 
 def delta_norm(upload: list[np.ndarray]) -> float:
     """L2 norm of an upload's deltas (the touched vector is bookkeeping, not a step)."""
-    return float(get_norm(upload[:-1]))
+    return float(get_norm([np.asarray(a, dtype=np.float64) for a in upload[:-1]]))
 
 
 def clip_deltas(upload: list[np.ndarray], clipping_norm: float) -> float:
@@ -174,3 +174,15 @@ def decode_item_list(blob: bytes) -> np.ndarray:
     if not isinstance(blob, bytes) or len(blob) % 4:
         raise ValueError(f"{POPULAR_ITEMS_KEY} must be int32 bytes, got {type(blob).__name__} of length {len(blob)}")
     return np.frombuffer(blob, dtype="<i4").astype(np.int64)
+
+
+def for_transport(arrays: list[np.ndarray], dtype: str) -> list[np.ndarray]:
+    """The arrays as they travel (``transport-dtype``): float16 halves the bytes of a model or update.
+
+    Both sides keep float32 (the server a float32 master copy): a device trains from the
+    rounded model it received and sends its delta against exactly that model, so rounding
+    never accumulates in the global model beyond one step's worth.
+    """
+    if dtype == "float32":
+        return arrays
+    return [np.asarray(a, dtype=np.float16) for a in arrays]

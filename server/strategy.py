@@ -44,6 +44,7 @@ from common.updates import (
     decode_mean_update,
     delta_norm,
     encode_item_list,
+    for_transport,
     popular_items,
     validate_upload,
 )
@@ -341,7 +342,7 @@ class FedRecStrategy(Strategy):
         if self.uploads_are_aggregated:
             check_secagg_capacity(len(clients), self.config.secagg_quantization_range)
         self.round_complete, self._configured_round, self._sampled = False, server_round, len(clients)
-        fit_ins = FitIns(parameters, self._round_config(server_round))
+        fit_ins = FitIns(self._for_transport(parameters), self._round_config(server_round))
         return [(client, fit_ins) for client in clients]
 
     def aggregate_fit(
@@ -415,6 +416,12 @@ class FedRecStrategy(Strategy):
         log(WARNING, "round %s: no aggregate after every attempt; round skipped, model unchanged", self._configured_round)
         self._record_round(self._configured_round, {"clients_sampled": self._sampled, "clients_ok": 0}, [])
 
+    def _for_transport(self, parameters: Parameters) -> Parameters:
+        """The global model as it travels to devices (``transport-dtype``); the server keeps float32."""
+        if self.config.transport_dtype == "float32":
+            return parameters
+        return ndarrays_to_parameters(for_transport(parameters_to_ndarrays(parameters), self.config.transport_dtype))
+
     def _round_config(self, server_round: int) -> dict[str, Scalar]:
         """What every request of a round carries: its number and, once known, the popular items."""
         config: dict[str, Scalar] = {"server-round": server_round}
@@ -431,7 +438,8 @@ class FedRecStrategy(Strategy):
         if self.config.aggregation == "mean" and self.config.norm_bound == 0:
             return weighted_mean(valid)
         ordered = in_content_order(valid)
-        uploads = [parameters_to_ndarrays(res.parameters) for _, res in ordered]
+        # float16 uploads (transport-dtype) are widened: Flower's rules compute in the input's dtype.
+        uploads = [[a.astype(np.float32) for a in parameters_to_ndarrays(res.parameters)] for _, res in ordered]
         return robust_mean(self.config, uploads, [res.num_examples for _, res in ordered])
 
     def _validated(
@@ -534,7 +542,7 @@ class FedRecStrategy(Strategy):
             clients = client_manager.sample(num_clients=client_manager.num_available())
         else:
             clients = self._sample(client_manager, self.config.fraction_evaluate, 0, 1)
-        ins = EvaluateIns(parameters, self._round_config(server_round))
+        ins = EvaluateIns(self._for_transport(parameters), self._round_config(server_round))
         return [(client, ins) for client in clients]
 
     def aggregate_evaluate(

@@ -158,6 +158,29 @@ def test_run_directory_is_complete(phone_run):
     assert summary["rounds"] == 3 and summary["final_evaluation"]["round"] == 3
 
 
+def test_float16_transport_halves_the_payload_and_tracks_the_float32_model(tmp_path, phone_run):
+    base, _ = phone_run
+    overrides, replies = simulate(tmp_path, {**SMALL, "model": "neumf", "transport-dtype": "float16"})
+    fits = _fit_replies(replies)
+    assert len(fits) == 3 * 12
+    for reply in fits:
+        assert all(a.dtype == np.float16 for arrays in reply["arrays"].values() for a in arrays)
+    half = [json.loads(line) for line in (Path(overrides["run-dir"]) / "traffic.jsonl").read_text().splitlines()]
+    full = [json.loads(line) for line in (Path(base["run-dir"]) / "traffic.jsonl").read_text().splitlines()]
+    for key in ("upload_bytes", "download_bytes"):
+        assert np.mean([t[key] for t in half]) == pytest.approx(np.mean([t[key] for t in full]) / 2, rel=1e-6)
+    _, model16 = load_checkpoint(Path(overrides["run-dir"]) / "checkpoints" / "final.npz")
+    _, model32 = load_checkpoint(Path(base["run-dir"]) / "checkpoints" / "final.npz")
+    assert all(a.dtype == np.float32 for a in model16.values()), "the server keeps a float32 master copy"
+    config = parse_run_config(fused_run_config(overrides))
+    initial = build_model(config.model_config, 0, config.synthetic_items, seed=config.seed).shared_state()
+    for name, value in model32.items():  # same seeds, same clients: only float16 rounding differs
+        learned = np.linalg.norm(value - initial[name])
+        gap = np.linalg.norm(model16[name] - value) / learned
+        assert gap < 0.1, f"{name}: float16 transport changed what training learned by {gap:.1%}"
+        assert not np.array_equal(model16[name], value) or not value.any(), "the float16 path really ran"
+
+
 def test_kiosks_hold_several_users_and_sampling_by_count(tmp_path):
     overrides, replies = simulate(
         tmp_path,

@@ -1,0 +1,217 @@
+"""Benchmark: where a simulated fleet's time goes, against the framework floor and centralized.
+
+In one run, side by side on the same data and the same rounds:
+
+(a) ``noop``: a Flower ClientApp that answers every training request at once with a
+    zero update of exactly fedrec's payload (the framework floor: messaging,
+    serialization, the server's aggregation);
+(b) ``fedrec``: fedrec's own ClientApp (local training included);
+(c) ``centralized``: one process training the same model over the same sampled users'
+    interactions for the same number of epochs, with the same batch size.
+
+For each it prints seconds per round (median of rounds 2..R: round 1 starts the Ray
+actors), client updates per second, MB per client update (up + down) and the peak RSS of
+the whole process tree (server, Ray workers and all).
+
+    python -m simulations.bench_fleet --users 6040 --items 3706 --mean-interactions 165 \\
+        --clients-per-round 6040 --rounds 3
+    python -m simulations.bench_fleet --users 100000 --items 20000 --mean-interactions 20 \\
+        --clients-per-round 1000 --rounds 3 --modes fedrec
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.client import NumPyClient
+from flwr.clientapp import ClientApp
+
+from common.config import parse_run_config
+from common.federation import slicer_cached
+from common.models import build_model
+from common.training import PositiveSet, build_examples, make_optimizer, train_epoch
+from simulations.engine import fused_run_config, run_in_process
+
+MODES = ("noop", "fedrec", "centralized")
+
+
+def _tree_rss_bytes(root: int) -> int:
+    """Resident memory of ``root`` and every process below it, from /proc (Linux)."""
+    children: dict[int, list[int]] = {}
+    rss: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", encoding="ascii") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        pid, parent = int(entry), int(fields[1])
+        children.setdefault(parent, []).append(pid)
+        rss[pid] = int(fields[21]) * os.sysconf("SC_PAGE_SIZE")
+    total, stack = 0, [root]
+    while stack:
+        pid = stack.pop()
+        total += rss.get(pid, 0)
+        stack.extend(children.get(pid, []))
+    return total
+
+
+class PeakRSS:
+    """Samples the process tree's RSS every ``interval`` seconds while in use."""
+
+    def __init__(self, interval: float = 0.5) -> None:
+        self.interval, self.peak = interval, 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, _tree_rss_bytes(os.getpid()))
+            self._stop.wait(self.interval)
+
+    def __enter__(self) -> "PeakRSS":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, _tree_rss_bytes(os.getpid()))
+
+
+class NoopClient(NumPyClient):
+    """Answers with a zero update of fedrec's exact payload: the arrays it got plus the touched vector."""
+
+    def __init__(self, num_items: int) -> None:
+        self.num_items = num_items
+
+    def fit(self, parameters, config):  # type: ignore[override]
+        return [np.zeros_like(p) for p in parameters] + [np.zeros(self.num_items, np.float32)], 1, {}
+
+    def evaluate(self, parameters, config):  # type: ignore[override]
+        return 0.0, 0, {}
+
+
+def noop_app(num_items: int) -> ClientApp:
+    return ClientApp(client_fn=lambda context: NoopClient(num_items).to_client())
+
+
+def _overrides(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
+    from flwr.common.config import parse_config_args
+
+    return {
+        "dataset": "synthetic", "synthetic-users": args.users, "synthetic-items": args.items,
+        "synthetic-mean-interactions": args.mean_interactions, "model": args.model,
+        "clients-per-round": args.clients_per_round, "num-server-rounds": args.rounds,
+        "local-epochs": args.local_epochs, "evaluate-every": args.rounds + 1, "final-full-evaluation": False,
+        "fraction-evaluate": 1e-6, "checkpoint-every": args.rounds + 1, "report": False, "popular-items": 0,
+        "run-dir": str(run_dir),
+        **(parse_config_args([args.run_config]) if args.run_config else {}),
+    }
+
+
+def federated(mode: str, args: argparse.Namespace) -> dict[str, float]:
+    """One simulated run with fedrec's or the no-op ClientApp; medians of rounds 2..R."""
+    with tempfile.TemporaryDirectory() as tmp:
+        overrides = _overrides(args, Path(tmp) / "run")
+        config = parse_run_config(fused_run_config(overrides))
+        num_clients = len(slicer_cached(config))
+        app = noop_app(slicer_cached(config).prepared.num_items) if mode == "noop" else None
+        with PeakRSS() as rss:
+            run_in_process(overrides, num_clients, client_app=app)
+        rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+    fits = [r for r in rows if r["phase"] == "fit"]
+    timed = fits[1:] or fits
+    seconds = statistics.median(r["round_seconds"] for r in timed)
+    clients = statistics.median(r["clients_ok"] for r in timed)
+    model = build_model(config.model_config, 0, config.synthetic_items)
+    down = sum(v.nbytes for v in model.shared_state().values())
+    up = down + 4 * config.synthetic_items
+    return {"seconds": seconds, "updates": clients, "mb": (up + down) / 1e6, "rss_gb": rss.peak / 1e9,
+            "clients": num_clients}
+
+
+def centralized(args: argparse.Namespace) -> dict[str, float]:
+    """The same users' interactions, trained in one process for the same epochs and batch size.
+
+    Each "round" takes ``clients-per-round`` users at random (as the federation samples
+    them) and trains one model on their rows together; no messaging, no per-client setup.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        config = parse_run_config(fused_run_config(_overrides(args, Path(tmp) / "run")))
+    slicer = slicer_cached(config)
+    train = slicer.prepared.split.train
+    model = build_model(config.model_config, slicer.prepared.num_users, slicer.prepared.num_items, seed=config.seed)
+    train_config = config.train_config
+    optimizer = make_optimizer(model, train_config)
+    positives = PositiveSet(train.users, train.items, slicer.prepared.num_items)
+    rng = np.random.default_rng(config.seed)
+    generator = torch.Generator().manual_seed(config.seed)
+    times = []
+    with PeakRSS() as rss:
+        for _ in range(args.rounds):
+            chosen = rng.choice(slicer.prepared.num_users, size=min(args.clients_per_round, slicer.prepared.num_users),
+                                replace=False)
+            rows = np.isin(train.users, chosen)
+            started = time.perf_counter()
+            for _ in range(train_config.epochs):
+                examples = build_examples(train.users[rows], train.items[rows], train.ratings[rows], positives,
+                                          train_config, rng)
+                train_epoch(model, examples, optimizer, train_config, generator)
+            times.append(time.perf_counter() - started)
+    seconds = statistics.median(times[1:] or times)
+    return {"seconds": seconds, "updates": float(args.clients_per_round), "mb": 0.0, "rss_gb": rss.peak / 1e9,
+            "clients": slicer.prepared.num_users}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--users", type=int, default=6040)
+    parser.add_argument("--items", type=int, default=3706)
+    parser.add_argument("--mean-interactions", type=int, default=165)
+    parser.add_argument("--model", default="gmf")
+    parser.add_argument("--clients-per-round", type=int, default=1000)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--local-epochs", type=int, default=1)
+    parser.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
+    parser.add_argument("-c", "--run-config", default="", help="extra run-config overrides, TOML pairs")
+    args = parser.parse_args(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = sorted(set(modes) - set(MODES))
+    if unknown:
+        parser.error(f"unknown mode(s) {', '.join(unknown)}; choose from {', '.join(MODES)}")
+    if args.rounds < 2:
+        parser.error("--rounds must be >= 2 (round 1 starts the workers and is not timed)")
+    print(f"synthetic {args.users} users x {args.items} items (mean {args.mean_interactions} interactions), "
+          f"{args.model}, {args.clients_per_round} clients per round, {args.local_epochs} local epoch(s), "
+          f"medians of rounds 2..{args.rounds}", flush=True)
+    print("| mode | s/round | client updates/s | s per update | MB per update (up+down) | peak RSS GB |")
+    print("|---|---|---|---|---|---|", flush=True)
+    results = {}
+    for mode in modes:
+        print(f"[bench_fleet] running {mode} ...", file=sys.stderr, flush=True)
+        r = centralized(args) if mode == "centralized" else federated(mode, args)
+        results[mode] = r
+        print(f"| {mode} | {r['seconds']:.2f} | {r['updates'] / r['seconds']:.1f} | {r['seconds'] / r['updates']:.4f} "
+              f"| {r['mb']:.2f} | {r['rss_gb']:.2f} |", flush=True)
+    if "noop" in results and "fedrec" in results:
+        ratio = results["fedrec"]["seconds"] / results["noop"]["seconds"]
+        print(f"fedrec's time per update is {ratio:.2f}x the no-op floor with the same payload")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
