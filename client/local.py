@@ -16,7 +16,7 @@ import torch
 from common.evaluation import evaluate_model, exposure_hits, model_scorers
 from common.federation import ClientData
 from common.metrics import sums
-from common.models import ModelConfig, RecModel, build_model
+from common.models import ModelConfig, RecModel, build_model, empty_model
 from common.training import PositiveSet, TrainConfig, build_examples, make_optimizer, train_epoch
 from common.updates import UpdateLayout, clip_deltas, encode_update
 from client.private_training import History, RecordDPConfig, private_local_epochs
@@ -46,7 +46,9 @@ def build_local_model(
     A new user's embedding is initialised on the device with a seed derived from its
     global index, so it is reproducible without the server ever choosing it.
     """
-    model = build_model(model_config, data.num_users, data.num_items, seed=seed)
+    model = empty_model(model_config, data.num_users, data.num_items) if local_state else None
+    if model is None or set(local_state or {}) != set(model.local_parameter_names()):
+        model = build_model(model_config, data.num_users, data.num_items, seed=seed)  # fresh user rows
     names = model.shared_parameter_names()
     if len(shared) != len(names):
         raise ValueError(f"received {len(shared)} shared arrays, the {model_config.name} model has {len(names)}")

@@ -99,6 +99,27 @@ def test_same_seed_same_round_is_bit_for_bit_reproducible():
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.parametrize("name", ["mf", "gmf", "mlp", "neumf"])
+def test_a_returning_device_rebuilds_exactly_the_model_it_kept(name):
+    """The uninitialised rebuild (no random draws for weights about to be overwritten) changes nothing."""
+    config = ModelConfig(name=name, embedding_dim=4, mlp_layers=(8, 4))
+    shared = list(build_model(config, 0, NUM_ITEMS, seed=1).shared_state().values())
+    kept = train_round(config, TrainConfig(), _client(), shared, None, seed=5, server_round=1).local_state
+    rebuilt = build_local_model(config, _client(), shared, kept, seed=5)
+    reference = build_model(config, 1, NUM_ITEMS, seed=123)
+    reference.load_arrays(dict(zip(reference.shared_parameter_names(), shared)))
+    reference.load_arrays(kept)
+    for (name_a, a), (name_b, b) in zip(rebuilt.named_parameters(), reference.named_parameters()):
+        assert name_a == name_b
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    fresh = build_local_model(config, _client(), shared, None, seed=5)
+    assert all(torch.isfinite(p).all() for p in fresh.parameters()), "a new device still gets initialised rows"
+    second = train_round(config, TrainConfig(), _client(), shared, kept, seed=5, server_round=2)
+    again = train_round(config, TrainConfig(), _client(), shared, kept, seed=5, server_round=2)
+    for x, y in zip(second.upload, again.upload):
+        np.testing.assert_array_equal(x, y)
+
+
 def test_evaluate_client_reports_sums_and_counts_per_user():
     config = ModelConfig(name="mf", embedding_dim=4)
     shared = list(build_model(config, 0, NUM_ITEMS, seed=1).shared_state().values())
