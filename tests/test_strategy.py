@@ -200,3 +200,29 @@ def test_no_popularity_is_published_when_the_touched_vectors_carry_none(tmp_path
     strategy = _strategy(tmp_path, **overrides)
     strategy.aggregate_fit(1, [_result(1, _after(1.0, 1.0), [2, 0], num_examples=2)], [])
     assert _published(strategy) is None
+
+
+def test_the_mean_is_the_same_bit_for_bit_whatever_order_replies_arrive_in():
+    from server.strategy import weighted_mean
+
+    rng = np.random.default_rng(3)
+    results = [
+        _result(node, {"item_embedding": rng.normal(scale=10.0 ** rng.integers(-12, 12), size=(4, 2)).astype(np.float32),
+                       "output": rng.normal(size=3).astype(np.float32)}, [1, 1, 0, 1], num_examples=int(n))
+        for node, n in enumerate(rng.integers(1, 50, size=12))
+    ]
+    first = weighted_mean(results)
+    orders = [list(reversed(results)), [results[i] for i in rng.permutation(len(results))]]
+    for order in orders:
+        for a, b in zip(first, weighted_mean(order)):
+            np.testing.assert_array_equal(a, b)
+    # and summing in arrival order would not have been: the test can tell
+    total = sum(res.num_examples for _, res in results)
+
+    def in_arrival_order(order):
+        acc = np.zeros((4, 2))
+        for _, res in order:
+            acc += parameters_to_ndarrays(res.parameters)[0] * (res.num_examples / total)
+        return acc
+
+    assert any(not np.array_equal(in_arrival_order(results), in_arrival_order(order)) for order in orders)
