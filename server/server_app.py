@@ -191,6 +191,8 @@ def main(grid: Grid, context: Context) -> None:
         uploads_are_aggregated=config.secure_aggregation,
         user_dp=dp,
         num_rounds=rounds,
+        # In simulation every SuperNode is one of the clients the data yields: wait for all of them.
+        expected_clients=len(slicer_cached(config)) if transport_facts(grid)["engine"] == "simulation" else 0,
     )
     if resumed is not None:
         strategy.restore(resumed)

@@ -234,8 +234,11 @@ class FedRecStrategy(Strategy):
         uploads_are_aggregated: bool = False,
         user_dp: UserLevelDP | None = None,
         num_rounds: int | None = None,
+        expected_clients: int = 0,
     ) -> None:
+        """``expected_clients`` > 0: every round waits until that many devices are connected (simulation)."""
         super().__init__()
+        self.expected_clients = expected_clients
         self.config = config
         self.num_rounds = config.num_server_rounds if num_rounds is None else num_rounds
         self.user_dp = user_dp
@@ -320,12 +323,25 @@ class FedRecStrategy(Strategy):
     def _sample_poisson(self, client_manager: ClientManager) -> list[ClientProxy]:
         """Each available client independently with the accountant's probability q."""
         assert self.user_dp is not None
-        client_manager.wait_for(self.config.min_available_clients)
+        self._wait_for_fleet(client_manager)
         clients = sorted(client_manager.all().values(), key=lambda proxy: proxy.cid)
         chosen = self.sampling_rng.random(len(clients)) < self.user_dp.sampling_rate
         return [client for client, keep in zip(clients, chosen) if keep and client.node_id not in self.excluded]
 
+    def _wait_for_fleet(self, client_manager: ClientManager) -> int:
+        """Wait until the devices a round may sample from have connected; returns that number.
+
+        In simulation that is every SuperNode (``expected_clients``): Flower registers them
+        as they start, and with 100,000 of them only a few thousand were there for round 1,
+        so rounds sampled from those alone (and Poisson sampling would not have had the
+        probability the accountant assumes). In a deployment, ``min-available-clients``.
+        """
+        enough = max(self.config.min_available_clients, self.expected_clients)
+        client_manager.wait_for(enough)
+        return enough
+
     def _sample(self, client_manager: ClientManager, fraction: float, count: int, minimum: int) -> list[ClientProxy]:
+        self._wait_for_fleet(client_manager)
         available = client_manager.num_available() - len(self.excluded)
         size = count if count > 0 else max(int(available * fraction), minimum)
         # Never ask for more clients than will be there: Flower's sampler returns none then.
@@ -547,6 +563,7 @@ class FedRecStrategy(Strategy):
         if not last and server_round % self.config.evaluate_every != 0:
             return []
         if last and self.config.final_full_evaluation:
+            self._wait_for_fleet(client_manager)
             clients = client_manager.sample(num_clients=client_manager.num_available())
         else:
             clients = self._sample(client_manager, self.config.fraction_evaluate, 0, 1)

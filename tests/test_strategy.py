@@ -119,7 +119,7 @@ def test_a_node_that_keeps_sending_bad_updates_is_excluded_from_sampling(tmp_pat
         eligible = [p for p in proxies if criterion is None or criterion.select(p)]
         return eligible[:num_clients]
 
-    manager = SimpleNamespace(num_available=lambda: 3, sample=sample)
+    manager = SimpleNamespace(num_available=lambda: 3, sample=sample, wait_for=lambda n, timeout=None: True)
     chosen = [proxy.node_id for proxy, _ in strategy.configure_fit(3, ndarrays_to_parameters([]), manager)]
     assert chosen == [1, 3]
     never = _strategy(tmp_path / "never", **{"exclude-after-rejections": 0})
@@ -147,7 +147,8 @@ def test_too_few_usable_updates_leave_the_model_unchanged(tmp_path):
 @pytest.mark.parametrize("server_round, expected", [(1, False), (2, True), (3, True)])
 def test_evaluation_schedule_every_n_rounds_and_the_last(tmp_path, server_round, expected):
     strategy = _strategy(tmp_path, **{"evaluate-every": 2})
-    manager = SimpleNamespace(num_available=lambda: 4, sample=lambda num_clients, **_: list(range(num_clients)))
+    manager = SimpleNamespace(num_available=lambda: 4, sample=lambda num_clients, **_: list(range(num_clients)),
+                              wait_for=lambda n, timeout=None: True)
     assert bool(strategy.configure_evaluate(server_round, ndarrays_to_parameters([]), manager)) is expected
 
 
@@ -190,7 +191,8 @@ def test_the_server_publishes_the_items_most_devices_touched_as_the_popularity_f
                                _result(2, _after(1.0, 1.0), [2], num_examples=3)], [])
     strategy.aggregate_fit(2, [_result(3, _after(1.0, 1.0), [2, 3], num_examples=1)], [])
     assert _published(strategy, 3) == [2, 0, 3]
-    manager = SimpleNamespace(num_available=lambda: 4, sample=lambda num_clients, **_: list(range(num_clients)))
+    manager = SimpleNamespace(num_available=lambda: 4, sample=lambda num_clients, **_: list(range(num_clients)),
+                              wait_for=lambda n, timeout=None: True)
     (_, evaluate_ins), *_ = strategy.configure_evaluate(3, ndarrays_to_parameters([]), manager)
     assert decode_item_list(evaluate_ins.config[POPULAR_ITEMS_KEY]).tolist() == [2, 0, 3]
 
@@ -226,3 +228,15 @@ def test_the_mean_is_the_same_bit_for_bit_whatever_order_replies_arrive_in():
         return acc
 
     assert any(not np.array_equal(in_arrival_order(results), in_arrival_order(order)) for order in orders)
+
+
+def test_a_simulated_round_waits_until_every_supernode_has_connected(tmp_path):
+    """Flower registers SuperNodes as they start; sampling before all are there would favour the early ones."""
+    config = parse_run_config(fused_run_config({"num-server-rounds": 3, "clients-per-round": 2}))
+    strategy = FedRecStrategy(config, LAYOUT, list(GLOBAL.values()), RunRecorder(tmp_path / "run", {}, checkpoint_every=10),
+                              expected_clients=500)
+    waited = []
+    manager = SimpleNamespace(num_available=lambda: 500, sample=lambda num_clients, **_: list(range(num_clients)),
+                              wait_for=lambda n, timeout=None: waited.append(n) or True)
+    assert len(strategy.configure_fit(1, ndarrays_to_parameters(list(GLOBAL.values())), manager)) == 2
+    assert waited == [500]
