@@ -217,3 +217,26 @@ def test_short_rounds_are_skipped_or_retried_never_crash(tmp_path):
     still_skipped = sum(r["clients_ok"] < 9 for r in retry_rows if r["phase"] == "fit")
     assert skipped >= 3, "the scenario must produce short rounds for this test to mean anything"
     assert still_skipped < skipped
+
+
+def test_the_engine_delivers_each_nodes_next_message_once_in_one_pass():
+    """simulations.engine's replacement for flwr 1.41's per-node polling of the message store."""
+    import threading
+    from types import SimpleNamespace
+
+    from simulations.engine import undelivered_one_per_node
+
+    def message(node):
+        return SimpleNamespace(metadata=SimpleNamespace(dst_node_id=node, delivered_at=""))
+
+    store = {f"m{i}": message(node) for i, node in enumerate([1, 2, 1, 3, 99])}
+    checked = []
+    state = SimpleNamespace(lock=threading.RLock(), message_ins_store=store,
+                            _check_stored_messages=lambda ids: checked.append(set(ids)))
+    nodes = {1: 0, 2: 1, 3: 2}  # node 99 is not a simulated SuperNode
+    first = undelivered_one_per_node(state, nodes)
+    assert [m is store[k] for m, k in zip(first, ["m0", "m1", "m3"])] == [True, True, True]
+    assert all(m.metadata.delivered_at for m in first) and checked == [set(store)]
+    second = undelivered_one_per_node(state, nodes)
+    assert second == [store["m2"]], "a node's second message waits for the next cycle"
+    assert undelivered_one_per_node(state, nodes) == [] and store["m4"].metadata.delivered_at == ""
