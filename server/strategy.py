@@ -199,7 +199,7 @@ def progress_line(server_round: int, num_rounds: int, summary: dict[str, Scalar]
                 for key in ("clients_failed", "clients_no_reply", "clients_rejected") if summary.get(key)]
     if problems:
         parts[-1] += f" ({', '.join(problems)})"
-    if "train_loss" in summary:
+    if np.isfinite(float(summary.get("train_loss", float("nan")))):
         parts.append(f"loss {float(summary['train_loss']):.4f}")
     if "user_epsilon" in summary:
         parts.append(f"user eps {float(summary['user_epsilon']):.3g}")

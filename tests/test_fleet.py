@@ -166,6 +166,7 @@ def test_progress_line_shows_round_updates_problems_and_eta():
     assert line.startswith("fedrec: round 14/100 | 68/100 updates (30 failed, 2 rejected)")
     assert "loss 0.0761" in line and "ETA 7 min 10 s" in line
     assert "ETA" not in progress_line(100, 100, {"clients_ok": 1}, 1.0, 5.0)
+    assert "loss" not in progress_line(3, 9, {"clients_ok": 1, "train_loss": float("nan")}, 1.0, 5.0)
 
 
 # --- real simulations on a small synthetic fleet --------------------------------------------
