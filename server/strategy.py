@@ -328,17 +328,15 @@ class FedRecStrategy(Strategy):
         chosen = self.sampling_rng.random(len(clients)) < self.user_dp.sampling_rate
         return [client for client, keep in zip(clients, chosen) if keep and client.node_id not in self.excluded]
 
-    def _wait_for_fleet(self, client_manager: ClientManager) -> int:
-        """Wait until the devices a round may sample from have connected; returns that number.
+    def _wait_for_fleet(self, client_manager: ClientManager) -> None:
+        """Wait until the devices a round may sample from have connected.
 
         In simulation that is every SuperNode (``expected_clients``): Flower registers them
         as they start, and with 100,000 of them only a few thousand were there for round 1,
         so rounds sampled from those alone (and Poisson sampling would not have had the
         probability the accountant assumes). In a deployment, ``min-available-clients``.
         """
-        enough = max(self.config.min_available_clients, self.expected_clients)
-        client_manager.wait_for(enough)
-        return enough
+        client_manager.wait_for(max(self.config.min_available_clients, self.expected_clients))
 
     def _sample(self, client_manager: ClientManager, fraction: float, count: int, minimum: int) -> list[ClientProxy]:
         self._wait_for_fleet(client_manager)
