@@ -112,7 +112,8 @@ class NoopClient(NumPyClient):
         self.num_items = num_items
 
     def fit(self, parameters, config):  # type: ignore[override]
-        return [np.zeros_like(p) for p in parameters] + [np.zeros(self.num_items, np.float32)], 1, {}
+        touched = np.zeros(self.num_items, parameters[0].dtype if parameters else np.float32)
+        return [np.zeros_like(p) for p in parameters] + [touched], 1, {}
 
     def evaluate(self, parameters, config):  # type: ignore[override]
         return 0.0, 0, {}
@@ -151,8 +152,9 @@ def federated(mode: str, args: argparse.Namespace) -> dict[str, float]:
     seconds = statistics.median(r["round_seconds"] for r in timed)
     clients = statistics.median(r["clients_ok"] for r in timed)
     model = build_model(config.model_config, 0, config.synthetic_items)
-    down = sum(v.nbytes for v in model.shared_state().values())
-    up = down + 4 * config.synthetic_items
+    width = 2 if config.transport_dtype == "float16" else 4  # bytes per value on the wire
+    down = sum(v.size for v in model.shared_state().values()) * width
+    up = down + width * config.synthetic_items  # plus the touched vector
     return {"seconds": seconds, "updates": clients, "mb": (up + down) / 1e6, "memory_gb": memory.peak / 1e9,
             "clients": num_clients}
 
