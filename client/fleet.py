@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from flwr.app import Context, Error, Message
-from flwr.clientapp.typing import ClientAppCallable
 from flwr.app.message_type import MessageType
+from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from common.config import FLEET_FAILURE_PREFIX, ROUND_ATTEMPT_KEY, FedRecConfig, parse_run_config

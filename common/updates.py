@@ -13,7 +13,6 @@ aggregation never has to reveal which items one client touched.
 from __future__ import annotations
 
 import math
-
 from collections import OrderedDict
 from dataclasses import dataclass
 
