@@ -165,7 +165,9 @@ def main(grid: Grid, context: Context) -> None:
     shared = model.shared_state()
     layout = UpdateLayout.from_state(shared, model.item_row_parameter_names(), prepared.num_items)
     resumed = load_server_state(config.run_dir) if config.resume else None
-    if resumed is not None and config.record_dp and transport_facts(grid)["engine"] == "simulation":
+    transport = transport_facts(grid)
+    simulated = transport["engine"] == "simulation"
+    if resumed is not None and config.record_dp and simulated:
         # Each device's record-level accountant lives in its Context, which died with the
         # simulation: resuming would restart every device's epsilon at zero.
         raise ConfigError(
@@ -179,7 +181,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     dp = user_level_dp(config, len(slicer_cached(config)))
     rounds, stop_reason = plan_rounds(config, dp)
-    recorder.write_json("privacy.json", {**privacy_plan(config, dp, rounds, stop_reason), "transport": transport_facts(grid)})
+    recorder.write_json("privacy.json", {**privacy_plan(config, dp, rounds, stop_reason), "transport": transport})
     recorder.write_json("dataset.json", dataset_facts(config, prepared, len(slicer_cached(config))))
     if stop_reason:
         log(logging.WARNING, "fedrec: %s", stop_reason)
@@ -192,7 +194,7 @@ def main(grid: Grid, context: Context) -> None:
         user_dp=dp,
         num_rounds=rounds,
         # In simulation every SuperNode is one of the clients the data yields: wait for all of them.
-        expected_clients=len(slicer_cached(config)) if transport_facts(grid)["engine"] == "simulation" else 0,
+        expected_clients=len(slicer_cached(config)) if simulated else 0,
     )
     if resumed is not None:
         strategy.restore(resumed)
@@ -215,7 +217,7 @@ def main(grid: Grid, context: Context) -> None:
         )
         retries = config.round_retries if config.too_few_clients == "retry" else 0
         fit = retrying(fit_workflow(config), strategy, retries)
-        DefaultWorkflow(fit_workflow=fit)(with_deadline(grid, config, transport_facts(grid)["engine"]), legacy_context)
+        DefaultWorkflow(fit_workflow=fit)(with_deadline(grid, config, transport["engine"]), legacy_context)
     extra: dict = {"stop_reason": stop_reason} if stop_reason else {}
     if resumed is not None:
         extra.update(resumed_after_round=resumed.server_round, wall_seconds_before_resume=strategy.elapsed_before)
