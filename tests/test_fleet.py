@@ -173,7 +173,7 @@ def test_progress_line_shows_round_updates_problems_and_eta():
 FLEET = {
     "synthetic-users": 60, "synthetic-items": 100, "synthetic-mean-interactions": 20, "eval-negatives": 49,
     "embedding-dim": 8, "local-epochs": 2, "batch-size": 16, "learning-rate": 0.05, "server-learning-rate": 2.0,
-    "clients-per-round": 20, "num-server-rounds": 12, "evaluate-every": 100, "final-full-evaluation": True,
+    "clients-per-round": 60, "num-server-rounds": 12, "evaluate-every": 100, "final-full-evaluation": True,
     "report": False, "checkpoint-every": 100,
 }
 
@@ -201,8 +201,8 @@ def test_training_converges_with_30_percent_dropout(tmp_path, fault_free):
     assert abs(dropped / sampled - 0.3) < 0.08
     assert all(r["clients_ok"] + r["clients_failed"] == r["clients_sampled"] for r in fits)
     hr, clean_hr = (s["final_evaluation"]["test_sampled_hr@10"] for s in (faulty, clean))
-    # One round's loss depends on which 20 of 60 devices Flower happened to sample (a single
-    # last round read 0.84x round 1 in one clean-clone run): compare the last four rounds.
+    # Every device is asked every round (Flower's sampling is unseeded: with 20 of 60 per round
+    # two clean-clone runs read HR@10 0.35 against 0.50); only the seeded dropouts differ.
     late_loss = np.mean([r["train_loss"] for r in fits[-4:]])
     assert late_loss < 0.9 * fits[0]["train_loss"], "training still converges"
     assert abs(hr - clean_hr) <= 0.1, f"HR@10 {hr:.3f} with 30% dropout against {clean_hr:.3f} without"
