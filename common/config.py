@@ -7,6 +7,7 @@ both apps fail fast with one clear line instead of deep inside a round.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
@@ -199,7 +200,25 @@ _FRACTIONS = {"fraction_train", "fraction_evaluate", "server_learning_rate_decay
 
 
 def parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
-    """Validate a Flower run-config (keys with dashes) into a :class:`FedRecConfig`."""
+    """Validate a Flower run-config (keys with dashes) into a :class:`FedRecConfig`.
+
+    A device parses the same run-config in every mod and for every message; the result of
+    a valid one is kept (a frozen dataclass, so sharing it is safe).
+    """
+    try:  # the type is part of the key: 1, 1.0 and True are equal as dict keys but not as config values
+        key = tuple(sorted((name, type(value), value) for name, value in run_config.items()))
+        hash(key)
+    except TypeError:  # an unhashable value: nothing to cache by, and _coerce will refuse it
+        return _parse_run_config(run_config)
+    return _parse_cached(key)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_cached(items: tuple[tuple[str, type, Any], ...]) -> FedRecConfig:
+    return _parse_run_config({name: value for name, _, value in items})
+
+
+def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
     values: dict[str, Any] = {}
     for spec in fields(FedRecConfig):
         key = spec.name.replace("_", "-")

@@ -75,3 +75,15 @@ def test_server_step_is_constant_until_the_decay_round_then_geometric():
     assert [config.server_step(r) for r in (1, 2, 3, 4, 5)] == [2.0, 2.0, 2.0, 1.0, 0.5]
     constant = parse_run_config(fused_run_config({"server-learning-rate": 2.0, "server-learning-rate-decay": 0.5}))
     assert constant.server_step(50) == 2.0, "decay-from 0 means no decay"
+
+
+def test_a_parsed_config_is_reused_but_a_wrongly_typed_value_is_still_refused():
+    """Devices parse the run-config in every mod; the cache must not blur 1, 1.0 and True."""
+    config = fused_run_config()
+    assert parse_run_config(dict(config)) is parse_run_config(dict(config))
+    assert parse_run_config(fused_run_config({"seed": 7})).seed == 7
+    for key, value in (("report", 1), ("seed", 7.0), ("seed", True)):
+        with pytest.raises(ConfigError, match=f"'{key}' must be"):
+            parse_run_config({**config, key: value})
+    with pytest.raises(ConfigError, match="'seed' must be int"):
+        parse_run_config({**config, "seed": [1]})  # unhashable: parsed without the cache, still refused
