@@ -8,6 +8,7 @@ returns only the encoded shared update.
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +18,7 @@ from common.evaluation import evaluate_model, exposure_hits, model_scorers
 from common.federation import ClientData
 from common.metrics import sums
 from common.models import ModelConfig, RecModel, build_model, empty_model
-from common.training import PositiveSet, TrainConfig, build_examples, make_optimizer, train_epoch
+from common.training import Examples, PositiveSet, TrainConfig, build_examples, make_optimizer, train_epoch
 from common.updates import UpdateLayout, clip_deltas, encode_update
 from client.private_training import History, RecordDPConfig, private_local_epochs
 
@@ -40,19 +41,38 @@ def build_local_model(
     shared: list[np.ndarray],
     local_state: dict[str, np.ndarray] | None,
     seed: int,
+    *,
+    item_rows: np.ndarray | None = None,
 ) -> RecModel:
     """The client's model: its own user rows, the server's shared parameters.
 
     A new user's embedding is initialised on the device with a seed derived from its
     global index, so it is reproducible without the server ever choosing it.
+
+    With ``item_rows`` (sorted item ids) the model holds only those rows of every item
+    table, in that order: what a round that trains only those items needs.
     """
-    model = empty_model(model_config, data.num_users, data.num_items) if local_state else None
+    num_items = data.num_items
+    if item_rows is not None:
+        if not local_state:  # drawn on the full model, so a new user's rows do not depend on item_rows
+            local_state = dict(build_model(model_config, data.num_users, data.num_items, seed=seed).local_state())
+        num_items = len(item_rows)
+    model = empty_model(model_config, data.num_users, num_items) if local_state else None
     if model is None or set(local_state or {}) != set(model.local_parameter_names()):
-        model = build_model(model_config, data.num_users, data.num_items, seed=seed)  # fresh user rows
+        model = build_model(model_config, data.num_users, num_items, seed=seed)  # fresh user rows
     names = model.shared_parameter_names()
     if len(shared) != len(names):
         raise ValueError(f"received {len(shared)} shared arrays, the {model_config.name} model has {len(names)}")
-    model.load_arrays(dict(zip(names, shared)))
+    arrays = dict(zip(names, shared))
+    if item_rows is not None:
+        tables = set(model.item_row_parameter_names())
+        for name in tables:
+            if len(arrays[name]) != data.num_items:
+                raise ValueError(
+                    f"shape mismatch for {name}: got {arrays[name].shape[0]} item rows, expected {data.num_items}"
+                )
+        arrays = {name: value[item_rows] if name in tables else value for name, value in arrays.items()}
+    model.load_arrays(arrays)
     if local_state:
         model.load_arrays(local_state)
     return model
@@ -68,6 +88,53 @@ def user_seed(seed: int, data: ClientData) -> int:
     return (seed * 1_000_003 + client_key(data)) % (2**31)
 
 
+@dataclass
+class EpochPlan:
+    """A round's training examples, drawn before any step, and the item rows they train."""
+
+    epochs: list[Examples]
+    generator: torch.Generator  # shuffles the batches
+    touched: np.ndarray  # every item id trained, with repeats
+    rows: np.ndarray  # the sorted distinct ids of ``touched``
+
+
+def plan_epochs(data: ClientData, config: TrainConfig, seed: list[int]) -> EpochPlan:
+    """``config.epochs`` passes of examples with fresh negatives per pass.
+
+    The batches are shuffled by ``generator``, not by the numpy stream the negatives come
+    from, so drawing every pass up front gives the negatives pass-by-pass drawing would.
+    """
+    rng = np.random.default_rng(seed)
+    generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
+    positives = PositiveSet(data.train_users, data.train_items, data.num_items)
+    epochs = [build_examples(data.train_users, data.train_items, data.train_ratings, positives, config, rng)
+              for _ in range(config.epochs)]
+    touched = np.concatenate(
+        [e.items.numpy() for e in epochs] + ([e.targets.numpy() for e in epochs] if config.loss == "bpr" else [])
+    )
+    return EpochPlan(epochs, generator, touched, np.unique(touched))
+
+
+def run_epochs(
+    model: RecModel,
+    plan: EpochPlan,
+    config: TrainConfig,
+    reference: dict[str, torch.Tensor] | None = None,
+    *,
+    item_rows: bool = False,
+) -> float:
+    """Train ``model`` on the plan's passes; returns the last pass's mean loss.
+
+    ``item_rows``: ``model`` holds only the plan's rows (see :func:`build_local_model`).
+    """
+    epochs = [remap_items(e, plan.rows, config.loss == "bpr") for e in plan.epochs] if item_rows else plan.epochs
+    optimizer = make_optimizer(model, config)
+    loss = 0.0
+    for examples in epochs:
+        loss = train_epoch(model, examples, optimizer, config, plan.generator, reference)
+    return loss
+
+
 def local_epochs(
     model: RecModel,
     data: ClientData,
@@ -76,19 +143,29 @@ def local_epochs(
     reference: dict[str, torch.Tensor] | None = None,
 ) -> tuple[float, np.ndarray]:
     """``config.epochs`` passes with fresh negatives; returns the last loss and every item trained."""
-    rng = np.random.default_rng(seed)
-    generator = torch.Generator().manual_seed(int(rng.integers(2**31)))
-    positives = PositiveSet(data.train_users, data.train_items, data.num_items)
-    optimizer = make_optimizer(model, config)
-    touched: list[np.ndarray] = []
-    loss = 0.0
-    for _ in range(config.epochs):
-        examples = build_examples(data.train_users, data.train_items, data.train_ratings, positives, config, rng)
-        touched.append(examples.items.numpy())
-        if config.loss == "bpr":
-            touched.append(examples.targets.numpy())
-        loss = train_epoch(model, examples, optimizer, config, generator, reference)
-    return loss, np.concatenate(touched)
+    plan = plan_epochs(data, config, seed)
+    return run_epochs(model, plan, config, reference), plan.touched
+
+
+def remap_items(examples: Examples, rows: np.ndarray, targets_are_items: bool) -> Examples:
+    """``examples`` with item ids replaced by their positions in the sorted ``rows``."""
+    def position(ids: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.searchsorted(rows, ids.numpy()))
+
+    targets = position(examples.targets) if targets_are_items else examples.targets
+    return Examples(examples.users, position(examples.items), targets)
+
+
+def with_all_rows(
+    before: dict[str, np.ndarray], trained: dict[str, np.ndarray], rows: np.ndarray, tables: list[str]
+) -> dict[str, np.ndarray]:
+    """Full shared arrays after a round trained on ``rows`` only: ``before`` with those rows replaced."""
+    after = dict(trained)
+    for name in tables:
+        full = before[name].copy()
+        full[rows] = trained[name]
+        after[name] = full
+    return after
 
 
 def train_round(
@@ -112,26 +189,40 @@ def train_round(
     clipped deltas the server's noise covers.
     """
     started = time.perf_counter()
-    model = build_local_model(model_config, data, shared, local_state, user_seed(seed, data))
-    before = model.shared_state()
+    round_seed = [seed, server_round, client_key(data)]
+    plan = plan_epochs(data, train_config, round_seed) if record_dp is None else None
+    # Rows outside the plan get no gradient unless weight decay or the proximal term pulls
+    # them; then the round trains a model of the plan's rows only: the same result at a cost
+    # per step that does not grow with the catalogue (tests/test_client_local.py).
+    item_rows = (
+        plan.rows if plan is not None and train_config.weight_decay == 0 and train_config.proximal_mu == 0
+        and len(plan.rows) < data.num_items else None
+    )
+    model = build_local_model(model_config, data, shared, local_state, user_seed(seed, data), item_rows=item_rows)
+    before = OrderedDict(
+        (name, np.asarray(value, dtype=np.float32)) for name, value in zip(model.shared_parameter_names(), shared)
+    )
     layout = UpdateLayout.from_state(before, model.item_row_parameter_names(), data.num_items)
     reference = (
         {name: torch.from_numpy(value.copy()) for name, value in before.items()} if train_config.proximal_mu > 0 else None
     )
-    round_seed = [seed, server_round, client_key(data)]
     extra: dict[str, float] = {}
     private = None
-    if record_dp is None:
-        loss, touched = local_epochs(model, data, train_config, round_seed, reference)
+    if plan is not None:
+        loss, touched = run_epochs(model, plan, train_config, reference, item_rows=item_rows is not None), plan.touched
     else:
+        assert record_dp is not None
         private = private_local_epochs(model, data, train_config, record_dp, record_history or [], round_seed,
                                        reference=reference)
         loss, touched = private.loss, np.arange(data.num_items)
         extra = {"record_epsilon": private.epsilon, "record_dp_declined": float(private.declined)}
+    after = model.shared_state()
+    if item_rows is not None:
+        after = with_all_rows(before, after, item_rows, model.item_row_parameter_names())
     # Under either DP the touched vector is all ones: DP-SGD noise moves every item row, and
     # which rows a device trained is exactly what user-level DP must not reveal.
     upload = encode_update(
-        layout, before, model.shared_state(), touched,
+        layout, before, after, touched,
         rowwise=rowwise and clipping_norm is None and record_dp is None,
     )
     if private is not None and private.declined:

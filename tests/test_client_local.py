@@ -5,11 +5,13 @@ import pytest
 
 import torch
 
-from client.local import build_local_model, evaluate_client, refit_user_rows, train_round
+from client.local import (
+    build_local_model, client_key, evaluate_client, local_epochs, refit_user_rows, train_round, user_seed,
+)
 from common.federation import ClientData, EvalData
 from common.models import ModelConfig, build_model
 from common.training import TrainConfig
-from common.updates import UpdateLayout, decode_mean_update
+from common.updates import UpdateLayout, decode_mean_update, encode_update
 
 NUM_ITEMS = 30
 
@@ -118,6 +120,38 @@ def test_a_returning_device_rebuilds_exactly_the_model_it_kept(name):
     again = train_round(config, TrainConfig(), _client(), shared, kept, seed=5, server_round=2)
     for x, y in zip(second.upload, again.upload):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("name", ["mf", "gmf", "mlp", "neumf"])
+@pytest.mark.parametrize("loss", ["bce", "bpr", "mse"])
+def test_training_only_the_rows_a_round_touches_gives_the_full_tables_result(name, loss):
+    """train_round trains a model of the touched item rows only; the full model trained alike must agree."""
+    config = ModelConfig(name=name, embedding_dim=8, mlp_layers=(8, 4))
+    train = TrainConfig(epochs=3, batch_size=4, learning_rate=0.05, loss=loss, num_negatives=2, shared_adam_epsilon=1e-3)
+    data = _client()
+    shared = list(build_model(config, 0, NUM_ITEMS, seed=1).shared_state().values())
+    layout = UpdateLayout.from_state(build_model(config, 0, NUM_ITEMS).shared_state(),
+                                     build_model(config, 0, NUM_ITEMS).item_row_parameter_names(), NUM_ITEMS)
+    state = None
+    for server_round in (1, 2):  # a new device, then a returning one
+        result = train_round(config, train, data, shared, state, seed=3, server_round=server_round)
+        full = build_local_model(config, data, shared, state, user_seed(3, data))
+        before = full.shared_state()
+        full_loss, touched = local_epochs(full, data, train, [3, server_round, client_key(data)])
+        assert len(np.unique(touched)) < NUM_ITEMS, "the round must train a subset of the rows for this to test anything"
+        for got, want in zip(result.upload, encode_update(layout, before, full.shared_state(), touched)):
+            np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+        for key, want in full.local_state().items():
+            np.testing.assert_allclose(result.local_state[key], want, rtol=0, atol=1e-6)
+        assert result.metrics["train_loss"] == pytest.approx(full_loss, abs=1e-6)
+        state, shared = result.local_state, decode_mean_update(layout, shared, result.upload)
+
+
+def test_a_wrong_item_count_is_refused_when_training_a_subset_of_rows():
+    config = ModelConfig(name="gmf", embedding_dim=4)
+    shared = list(build_model(config, 0, NUM_ITEMS + 5, seed=1).shared_state().values())
+    with pytest.raises(ValueError, match=f"got {NUM_ITEMS + 5} item rows, expected {NUM_ITEMS}"):
+        train_round(config, TrainConfig(), _client(), shared, None, seed=1, server_round=1)
 
 
 def test_evaluate_client_reports_sums_and_counts_per_user():
