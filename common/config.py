@@ -25,6 +25,8 @@ TRANSPORT_DTYPES = ("float32", "float16")
 # Replies a simulated fleet device refuses (client.fleet) start with this; the server counts them by kind.
 FLEET_FAILURE_PREFIX = "fleet:"
 ROUND_ATTEMPT_KEY = "round-attempt"  # fit config of a retried round: 1, 2, ... (absent on the first attempt)
+# ServerApp Context.state ArrayRecord, written by simulations.engine: "node-ids" -> "partition-ids".
+SIMULATION_PARTITIONS_KEY = "fedrec.simulation-partitions"
 
 
 class ConfigError(ValueError):
@@ -80,6 +82,7 @@ class FedRecConfig:
     exclude_after_rejections: int
     fraction_train: float
     clients_per_round: int
+    seeded_sampling: bool
     min_train_clients: int
     min_available_clients: int
     fraction_evaluate: float

@@ -25,6 +25,7 @@ from common.privacy import UserLevelDP
 from common.updates import UpdateLayout
 from server.fleet import retrying, with_deadline
 from server.run_dir import RunRecorder, load_server_state
+from server.sampling import simulation_partitions
 from server.strategy import FedRecStrategy
 
 app = ServerApp()
@@ -195,6 +196,7 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=rounds,
         # In simulation every SuperNode is one of the clients the data yields: wait for all of them.
         expected_clients=len(slicer_cached(config)) if simulated else 0,
+        partitions=(lambda: simulation_partitions(context)) if simulated else None,
     )
     if resumed is not None:
         strategy.restore(resumed)

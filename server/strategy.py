@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
+from collections.abc import Callable, Mapping
 from logging import ERROR, INFO, WARNING
 
 import numpy as np
@@ -49,6 +50,7 @@ from common.updates import (
     validate_upload,
 )
 from server.robust import robust_mean
+from server.sampling import EVALUATE, FIT, partition_order, seeded_sample
 from server.run_dir import RunRecorder, ServerState, save_server_state
 
 
@@ -235,10 +237,16 @@ class FedRecStrategy(Strategy):
         user_dp: UserLevelDP | None = None,
         num_rounds: int | None = None,
         expected_clients: int = 0,
+        partitions: Callable[[], Mapping[int, int]] | None = None,
     ) -> None:
-        """``expected_clients`` > 0: every round waits until that many devices are connected (simulation)."""
+        """``expected_clients`` > 0: every round waits until that many devices are connected (simulation).
+
+        ``partitions``: node id -> partition id of the simulated devices; with it (and
+        ``seeded-sampling``, no user-level DP) each round's sample is drawn from ``seed``.
+        """
         super().__init__()
         self.expected_clients = expected_clients
+        self.partitions = partitions if config.seeded_sampling and user_dp is None else None
         self.config = config
         self.num_rounds = config.num_server_rounds if num_rounds is None else num_rounds
         self.user_dp = user_dp
@@ -338,12 +346,22 @@ class FedRecStrategy(Strategy):
         """
         client_manager.wait_for(max(self.config.min_available_clients, self.expected_clients))
 
-    def _sample(self, client_manager: ClientManager, fraction: float, count: int, minimum: int) -> list[ClientProxy]:
+    def _sample(
+        self, client_manager: ClientManager, fraction: float, count: int, minimum: int, server_round: int, stream: int
+    ) -> list[ClientProxy]:
         self._wait_for_fleet(client_manager)
         available = client_manager.num_available() - len(self.excluded)
         size = count if count > 0 else max(int(available * fraction), minimum)
         # Never ask for more clients than will be there: Flower's sampler returns none then.
         size = min(size, max(available, self.config.min_available_clients))
+        if self.partitions is not None:
+            clients = [c for c in client_manager.all().values() if c.node_id not in self.excluded]
+            ordered = partition_order(clients, self.partitions)
+            if ordered is not None:
+                return seeded_sample(ordered, size, self.config.seed, server_round, stream, self.attempt)
+            log(WARNING, "seeded-sampling: the simulation did not say which partition every node holds; "
+                "sampling at random")
+            self.partitions = None
         criterion = NotExcluded(self.excluded) if self.excluded else None
         return client_manager.sample(
             num_clients=size, min_num_clients=self.config.min_available_clients, criterion=criterion
@@ -359,7 +377,8 @@ class FedRecStrategy(Strategy):
             clients = self._sample_poisson(client_manager)
         else:
             clients = self._sample(
-                client_manager, self.config.fraction_train, self.config.clients_per_round, self.config.min_train_clients
+                client_manager, self.config.fraction_train, self.config.clients_per_round, self.config.min_train_clients,
+                server_round, FIT,
             )
         if self.uploads_are_aggregated:
             check_secagg_capacity(len(clients), self.config.secagg_quantization_range)
@@ -564,7 +583,7 @@ class FedRecStrategy(Strategy):
             self._wait_for_fleet(client_manager)
             clients = client_manager.sample(num_clients=client_manager.num_available())
         else:
-            clients = self._sample(client_manager, self.config.fraction_evaluate, 0, 1)
+            clients = self._sample(client_manager, self.config.fraction_evaluate, 0, 1, server_round, EVALUATE)
         ins = EvaluateIns(self._for_transport(parameters), self._round_config(server_round))
         return [(client, ins) for client in clients]
 

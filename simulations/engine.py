@@ -19,7 +19,8 @@ from typing import Any, Mapping
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no phoning home: runs must work offline
 
-from flwr.app import Context, Message, RecordDict  # noqa: E402
+import numpy as np  # noqa: E402
+from flwr.app import Array, ArrayRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common.config import get_fused_config_from_dir  # noqa: E402
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES  # noqa: E402
@@ -33,7 +34,7 @@ from flwr.server.superlink.fleet.vce import vce_api  # noqa: E402
 from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState  # noqa: E402
 from flwr.supercore.date import now  # noqa: E402
 
-from common.config import ConfigError  # noqa: E402
+from common.config import SIMULATION_PARTITIONS_KEY, ConfigError  # noqa: E402
 
 APP_DIR = Path(__file__).resolve().parents[1]
 
@@ -100,6 +101,33 @@ def _add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:  # type
 _FLOWER_ADD_MESSAGES_TO_QUEUE = vce_api.add_messages_to_queue
 vce_api.add_messages_to_queue = _add_messages_to_queue
 
+# The ServerApp Context of the run_in_process call under way (one at a time per process).
+_SERVER_CONTEXTS: list[Context] = []
+
+
+def partitions_record(nodes_mapping: Mapping[int, int]) -> ArrayRecord:
+    """Which simulated SuperNode holds which partition, as the ServerApp reads it from its Context."""
+    node_ids = np.fromiter(nodes_mapping.keys(), dtype=np.uint64, count=len(nodes_mapping))
+    partition_ids = np.fromiter(nodes_mapping.values(), dtype=np.int64, count=len(nodes_mapping))
+    return ArrayRecord({"node-ids": Array(node_ids), "partition-ids": Array(partition_ids)})
+
+
+def _register_nodes(num_nodes, state_factory):  # type: ignore[no-untyped-def]
+    """``vce_api._register_nodes``, also telling the ServerApp each node's partition-id.
+
+    Flower gives simulated SuperNodes random node ids, so a seeded sample of node ids would
+    still be different devices in every run; with the partition ids the server can draw
+    the same devices for the same run-config (``seeded-sampling``).
+    """
+    mapping = _FLOWER_REGISTER_NODES(num_nodes=num_nodes, state_factory=state_factory)
+    for context in _SERVER_CONTEXTS:
+        context.state.array_records[SIMULATION_PARTITIONS_KEY] = partitions_record(mapping)
+    return mapping
+
+
+_FLOWER_REGISTER_NODES = vce_api._register_nodes
+vce_api._register_nodes = _register_nodes
+
 
 def run_in_process(
     overrides: Mapping[str, Any] | None,
@@ -132,16 +160,20 @@ def run_in_process(
         "client_resources": {"num_cpus": num_cpus_per_client, "num_gpus": 0.0},
         "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR", "log_to_driver": verbose},
     }
-    result = _run_simulation(
-        num_supernodes=num_supernodes,
-        client_app=client_app,
-        server_app=server_app,
-        backend_config=backend_config,
-        app_dir=str(app_dir()),
-        run=run,
-        server_app_context=context,
-        is_app=True,  # makes every SuperNode fuse the run-config from app_dir, as under `flwr run`
-        verbose_logging=verbose,
-        exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-    )
+    _SERVER_CONTEXTS[:] = [context]
+    try:
+        result = _run_simulation(
+            num_supernodes=num_supernodes,
+            client_app=client_app,
+            server_app=server_app,
+            backend_config=backend_config,
+            app_dir=str(app_dir()),
+            run=run,
+            server_app_context=context,
+            is_app=True,  # makes every SuperNode fuse the run-config from app_dir, as under `flwr run`
+            verbose_logging=verbose,
+            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+        )
+    finally:
+        _SERVER_CONTEXTS.clear()
     return result.context

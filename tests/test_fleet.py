@@ -201,8 +201,8 @@ def test_training_converges_with_30_percent_dropout(tmp_path, fault_free):
     assert abs(dropped / sampled - 0.3) < 0.08
     assert all(r["clients_ok"] + r["clients_failed"] == r["clients_sampled"] for r in fits)
     hr, clean_hr = (s["final_evaluation"]["test_sampled_hr@10"] for s in (faulty, clean))
-    # Every device is asked every round (Flower's sampling is unseeded: with 20 of 60 per round
-    # two clean-clone runs read HR@10 0.35 against 0.50); only the seeded dropouts differ.
+    # Every device is asked every round, so the two runs differ only by the seeded dropouts
+    # (with 20 of 60 per round and Flower's random sampling, two runs read HR@10 0.35 and 0.50).
     late_loss = np.mean([r["train_loss"] for r in fits[-4:]])
     assert late_loss < 0.9 * fits[0]["train_loss"], "training still converges"
     assert abs(hr - clean_hr) <= 0.1, f"HR@10 {hr:.3f} with 30% dropout against {clean_hr:.3f} without"
