@@ -36,8 +36,8 @@ def simulation_partitions(context: Context) -> dict[int, int]:
 
 def partition_order(
     clients: list[ClientProxy], partitions: Callable[[], Mapping[int, int]], wait: float = 5.0
-) -> list[ClientProxy] | None:
-    """``clients`` sorted by partition id, or None when some client's partition is unknown.
+) -> list[tuple[int, ClientProxy]] | None:
+    """``(partition id, client)`` pairs sorted by partition, or None when some client's partition is unknown.
 
     The engine records the partitions right after registering the nodes, so a server that
     saw the nodes first may wait a moment for the record.
@@ -46,15 +46,24 @@ def partition_order(
     while True:
         known = partitions()
         if all(client.node_id in known for client in clients):
-            return sorted(clients, key=lambda client: known[client.node_id])
+            return sorted(((known[client.node_id], client) for client in clients), key=lambda pair: pair[0])
         if time.monotonic() >= deadline:
             return None
         time.sleep(0.05)
 
 
-def seeded_sample(ordered: list[ClientProxy], size: int, seed: int, server_round: int, stream: int,
+def seeded_sample(ordered: list[tuple[int, ClientProxy]], size: int, seed: int, server_round: int, stream: int,
                   attempt: int = 0) -> list[ClientProxy]:
-    """``size`` of the partition-ordered clients without replacement, drawn from (seed, round, stream, attempt)."""
-    rng = np.random.default_rng([seed, server_round, stream, attempt])
-    chosen = np.sort(rng.choice(len(ordered), size=min(size, len(ordered)), replace=False))
-    return [ordered[i] for i in chosen]
+    """``size`` clients without replacement: those whose partitions draw the smallest keys.
+
+    Each partition's key is drawn from (seed, round, stream, attempt) and its own id, so a
+    device's chances do not depend on who else is there: two runs whose fleets differ by a
+    few devices (say, added attackers) sample the same honest devices except the few the
+    newcomers displace, and their results can be compared device for device.
+    """
+    if not ordered:
+        return []
+    partitions = np.fromiter((partition for partition, _ in ordered), dtype=np.int64, count=len(ordered))
+    keys = np.random.default_rng([seed, server_round, stream, attempt]).random(int(partitions.max()) + 1)[partitions]
+    chosen = np.sort(np.argsort(keys, kind="stable")[: max(0, size)])
+    return [ordered[i][1] for i in chosen]

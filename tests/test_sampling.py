@@ -19,14 +19,38 @@ def _clients(node_ids):
     return [SimpleNamespace(node_id=node) for node in node_ids]
 
 
+def _pairs(partitions):
+    return [(partition, SimpleNamespace(node_id=1000 + partition)) for partition in partitions]
+
+
 def test_the_sample_is_a_function_of_seed_round_stream_and_attempt():
-    ordered = _clients(range(100, 130))
+    ordered = _pairs(range(30))
     draw = lambda *key: [c.node_id for c in seeded_sample(ordered, 5, *key)]  # noqa: E731
     assert draw(42, 3, FIT) == draw(42, 3, FIT)
     assert len(set(draw(42, 3, FIT))) == 5
     others = [draw(43, 3, FIT), draw(42, 4, FIT), draw(42, 3, EVALUATE), draw(42, 3, FIT, 1)]
     assert all(other != draw(42, 3, FIT) for other in others)
     assert len(seeded_sample(ordered, 99, 42, 1, FIT)) == 30, "never more than there are"
+
+
+def test_added_devices_displace_only_as_many_of_the_others_as_they_take():
+    honest = _pairs(range(943))
+    with_fakes = honest + _pairs(range(943, 991))
+    for server_round in range(1, 6):
+        clean = {c.node_id for c in seeded_sample(honest, 100, 42, server_round, FIT)}
+        attacked = {c.node_id for c in seeded_sample(with_fakes, 100, 42, server_round, FIT)}
+        fakes = {node for node in attacked if node >= 1000 + 943}
+        assert len(attacked) == 100 and attacked - fakes <= clean
+        assert len(clean - attacked) == len(fakes)
+
+
+def test_every_device_is_equally_likely():
+    ordered = _pairs(range(20))
+    counts = np.zeros(20)
+    for server_round in range(2000):
+        for client in seeded_sample(ordered, 5, 1, server_round, FIT):
+            counts[client.node_id - 1000] += 1
+    assert np.all(np.abs(counts / 2000 - 0.25) < 0.04), counts / 2000
 
 
 def test_clients_are_ordered_by_partition_not_by_their_random_node_ids():
@@ -36,7 +60,7 @@ def test_clients_are_ordered_by_partition_not_by_their_random_node_ids():
     context.state.array_records[SIMULATION_PARTITIONS_KEY] = partitions_record(mapping)
     assert simulation_partitions(context) == mapping
     ordered = partition_order(_clients([900, 17, 5000]), lambda: simulation_partitions(context))
-    assert [c.node_id for c in ordered] == [17, 5000, 900]
+    assert [(p, c.node_id) for p, c in ordered] == [(0, 17), (1, 5000), (2, 900)]
     assert partition_order(_clients([900, 4]), lambda: mapping, wait=0.0) is None, "an unknown node: no seeded order"
 
 
