@@ -6,9 +6,11 @@ the entry Flower's own simulation process uses (``flwr.simulation.run_simulation
 internal ``_run_simulation`` in flwr 1.41, pinned in pyproject) with the app directory,
 so every SuperNode and the ServerApp see the same fused run-config as under ``flwr run``.
 
-Importing this module also replaces one function of flwr 1.41's simulation engine that
-scans all messages once per SuperNode every 0.1 s (see :func:`_add_messages_to_queue`):
-``fedrec simulate`` scales to fleets of 100,000 devices; ``flwr run`` uses Flower's own.
+Importing this module also replaces two functions of flwr 1.41's simulation engine (for
+``fedrec simulate``; ``flwr run`` uses Flower's own): the one that scans all messages once
+per SuperNode every 0.1 s (:func:`_add_messages_to_queue`), so fleets of 100,000 devices
+scale, and the one that registers the SuperNodes (:func:`_register_nodes`), to tell the
+ServerApp which partition each node holds (``seeded-sampling``).
 """
 
 from __future__ import annotations
