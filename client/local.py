@@ -191,9 +191,9 @@ def train_round(
     started = time.perf_counter()
     round_seed = [seed, server_round, client_key(data)]
     plan = plan_epochs(data, train_config, round_seed) if record_dp is None else None
-    # Rows outside the plan get no gradient unless weight decay or the proximal term pulls
-    # them; then the round trains a model of the plan's rows only: the same result at a cost
-    # per step that does not grow with the catalogue (tests/test_client_local.py).
+    # Without weight decay or a proximal term, rows outside the plan get no gradient, so the
+    # round trains a model of the plan's rows only: the same result at a cost per step that
+    # does not grow with the catalogue (tests/test_client_local.py).
     item_rows = (
         plan.rows if plan is not None and train_config.weight_decay == 0 and train_config.proximal_mu == 0
         and len(plan.rows) < data.num_items else None
