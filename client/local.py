@@ -121,13 +121,13 @@ def run_epochs(
     config: TrainConfig,
     reference: dict[str, torch.Tensor] | None = None,
     *,
-    item_rows: bool = False,
+    rows_only: bool = False,
 ) -> float:
     """Train ``model`` on the plan's passes; returns the last pass's mean loss.
 
-    ``item_rows``: ``model`` holds only the plan's rows (see :func:`build_local_model`).
+    ``rows_only``: ``model`` holds only the plan's rows (see :func:`build_local_model`).
     """
-    epochs = [remap_items(e, plan.rows, config.loss == "bpr") for e in plan.epochs] if item_rows else plan.epochs
+    epochs = [remap_items(e, plan.rows, config.loss == "bpr") for e in plan.epochs] if rows_only else plan.epochs
     optimizer = make_optimizer(model, config)
     loss = 0.0
     for examples in epochs:
@@ -209,7 +209,8 @@ def train_round(
     extra: dict[str, float] = {}
     private = None
     if plan is not None:
-        loss, touched = run_epochs(model, plan, train_config, reference, item_rows=item_rows is not None), plan.touched
+        # The distinct rows: encode_update and the metric below need no repeats.
+        loss, touched = run_epochs(model, plan, train_config, reference, rows_only=item_rows is not None), plan.rows
     else:
         assert record_dp is not None
         private = private_local_epochs(model, data, train_config, record_dp, record_history or [], round_seed,
@@ -236,7 +237,7 @@ def train_round(
         "train_seconds": time.perf_counter() - started,
         "upload_bytes": float(sum(a.nbytes for a in upload)),
         "download_bytes": float(sum(a.nbytes for a in shared)),
-        "items_touched": float(len(np.unique(touched))),
+        "items_touched": float(len(touched)),
         **extra,
     }
     return RoundResult(
