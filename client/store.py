@@ -213,6 +213,18 @@ class DeviceState:
             record_history=self.record_history if record_history is None else list(record_history),
         )
 
+    def with_user_rows(self, user: int, rows: dict[str, np.ndarray]) -> DeviceState:
+        """One user's rows replaced (learning between rounds); every other row stays as it was."""
+        position = np.flatnonzero(self.row_users == int(user))
+        if len(position) == 0:
+            raise KeyError(f"user {user} has no rows on this device yet")
+        if set(rows) != set(self.rows):
+            raise ValueError(f"rows must name exactly {sorted(self.rows)}, got {sorted(rows)}")
+        updated = {name: array.copy() for name, array in self.rows.items()}
+        for name, row in rows.items():
+            updated[name][position[0]] = np.asarray(row, np.float32)
+        return replace(self, rows=updated)
+
     # --- the operator's edits (pure: return a new state) ---------------------
     def _interactions(
         self, user: int, items: Sequence[int] | np.ndarray, ratings: Sequence[float] | np.ndarray | None

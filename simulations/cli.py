@@ -305,8 +305,13 @@ def cmd_device(args: argparse.Namespace) -> int:
         state = store.add_user(args.state_dir, args.user, ids(args.items, "--items"),
                                ids(args.ratings, "--ratings", float) or None)
     elif args.action == "add-interactions":
-        state = store.add_interactions(args.state_dir, args.user, ids(args.items, "--items"),
-                                       ids(args.ratings, "--ratings", float) or None)
+        from client.coldstart import add_interactions_and_learn  # torch training code: only for this action
+
+        state, learned = add_interactions_and_learn(args.state_dir, args.user, ids(args.items, "--items"),
+                                                    ids(args.ratings, "--ratings", float) or None)
+        print(f"user {args.user}: rows updated now against the device's global model" if learned else
+              f"user {args.user}: interactions recorded; rows are fitted when next recommended or trained"
+              " (no rows or no global model on this device yet, or record-level DP)", file=sys.stderr)
     elif args.action == "forget-user":
         state = store.forget_user(args.state_dir, args.user)
     else:

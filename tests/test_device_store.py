@@ -34,7 +34,7 @@ import client.coldstart as coldstart
 from client import store
 from client.client_app import LOCAL_STATE_KEY, app
 from client.local import build_local_model, train_round, user_seed
-from client.recommend import recommend_for_client, recommend_on_device
+from client.recommend import device_model, recommend_for_client, recommend_on_device
 from common.config import parse_run_config
 from common.errors import DataError
 from common.federation import slicer_cached
@@ -522,6 +522,82 @@ def test_no_fold_in_outside_dp_sgd_under_record_level_dp(tmp_path, monkeypatch):
     store.add_user(directory, 1001, [1, 2, 3, 4, 5])
     fit(ctx, 2)
     assert calls == [] and 1001 in store.load(directory).row_users  # trained by DP-SGD, never folded in
+
+
+# --- learning between rounds: new interactions move the user's rows before the next round --------
+def scores_of(config: dict, state: store.DeviceState, shared: list[np.ndarray], user: int) -> np.ndarray:
+    cfg = parse_run_config(config)
+    local = state.local_state(cfg.model_config, cfg.seed)
+    model = device_model(cfg.model_config, shared, local)
+    return model.score_all_items(torch.tensor([int(np.flatnonzero(state.users == user)[0])]))[0].numpy()
+
+
+def test_new_interactions_update_the_users_rows_and_list_before_any_round(tmp_path, capsys):
+    from client.coldstart import add_interactions_and_learn
+    from simulations.cli import main as fedrec
+
+    config = run_config("gmf")
+    learning, recording = tmp_path / "learning", tmp_path / "recording"
+    for directory in (learning, recording):
+        fit(context(config, directory), 1)
+    before = store.load(learning)
+    user = int(before.users[1])
+    shared = store.load_global_model(learning).shared
+    old_scores = scores_of(config, before, shared, user)
+    unseen = np.setdiff1d(np.arange(before.num_items), before.train_items[before.train_users == user])
+    new_items = unseen[np.argsort(old_scores[unseen])[:3]]  # the three items the user's row liked least
+
+    after, learned = add_interactions_and_learn(str(learning), user, new_items)
+    store.add_interactions(recording, user, new_items)  # recorded only: the rows of the last round
+
+    assert learned and after.train_items.tolist() == store.load(recording).train_items.tolist()
+    for other in before.row_users:
+        same = all(rows_of(after, other)[n].tobytes() == rows_of(before, other)[n].tobytes() for n in before.rows)
+        assert same == (other != user), other  # only this user's rows moved
+    assert store.load_global_model(learning).shared[0].tobytes() == shared[0].tobytes()
+    others = np.setdiff1d(unseen, new_items)
+
+    def places_behind(scores: np.ndarray) -> np.ndarray:  # per new item: how many other unseen items outrank it
+        return (scores[others][None, :] > scores[new_items][:, None]).sum(1)
+
+    behind_before, behind_after = places_behind(old_scores), places_behind(scores_of(config, after, shared, user))
+    assert (behind_after < behind_before).all(), (behind_before, behind_after)  # the row moved towards them
+    # The list on the device changed with no round: not only by dropping the newly seen items.
+    learned_top = recommend_on_device(str(learning), user, 10).items
+    recorded_top = recommend_on_device(str(recording), user, 10).items
+    assert not np.isin(learned_top, new_items).any() and not np.isin(recorded_top, new_items).any()
+    assert learned_top.tolist() != recorded_top.tolist()
+    # The next round trains on the new interactions too, from the updated rows.
+    _, examples = fit(context(config, learning), 2)
+    assert examples == len(after.train_items)
+    # The operator's command does the same and says so.
+    capsys.readouterr()
+    assert fedrec(["device", "add-interactions", "--state-dir", str(recording), "--user", str(user),
+                   "--items", str(int(unseen[-1]))]) == 0
+    assert "rows updated now" in capsys.readouterr().err
+    assert rows_of(store.load(recording), user)["user_embedding.weight"].tobytes() != \
+        rows_of(before, user)["user_embedding.weight"].tobytes()
+
+
+def test_between_rounds_nothing_is_fitted_without_a_global_model_or_under_record_dp(tmp_path):
+    from client.coldstart import add_interactions_and_learn
+
+    fresh = tmp_path / "fresh"
+    store.create(fresh, num_items=80)
+    store.add_user(fresh, 7, [1, 2])
+    state, learned = add_interactions_and_learn(str(fresh), 7, [3])
+    assert not learned and sorted(state.train_items.tolist()) == [1, 2, 3] and len(state.row_users) == 0
+
+    private = tmp_path / "private"
+    fit(context(run_config("gmf", **{"record-dp": True}), private), 1)
+    before = store.load(private)
+    user = int(before.users[0])
+    state, learned = add_interactions_and_learn(str(private), user, [int(before.num_items) - 1])
+    assert not learned and len(state.train_items) == len(before.train_items) + 1
+    assert all(state.rows[n].tobytes() == before.rows[n].tobytes() for n in before.rows)
+    with pytest.raises(DataError, match="user 4242 is not on this device"):
+        add_interactions_and_learn(str(private), 4242, [1])
+    assert len(store.load(private).train_items) == len(state.train_items)  # a refused edit changes nothing
 
 
 # --- recommending between rounds: the last global model on disk, the query handler ------------
