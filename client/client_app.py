@@ -35,7 +35,7 @@ from client.recommend import DeviceRecommendation, recommend_for_client, recomme
 from client.private_training import History, RecordDPConfig
 from common.config import FedRecConfig, parse_run_config
 from common.errors import DataError, plain_message
-from common.federation import ClientData, slicer_cached
+from common.federation import ClientData, catalogue_features, slicer_cached
 from common.updates import POPULAR_ITEMS_KEY, decode_item_list, for_transport
 
 LOCAL_STATE_KEY = "fedrec.user-local"
@@ -227,7 +227,7 @@ class FedRecClient(NumPyClient):
                 state = device_state_for(self.config, self.context, self.state_dir)
                 self._keep_global_model(parameters, config)
                 local_state = device_rows(self.config, state, parameters)
-                result = self._train(state.client_data(), parameters, local_state, state.record_history, config)
+                result = self._train(state.client_data(catalogue_features(self.config)), parameters, local_state, state.record_history, config)
                 store.save(self.state_dir, state.with_local_state(result.local_state, result.record_history))
             forget_context_copies(self.context)
         upload = for_transport(result.upload, self.config.transport_dtype)
@@ -243,7 +243,7 @@ class FedRecClient(NumPyClient):
             with store.locked(self.state_dir):
                 state = device_state_for(self.config, self.context, self.state_dir)
                 self._keep_global_model(parameters, config)
-            data, local_state = state.client_data(), device_rows(self.config, state, parameters)
+            data, local_state = state.client_data(catalogue_features(self.config)), device_rows(self.config, state, parameters)
             forget_context_copies(self.context)
         assert data is not None
         metrics = evaluate_client(

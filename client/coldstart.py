@@ -25,7 +25,7 @@ from client.local import build_local_model, refit_user_rows, user_seed
 from client.store import DeviceState
 from common.config import FedRecConfig, parse_run_config
 from common.errors import DataError, plain_message
-from common.federation import ClientData
+from common.federation import ClientData, catalogue_features
 from common.models import ModelConfig
 from common.training import TrainConfig
 
@@ -68,7 +68,7 @@ def device_rows(config: FedRecConfig, state: DeviceState, shared: list[np.ndarra
     if config.record_dp or len(state.row_users) == 0 or not new_users.any():
         return local_state
     train_config = replace(config.train_config, epochs=max(config.local_epochs, config.eval_refit_epochs))
-    return fold_in(config.model_config, train_config, state.client_data(), shared, local_state, new_users,
+    return fold_in(config.model_config, train_config, state.client_data(catalogue_features(config)), shared, local_state, new_users,
                    seed=config.seed)
 
 
@@ -83,7 +83,7 @@ def learn_between_rounds(config: FedRecConfig, state: DeviceState, shared: list[
     if config.record_dp or not np.isin(int(user), state.row_users):
         return state
     is_user = state.users == int(user)
-    fitted = fold_in(config.model_config, config.train_config, state.client_data(), shared,
+    fitted = fold_in(config.model_config, config.train_config, state.client_data(catalogue_features(config)), shared,
                      state.local_state(config.model_config, config.seed), is_user, seed=config.seed)
     local_user = int(np.flatnonzero(is_user)[0])
     return state.with_user_rows(user, {name: array[local_user] for name, array in fitted.items()})

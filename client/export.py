@@ -59,6 +59,13 @@ def _frozen_module(module: nn.Module) -> nn.Module:
     return clone
 
 
+@torch.no_grad()
+def _item_vectors(model: RecModel, table: nn.Embedding, content: nn.Linear | None) -> torch.Tensor:
+    """Every item's vector as the model scores it: the collaborative row plus, in a hybrid
+    model, the projection of the item's features (baked in: a device ranks known items only)."""
+    return _frozen(model.with_content(table.weight, content, None))
+
+
 class _MFScores(nn.Module):
     """``BiasedMF.score_all_items`` for one user."""
 
@@ -66,7 +73,7 @@ class _MFScores(nn.Module):
         super().__init__()
         self.register_buffer("user", _frozen(model.user_embedding.weight[user : user + 1]))
         self.register_buffer("user_bias", _frozen(model.user_bias.weight[user : user + 1]))
-        self.register_buffer("items", _frozen(model.item_embedding.weight))
+        self.register_buffer("items", _item_vectors(model, model.item_embedding, model.content_embedding))
         self.register_buffer("item_bias", _frozen(model.item_bias.weight))
         self.register_buffer("global_bias", _frozen(model.global_bias.weight))
 
@@ -82,7 +89,7 @@ class _GMFScores(nn.Module):
     def __init__(self, model: GMF, user: int) -> None:
         super().__init__()
         self.register_buffer("user", _frozen(model.user_embedding.weight[user : user + 1]))
-        self.register_buffer("items", _frozen(model.item_embedding.weight))
+        self.register_buffer("items", _item_vectors(model, model.item_embedding, model.content_embedding))
         self.register_buffer("weight", _frozen(model.output.weight))
         self.register_buffer("bias", _frozen(model.output.bias))
 
@@ -96,7 +103,7 @@ class _MLPScores(nn.Module):
     def __init__(self, model: MLP, user: int) -> None:
         super().__init__()
         self.register_buffer("user", _frozen(model.user_embedding.weight[user : user + 1]))
-        self.register_buffer("items", _frozen(model.item_embedding.weight))
+        self.register_buffer("items", _item_vectors(model, model.item_embedding, model.content_embedding))
         self.tower = _frozen_module(model.tower)
         self.output = _frozen_module(model.output)
 
@@ -111,9 +118,9 @@ class _NeuMFScores(nn.Module):
     def __init__(self, model: NeuMF, user: int) -> None:
         super().__init__()
         self.register_buffer("user_gmf", _frozen(model.user_gmf_embedding.weight[user : user + 1]))
-        self.register_buffer("items_gmf", _frozen(model.item_gmf_embedding.weight))
+        self.register_buffer("items_gmf", _item_vectors(model, model.item_gmf_embedding, model.content_gmf_embedding))
         self.register_buffer("user_mlp", _frozen(model.user_mlp_embedding.weight[user : user + 1]))
-        self.register_buffer("items_mlp", _frozen(model.item_mlp_embedding.weight))
+        self.register_buffer("items_mlp", _item_vectors(model, model.item_mlp_embedding, model.content_mlp_embedding))
         self.tower = _frozen_module(model.tower)
         self.output = _frozen_module(model.output)
 
@@ -231,7 +238,7 @@ def export_for_client(
     lite: bool = False,
 ) -> Path:
     """:func:`export_torchscript` from what a ClientApp holds; bakes in the user's training items."""
-    model = device_model(model_config, shared, local_state)
+    model = device_model(model_config, shared, local_state, data.item_features)
     if not 0 <= local_user < model.num_users:
         raise IndexError(f"local user {local_user} out of range: this device holds {model.num_users} user(s)")
     trained = data.train_items[data.train_users == local_user]

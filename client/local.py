@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.evaluation import evaluate_model, exposure_hits, model_scorers
+from common.evaluation import evaluate_model, evaluate_new_items, exposure_hits, model_scorers
 from common.federation import ClientData
 from common.metrics import sums
 from common.models import ModelConfig, RecModel, build_model, empty_model
@@ -75,6 +75,10 @@ def build_local_model(
     model.load_arrays(arrays)
     if local_state:
         model.load_arrays(local_state)
+    if model.content_features:
+        if data.item_features is None:
+            raise ValueError("the hybrid model (item-features) needs the catalogue's item features; this device has none")
+        model.set_item_features(data.item_features if item_rows is None else data.item_features[item_rows])
     return model
 
 
@@ -193,10 +197,11 @@ def train_round(
     plan = plan_epochs(data, train_config, round_seed) if record_dp is None else None
     # Without weight decay or a proximal term, rows outside the plan get no gradient, so the
     # round trains a model of the plan's rows only: the same result at a cost per step that
-    # does not grow with the catalogue (tests/test_client_local.py).
+    # does not grow with the catalogue (tests/test_client_local.py). Not for hybrid models,
+    # whose content dropout hashes item ids (positions in a subset would pick other pairs).
     item_rows = (
         plan.rows if plan is not None and train_config.weight_decay == 0 and train_config.proximal_mu == 0
-        and len(plan.rows) < data.num_items else None
+        and model_config.content_features == 0 and len(plan.rows) < data.num_items else None
     )
     model = build_local_model(model_config, data, shared, local_state, user_seed(seed, data), item_rows=item_rows)
     before = OrderedDict(
@@ -292,6 +297,10 @@ def evaluate_client(
         per_user = evaluate_model(model, part.users, part.items, part.negatives, seen, k)
         if per_user:
             result.update({f"{prefix}_{key}": value for key, value in sums(per_user).items()})
+    if len(data.new_items.users) and model.content_features:
+        per_user = evaluate_new_items(model, data.new_items.users, data.new_items.items, data.new_items.negatives,
+                                      data.new_item_features, k)
+        result.update({f"new_{key}": value for key, value in sums(per_user).items()})
     if exposure_item >= 0 and len(data.test.users):
         seen = data.seen_items(include_validation=True)
         interacted = [np.union1d(seen[u], data.test.items[data.test.users == u]) for u in range(len(seen))]

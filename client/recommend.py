@@ -22,7 +22,7 @@ from client import store
 from client.store import DeviceState
 from common.config import FedRecConfig, parse_run_config
 from common.errors import DataError, plain_message
-from common.federation import ClientData
+from common.federation import ClientData, catalogue_features
 from common.models import ModelConfig, RecModel, build_model
 
 __all__ = [
@@ -52,7 +52,12 @@ def torch_threads(num_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def device_model(model_config: ModelConfig, shared: Sequence[np.ndarray], local_state: Mapping[str, np.ndarray]) -> RecModel:
+def device_model(
+    model_config: ModelConfig,
+    shared: Sequence[np.ndarray],
+    local_state: Mapping[str, np.ndarray],
+    item_features: np.ndarray | None = None,
+) -> RecModel:
     """The device's model from the global shared arrays and its own user rows.
 
     Unlike :func:`client.local.build_local_model` it needs no :class:`ClientData` (the
@@ -73,6 +78,10 @@ def device_model(model_config: ModelConfig, shared: Sequence[np.ndarray], local_
     model = build_model(model_config, num_users, num_items, seed=0)  # every value is overwritten below
     model.load_arrays(shared_by_name)
     model.load_arrays({name: local_state[name] for name in local_names})
+    if model.content_features:
+        if item_features is None:
+            raise ValueError("the hybrid model (item-features) needs the catalogue's item features")
+        model.set_item_features(item_features)
     return model.eval()
 
 
@@ -146,7 +155,7 @@ def recommend_for_client(
 
     The user's training items are always excluded; ``extra_seen`` adds items consumed since.
     """
-    model = device_model(model_config, shared, local_state)
+    model = device_model(model_config, shared, local_state, data.item_features)
     if model.num_users != data.num_users or model.num_items != data.num_items:
         raise ValueError(
             f"local_state/shared arrays are for {model.num_users} users x {model.num_items} items, "
@@ -208,7 +217,7 @@ def recommend_for_state(
         )
     local_user = int(np.flatnonzero(state.users == user)[0])
     local_state = device_rows(config, state, list(model.shared))
-    items, scores = recommend_for_client(config.model_config, state.client_data(), model.shared, local_state,
+    items, scores = recommend_for_client(config.model_config, state.client_data(catalogue_features(config)), model.shared, local_state,
                                          local_user, k, extra_seen=extra_seen, num_threads=num_threads)
     return DeviceRecommendation(items, scores, "model", model.server_round)
 

@@ -156,11 +156,12 @@ class DeviceState:
         )
 
     # --- what the training code needs ---------------------------------------
-    def client_data(self) -> ClientData:
+    def client_data(self, item_features: np.ndarray | None = None) -> ClientData:
         """This state as the :class:`ClientData` that :mod:`client.local` trains on.
 
         Interactions are grouped by local user (stable, so in the order they were added),
         which for a state made by :meth:`from_client_data` is exactly the partition's order.
+        ``item_features``: the public catalogue a hybrid model reads (not kept in the state).
         """
         local_of = {int(u): i for i, u in enumerate(self.users)}
         train_local = np.array([local_of[int(u)] for u in self.train_users], np.int64)
@@ -178,6 +179,7 @@ class DeviceState:
             test=local_eval(self.test),
             validation=local_eval(self.validation),
             num_items=self.num_items,
+            item_features=item_features,
         )
 
     def local_state(self, model_config: ModelConfig, seed: int) -> dict[str, np.ndarray]:

@@ -48,6 +48,12 @@ class FedRecConfig:
     csv_timestamp_col: str
     csv_delimiter: str
     implicit_threshold: float
+    item_features: bool
+    item_features_path: str
+    item_features_item_col: str
+    item_features_columns: str
+    content_dropout: float
+    new_items: float
     seed: int
     eval_negatives: int
     partitioning: str
@@ -127,7 +133,14 @@ class FedRecConfig:
 
     @property
     def model_config(self) -> ModelConfig:
-        return ModelConfig(name=self.model, embedding_dim=self.embedding_dim, mlp_layers=parse_layers(self.mlp_layers))
+        """The architecture; a hybrid model's width of content features is the catalogue's."""
+        width = 0
+        if self.item_features:
+            from common.federation import prepare_cached  # the catalogue decides it; loaded once per process
+
+            width = prepare_cached(self).item_features.shape[1]
+        return ModelConfig(name=self.model, embedding_dim=self.embedding_dim, mlp_layers=parse_layers(self.mlp_layers),
+                           content_features=width, content_dropout=self.content_dropout if width else 0.0)
 
     @property
     def train_config(self) -> TrainConfig:
@@ -273,6 +286,12 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
             f"transport-dtype {values['transport_dtype']!r} is for plain uploads: SecAgg+ quantizes uploads itself, "
             "and user-dp's clipping bound must hold exactly for what is sent; use transport-dtype = 'float32'"
         )
+    if not 0.0 <= values["content_dropout"] < 1.0:
+        raise ConfigError(f"content-dropout must be in [0, 1); got {values['content_dropout']!r}")
+    if not 0.0 <= values["new_items"] < 0.5:
+        raise ConfigError(f"new-items must be in [0, 0.5) (the share of items held out as new); got {values['new_items']!r}")
+    if values["item_features"] and values["dataset"] in ("csv", "parquet") and not values["item_features_path"]:
+        raise ConfigError(f"item-features with dataset {values['dataset']!r} needs item-features-path (a CSV of item features)")
     if values["exposure_item"] < -1:
         raise ConfigError(f"exposure-item must be an item id >= 0, or -1 for none; got {values['exposure_item']!r}")
     if not 0.0 <= values["trim_fraction"] < 0.5:

@@ -7,17 +7,21 @@ the split (and the same 99 negatives per user) as the centralized baseline.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 
 import numpy as np
 
 from common.config import ConfigError, FedRecConfig
 from common.datasets import load_dataset
+from common.errors import DataError
 from common.interactions import Interactions
+from common.item_features import ItemFeatures, csv_item_features, movielens_item_features, synthetic_item_features
+from common.loaders import find_movielens_file
 from common.negatives import sample_negatives
 from common.partition import ClientPartition, fixed_size_groups, index_rows_by_user, one_user_per_client
-from common.splits import Split, leave_one_out
+from common.splits import Split, hold_out_items, leave_one_out
+from common.synthetic import synthetic_item_factors
 
 
 @dataclass(frozen=True)
@@ -29,14 +33,27 @@ class EvalData:
     negatives: np.ndarray  # [len(users), n] sampled items the user never interacted with
 
 
+def _no_eval() -> EvalData:
+    return EvalData(np.empty(0, np.int64), np.empty(0, np.int64), np.empty((0, 0), np.int64))
+
+
 @dataclass(frozen=True)
 class PreparedData:
-    """The full dataset, its split and evaluation negatives (identical for every run with the same seed)."""
+    """The full dataset, its split and evaluation negatives (identical for every run with the same seed).
+
+    With ``new-items``, ``data`` holds only the known items (re-indexed) and ``new_items``
+    evaluates each user's latest interaction with a held-out item against negatives drawn
+    from the other held-out items (indices into ``new_item_features``).
+    """
 
     data: Interactions
     split: Split
     test: EvalData
     validation: EvalData
+    item_features: np.ndarray | None = None  # [num_items, F] content features of the known items (hybrid models)
+    feature_names: tuple[str, ...] = ()
+    new_items: EvalData = field(default_factory=_no_eval)  # global users
+    new_item_features: np.ndarray | None = None  # [held-out items, F]
 
     @property
     def num_users(self) -> int:
@@ -58,6 +75,9 @@ class ClientData:
     test: EvalData  # users are local indices
     validation: EvalData
     num_items: int
+    new_items: EvalData = field(default_factory=_no_eval)  # held-out new items (see PreparedData)
+    item_features: np.ndarray | None = None  # public catalogue, shared by every client (not copied)
+    new_item_features: np.ndarray | None = None
 
     @property
     def num_users(self) -> int:
@@ -114,14 +134,65 @@ def prepare(config: FedRecConfig) -> PreparedData:
         implicit_threshold=config.implicit_threshold or None,
         **options,
     )
+    catalogue = item_features(config, data) if config.item_features else None
+    new_items, new_features = _no_eval(), None
+    if config.new_items > 0:
+        held_out = hold_out_items(data, config.new_items, seed=config.seed)
+        data = held_out.known
+        if catalogue is not None:  # a pure collaborative model has nothing to rank new items by
+            new_features = catalogue.values[held_out.new_items]
+            catalogue = ItemFeatures(catalogue.values[held_out.known_items], catalogue.names, catalogue.undescribed)
     split = leave_one_out(data)
     known = data.to_csr()
+    if config.new_items > 0:
+        new_items = _new_item_eval(held_out.new, split.train, config.eval_negatives, config.seed + 2)
     return PreparedData(
         data=data,
         split=split,
         test=_eval_data(split.test, known, config.eval_negatives, config.seed),
         validation=_eval_data(split.validation, known, config.eval_negatives, config.seed + 1),
+        item_features=None if catalogue is None else catalogue.values,
+        feature_names=() if catalogue is None else catalogue.names,
+        new_items=new_items,
+        new_item_features=new_features,
     )
+
+
+def item_features(config: FedRecConfig, data: Interactions) -> ItemFeatures:
+    """The catalogue's content features, rows aligned with ``data``'s items."""
+    if config.item_features_path:
+        columns = [c.strip() for c in config.item_features_columns.split(",") if c.strip()]
+        return csv_item_features(config.item_features_path, data.item_ids, item_col=config.item_features_item_col,
+                                 columns=columns or None)
+    if config.dataset == "synthetic":
+        factors = synthetic_item_factors(config.synthetic_users, config.synthetic_items, seed=config.seed)
+        return synthetic_item_features(factors, seed=config.seed)
+    if config.dataset.startswith("movielens"):
+        return movielens_item_features(find_movielens_file(config.data_path), data.item_ids)
+    raise DataError(f"dataset {config.dataset!r} has no catalogue of its own: set item-features-path")
+
+
+def _new_item_eval(new: Interactions, train: Interactions, num_negatives: int, seed: int) -> EvalData:
+    """Each user's latest interaction with a held-out item, against other held-out items.
+
+    Only users with training interactions are evaluated (the others have no taste to
+    rank by), and only those who left at least ``num_negatives`` held-out items untouched.
+    """
+    if new.num_items <= num_negatives:
+        raise ConfigError(
+            f"new-items holds out {new.num_items} items, too few to rank one against eval-negatives={num_negatives} "
+            "others; raise new-items or lower eval-negatives"
+        )
+    order = np.lexsort((new.timestamps, new.users))
+    last = np.ones(len(order), bool)
+    last[:-1] = new.users[order][1:] != new.users[order][:-1]
+    latest = order[last]
+    users, items = new.users[latest], new.items[latest]
+    seen = new.to_csr()
+    room = new.num_items - np.diff(seen.indptr)[users]
+    keep = (train.user_counts()[users] > 0) & (room >= num_negatives)
+    users, items = users[keep], items[keep]
+    return EvalData(users=users, items=items, negatives=sample_negatives(seen, users, num_negatives, seed=seed))
 
 
 @lru_cache(maxsize=2)
@@ -146,6 +217,7 @@ class ClientSlicer:
         self._train_index = index_rows_by_user(prepared.split.train)
         self._test_pos = {int(u): i for i, u in enumerate(prepared.test.users)}
         self._val_pos = {int(u): i for i, u in enumerate(prepared.validation.users)}
+        self._new_pos = {int(u): i for i, u in enumerate(prepared.new_items.users)}
 
     def __len__(self) -> int:
         return len(self.parts)
@@ -167,12 +239,16 @@ class ClientSlicer:
             test=self._pick(self.prepared.test, self._test_pos, users, local_of),
             validation=self._pick(self.prepared.validation, self._val_pos, users, local_of),
             num_items=self.prepared.num_items,
+            new_items=self._pick(self.prepared.new_items, self._new_pos, users, local_of),
+            item_features=self.prepared.item_features,
+            new_item_features=self.prepared.new_item_features,
         )
 
     @staticmethod
     def _pick(eval_data: EvalData, position: dict[int, int], users: np.ndarray, local_of: np.ndarray) -> EvalData:
         idx = np.array([position[int(u)] for u in users if int(u) in position], dtype=np.int64)
-        return EvalData(users=local_of[eval_data.users[idx]], items=eval_data.items[idx], negatives=eval_data.negatives[idx])
+        negatives = eval_data.negatives[idx] if len(eval_data.negatives) else eval_data.negatives
+        return EvalData(users=local_of[eval_data.users[idx]], items=eval_data.items[idx], negatives=negatives)
 
 
 @lru_cache(maxsize=2)
@@ -180,3 +256,8 @@ def slicer_cached(config: FedRecConfig) -> ClientSlicer:
     """Per-process cache of the slicer (data, split, negatives and row index)."""
     prepared = prepare_cached(config)
     return ClientSlicer(prepared, partitions(config, prepared.num_users))
+
+
+def catalogue_features(config: FedRecConfig) -> np.ndarray | None:
+    """The item features a hybrid model reads (None for a pure collaborative model)."""
+    return prepare_cached(config).item_features if config.item_features else None

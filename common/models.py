@@ -4,9 +4,16 @@ Every model follows one naming rule that the federated code relies on instead of
 guessing: parameters of modules named ``user_*`` are **user-local** (they never leave
 the device), parameters of modules named ``item_*`` are **shared and item-indexed**
 (one row per item, so they are averaged row by row), and everything else (MLP towers,
-output layer, global bias) is **shared and dense**. Only ``nn.Embedding`` and
-``nn.Linear`` layers are used so Opacus can compute per-sample gradients for all of
+output layer, global bias, content towers) is **shared and dense**. Only ``nn.Embedding``
+and ``nn.Linear`` layers are used so Opacus can compute per-sample gradients for all of
 them.
+
+Hybrid models (``content_features`` > 0) add to every item embedding a linear projection
+of the item's public content features (genres, year, ...): ``v_i = q_i + W f_i``. The
+feature table is a buffer set with :meth:`RecModel.set_item_features`, not a parameter,
+so it never travels in an update; ``W`` (``content_*``) is shared and dense. An item no
+one has interacted with yet (a new item) is scored from ``W f_i`` alone
+(:meth:`RecModel.score_new_items`).
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ class ModelConfig:
     embedding_dim: int = 32
     mlp_layers: tuple[int, ...] = (64, 32, 16)
     init_std: float = 0.01
+    content_features: int = 0  # > 0: a hybrid model over this many item content features
+    content_dropout: float = 0.0  # hybrid training: share of (user, item) pairs scored from content alone
 
     def __post_init__(self) -> None:
         if self.name not in MODEL_NAMES:
@@ -40,6 +49,10 @@ class ModelConfig:
             raise ValueError(f"embedding_dim must be >= 1, got {self.embedding_dim}")
         if any(width < 1 for width in self.mlp_layers):
             raise ValueError(f"mlp_layers must be positive widths, got {self.mlp_layers}")
+        if self.content_features < 0:
+            raise ValueError(f"content_features must be >= 0, got {self.content_features}")
+        if not 0.0 <= self.content_dropout < 1.0:
+            raise ValueError(f"content_dropout must be in [0, 1), got {self.content_dropout}")
 
 
 class RecModel(nn.Module):
@@ -52,7 +65,89 @@ class RecModel(nn.Module):
 
     def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
         """Return one logit (implicit) or predicted rating (explicit) per pair."""
+        return self.score_parts(users, self.item_parts(items, self._collaborative_mask(users, items)))
+
+    # --- scoring from item-side parts (what a hybrid model builds from content) ---
+    def item_parts(self, items: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        """The item-side vectors the score needs, per item (collaborative + content).
+
+        ``keep`` ([n, 1], 0 or 1): pairs whose collaborative rows count (see :meth:`_collaborative_mask`).
+        """
         raise NotImplementedError
+
+    def new_item_parts(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The same vectors for items with no collaborative row: the content part alone."""
+        raise NotImplementedError
+
+    def score_parts(self, users: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """One score per (users[j], parts[.][j]) pair."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def score_new_pairs(self, users: torch.Tensor, features: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """One score per (users[j], features[j]) pair, for items known only by their content features.
+
+        Needs a hybrid model: a pure collaborative model has nothing to score a new item by.
+        """
+        if self.content_features == 0:
+            raise ValueError("a pure collaborative model cannot score new items: set item-features = true (hybrid model)")
+        features = torch.as_tensor(np.asarray(features, np.float32))
+        if features.ndim != 2 or features.shape[1] != self.content_features or len(features) != len(users):
+            raise ValueError(f"new-item features must be [{len(users)}, {self.content_features}], got {tuple(features.shape)}")
+        return self.score_parts(users, self.new_item_parts(features))
+
+    def score_new_items(self, users: torch.Tensor, features: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Scores [len(users), len(features)]: every user against every new item."""
+        features = torch.as_tensor(np.asarray(features, np.float32))
+        n_users, n_new = len(users), len(features)
+        flat = self.score_new_pairs(users.repeat_interleave(n_new), features.repeat(n_users, 1))
+        return flat.reshape(n_users, n_new)
+
+    # --- content features (hybrid models) ------------------------------------
+    @property
+    def content_features(self) -> int:
+        features = getattr(self, "item_features", None)
+        return 0 if features is None else int(features.shape[1])
+
+    def _init_content(self, num_items: int, num_features: int, dropout: float = 0.0) -> None:
+        """Register the (zero) feature buffer of a hybrid model; a pure CF model has none."""
+        self.content_dropout = dropout
+        if num_features > 0:
+            self.register_buffer("item_features", torch.zeros(num_items, num_features), persistent=False)
+        else:
+            self.item_features = None
+
+    def _collaborative_mask(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor | None:
+        """Training a hybrid model: which pairs keep their collaborative item rows (None: all).
+
+        A new item has no collaborative row, only ``W f``; trained only as a residual next to
+        a free row ``q_i``, ``W f`` learns little on its own. So a ``content_dropout`` share of
+        pairs is scored from content alone (DropoutNet's idea). The choice is a hash of the
+        pair, not a random draw: no random stream is consumed, so a round stays
+        reproducible from its seed, and a pair plays the same role every epoch.
+        """
+        if not self.training or self.content_features == 0 or self.content_dropout <= 0:
+            return None
+        bucket = (users * 1_000_003 + items * 7_919) % 1000
+        return (bucket >= int(self.content_dropout * 1000)).to(torch.float32).unsqueeze(-1)
+
+    def set_item_features(self, values: np.ndarray) -> None:
+        """Load the item content features (rows aligned with the model's items)."""
+        if self.content_features == 0:
+            raise ValueError("this model takes no item features (content_features = 0)")
+        values = np.asarray(values, np.float32)
+        if values.shape != tuple(self.item_features.shape):
+            raise ValueError(f"item features must be {tuple(self.item_features.shape)}, got {values.shape}")
+        self.item_features.copy_(torch.from_numpy(values))
+
+    def with_content(
+        self, vectors: torch.Tensor, content: nn.Linear | None, items: torch.Tensor | None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """``vectors`` (collaborative rows of ``items``; all items when None) plus their content projection."""
+        if content is None:
+            return vectors
+        features = self.item_features if items is None else self.item_features[items]
+        return (vectors if keep is None else vectors * keep) + content(features)
 
     # --- parameter roles -------------------------------------------------------
     def local_parameter_names(self) -> list[str]:
@@ -119,6 +214,18 @@ def _embedding(rows: int, dim: int, std: float) -> nn.Embedding:
     return layer
 
 
+def _content(config: ModelConfig) -> nn.Linear | None:
+    """A hybrid model's projection of item features into an embedding space (None: pure CF).
+
+    Starts at zero, so a hybrid model begins exactly where its collaborative twin does.
+    """
+    if config.content_features == 0:
+        return None
+    layer = nn.Linear(config.content_features, config.embedding_dim, bias=False)
+    nn.init.zeros_(layer.weight)
+    return layer
+
+
 def _tower(in_features: int, widths: tuple[int, ...]) -> tuple[nn.Sequential, int]:
     """ReLU tower and its output width (the input width when there are no layers)."""
     layers: list[nn.Module] = []
@@ -144,15 +251,26 @@ class BiasedMF(RecModel):
         # An Embedding(1, 1) rather than a bare Parameter, because Opacus can only
         # compute per-sample gradients for parameters that live in supported layers.
         self.global_bias = _embedding(1, 1, 0.0)
+        self.content_embedding = _content(config)
+        self._init_content(num_items, config.content_features, config.content_dropout)
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        dot = (self.user_embedding(users) * self.item_embedding(items)).sum(-1)
-        bias = self.user_bias(users).squeeze(-1) + self.item_bias(items).squeeze(-1)
+    def item_parts(self, items: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        bias = self.item_bias(items)
+        return self.with_content(self.item_embedding(items), self.content_embedding, items, keep), \
+            (bias if keep is None else bias * keep)
+
+    def new_item_parts(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.content_embedding(features), torch.zeros(len(features), 1)
+
+    def score_parts(self, users: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        vectors, item_bias = parts
+        dot = (self.user_embedding(users) * vectors).sum(-1)
+        bias = self.user_bias(users).squeeze(-1) + item_bias.squeeze(-1)
         return dot + bias + self.global_bias(torch.zeros_like(users)).squeeze(-1)
 
     @torch.no_grad()
     def score_all_items(self, users: torch.Tensor, batch_pairs: int = 65536) -> torch.Tensor:
-        scores = self.user_embedding(users) @ self.item_embedding.weight.T
+        scores = self.user_embedding(users) @ self.with_content(self.item_embedding.weight, self.content_embedding, None).T
         scores += self.user_bias(users) + self.item_bias.weight.T
         return scores + self.global_bias.weight[0, 0]
 
@@ -168,14 +286,23 @@ class GMF(RecModel):
         self.output = nn.Linear(dim, 1)
         nn.init.normal_(self.output.weight, mean=1.0 / dim**0.5, std=0.01)
         nn.init.zeros_(self.output.bias)
+        self.content_embedding = _content(config)
+        self._init_content(num_items, config.content_features, config.content_dropout)
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        return self.output(self.user_embedding(users) * self.item_embedding(items)).squeeze(-1)
+    def item_parts(self, items: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        return (self.with_content(self.item_embedding(items), self.content_embedding, items, keep),)
+
+    def new_item_parts(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.content_embedding(features),)
+
+    def score_parts(self, users: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.output(self.user_embedding(users) * parts[0]).squeeze(-1)
 
     @torch.no_grad()
     def score_all_items(self, users: torch.Tensor, batch_pairs: int = 65536) -> torch.Tensor:
         weighted_users = self.user_embedding(users) * self.output.weight
-        return weighted_users @ self.item_embedding.weight.T + self.output.bias
+        items = self.with_content(self.item_embedding.weight, self.content_embedding, None)
+        return weighted_users @ items.T + self.output.bias
 
 
 class MLP(RecModel):
@@ -188,9 +315,17 @@ class MLP(RecModel):
         self.item_embedding = _embedding(num_items, dim, std)
         self.tower, tower_out = _tower(2 * dim, config.mlp_layers)
         self.output = nn.Linear(tower_out, 1)
+        self.content_embedding = _content(config)
+        self._init_content(num_items, config.content_features, config.content_dropout)
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        joint = torch.cat([self.user_embedding(users), self.item_embedding(items)], dim=-1)
+    def item_parts(self, items: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        return (self.with_content(self.item_embedding(items), self.content_embedding, items, keep),)
+
+    def new_item_parts(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.content_embedding(features),)
+
+    def score_parts(self, users: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        joint = torch.cat([self.user_embedding(users), parts[0]], dim=-1)
         return self.output(self.tower(joint)).squeeze(-1)
 
 
@@ -206,10 +341,20 @@ class NeuMF(RecModel):
         self.item_mlp_embedding = _embedding(num_items, dim, std)
         self.tower, tower_out = _tower(2 * dim, config.mlp_layers)
         self.output = nn.Linear(dim + tower_out, 1)
+        self.content_gmf_embedding = _content(config)
+        self.content_mlp_embedding = _content(config)
+        self._init_content(num_items, config.content_features, config.content_dropout)
 
-    def forward(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
-        gmf = self.user_gmf_embedding(users) * self.item_gmf_embedding(items)
-        mlp = self.tower(torch.cat([self.user_mlp_embedding(users), self.item_mlp_embedding(items)], dim=-1))
+    def item_parts(self, items: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        return (self.with_content(self.item_gmf_embedding(items), self.content_gmf_embedding, items, keep),
+                self.with_content(self.item_mlp_embedding(items), self.content_mlp_embedding, items, keep))
+
+    def new_item_parts(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return self.content_gmf_embedding(features), self.content_mlp_embedding(features)
+
+    def score_parts(self, users: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        gmf = self.user_gmf_embedding(users) * parts[0]
+        mlp = self.tower(torch.cat([self.user_mlp_embedding(users), parts[1]], dim=-1))
         return self.output(torch.cat([gmf, mlp], dim=-1)).squeeze(-1)
 
 

@@ -13,7 +13,7 @@ import numpy as np
 
 from common.interactions import Interactions
 
-__all__ = ["Split", "leave_one_out", "temporal_split", "random_split"]
+__all__ = ["NewItemSplit", "Split", "hold_out_items", "leave_one_out", "temporal_split", "random_split"]
 
 _TRAIN, _VALIDATION, _TEST = 0, 1, 2
 
@@ -112,3 +112,48 @@ def random_split(
     shuffle = np.random.default_rng(seed).permutation(len(data))
     order = np.lexsort((shuffle, data.users))
     return _assemble(data, order, n_test, n_val)
+
+
+@dataclass(frozen=True, eq=False)
+class NewItemSplit:
+    """The catalogue cut in two: items training may see, and items held out as new.
+
+    ``known`` keeps the interactions with the known items, re-indexed ``0..k-1``;
+    ``new`` the interactions with the held-out items, indexed ``0..n-1`` over its own
+    ``item_ids``. Both keep the input's users (the same index in both).
+    """
+
+    known: Interactions
+    new: Interactions
+    known_items: np.ndarray  # dense index in the input of each known item, in the new order
+    new_items: np.ndarray  # dense index in the input of each held-out item
+
+
+def _reindexed(data: Interactions, rows: np.ndarray, items: np.ndarray) -> Interactions:
+    position = np.full(data.num_items, -1, np.int64)
+    position[items] = np.arange(len(items))
+    return Interactions(users=data.users[rows], items=position[data.items[rows]], ratings=data.ratings[rows],
+                        timestamps=data.timestamps[rows], user_ids=data.user_ids, item_ids=data.item_ids[items])
+
+
+def hold_out_items(data: Interactions, fraction: float, *, seed: int = 0) -> NewItemSplit:
+    """Hold a random ``fraction`` of the interacted items out of training entirely (new-item cold start).
+
+    Every interaction with a held-out item leaves the training data, so a model trained on
+    ``known`` has never seen those items: not as positives, not as sampled negatives, not
+    as rows. Items without any interaction stay known (they hold nothing to evaluate).
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"fraction must be in (0, 1), got {fraction}")
+    interacted = np.flatnonzero(data.item_counts() > 0)
+    count = int(round(fraction * len(interacted)))
+    rng = np.random.default_rng([seed, 0x1AE])
+    new_items = np.sort(rng.choice(interacted, size=count, replace=False)) if count else np.empty(0, np.int64)
+    known_items = np.setdiff1d(np.arange(data.num_items), new_items)
+    is_new = np.isin(data.items, new_items)
+    return NewItemSplit(
+        known=_reindexed(data, np.flatnonzero(~is_new), known_items),
+        new=_reindexed(data, np.flatnonzero(is_new), new_items),
+        known_items=known_items,
+        new_items=new_items,
+    )

@@ -11,7 +11,7 @@ import numpy as np
 
 from common.interactions import Interactions
 
-__all__ = ["generate_synthetic"]
+__all__ = ["generate_synthetic", "synthetic_item_factors"]
 
 _TEMPERATURE = 0.35  # softmax temperature on user.item affinity (std 1 by construction)
 _ACTIVITY_SIGMA = 1.0  # lognormal sigma of per-user activity: heavy tail like MovieLens
@@ -140,6 +140,24 @@ def _sample_light(
     return rows, start_items[chosen], aff[chosen], np.flatnonzero(short)
 
 
+def _draw_factors(rng: np.random.Generator, num_users: int, num_items: int, dim: int) -> tuple[np.ndarray, np.ndarray]:
+    """The hidden user and item factors, the first draws of the generator's stream."""
+    scale = dim**-0.25
+    # float32 factors halve the memory traffic of the candidate gathers.
+    u_vec = (rng.standard_normal((num_users, dim)) * scale).astype(np.float32)
+    v_vec = (rng.standard_normal((num_items, dim)) * scale).astype(np.float32)
+    return u_vec, v_vec
+
+
+def synthetic_item_factors(num_users: int, num_items: int, *, dim: int = 16, seed: int = 0) -> np.ndarray:
+    """The hidden item factors :func:`generate_synthetic` uses for these arguments.
+
+    The synthetic catalogue's content features are derived from them
+    (:func:`common.item_features.synthetic_item_features`).
+    """
+    return _draw_factors(np.random.default_rng(seed), num_users, num_items, dim)[1]
+
+
 def generate_synthetic(
     num_users: int = 1000,
     num_items: int = 500,
@@ -179,10 +197,7 @@ def generate_synthetic(
         raise ValueError("mean_interactions must be > 0")
 
     rng = np.random.default_rng(seed)
-    scale = dim**-0.25
-    # float32 factors halve the memory traffic of the candidate gathers.
-    u_vec = (rng.standard_normal((num_users, dim)) * scale).astype(np.float32)
-    v_vec = (rng.standard_normal((num_items, dim)) * scale).astype(np.float32)
+    u_vec, v_vec = _draw_factors(rng, num_users, num_items, dim)
     rank = rng.permutation(num_items)
     log_pop = -popularity_exponent * np.log1p(rank.astype(np.float64))
     pop = np.exp(log_pop - log_pop.max())

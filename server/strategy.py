@@ -598,7 +598,7 @@ class FedRecStrategy(Strategy):
             log(WARNING, "round %s: %s evaluation failures, first: %s", server_round, len(failures), describe_failure(failures[0]))
         metrics_list = [dict(res.metrics) for _, res in results]
         summary: dict[str, Scalar] = {"eval_clients": len(results), "eval_failures": len(failures)}
-        for prefix in ("test", "val", "exposure"):
+        for prefix in ("test", "val", "new", "exposure"):
             merged = merge_sums(split_prefixed(metrics_list, prefix))
             summary.update({f"{prefix}_{k}": v for k, v in merged.items()})
         if self._is_last(server_round) and self.config.final_full_evaluation:

@@ -21,7 +21,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help="synthetic (default), movielens-100k, movielens-1m, ..., csv, parquet")
     parser.add_argument("--data-path", help="file or directory of a dataset you downloaded")
-    parser.add_argument("--model", help="mf | gmf | mlp | neumf (baseline also: itempop, all)")
+    parser.add_argument("--model", help="mf | gmf | mlp | neumf (baseline also: itempop, random, all)")
     parser.add_argument("--seed", type=int)
     parser.add_argument(
         "--run-config", "-c", action="append", default=[], metavar="'KEY=VALUE ...'",
@@ -51,14 +51,14 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from common.config import ConfigError
     from common.federation import prepare
     from common.training import TrainConfig
-    from simulations.baselines import BASELINES, run_itempop, run_trained, stderr_progress
+    from simulations.baselines import BASELINES, run_itempop, run_random, run_trained, stderr_progress
     from simulations.report import baseline_table
 
     model = args.model or "gmf"
     models = list(BASELINES) if model == "all" else [model]
     if any(m not in BASELINES for m in models):
         raise ConfigError(f"--model must be one of {', '.join(BASELINES)} or all; got {model!r}")
-    trainable = next((m for m in models if m != "itempop"), "gmf")
+    trainable = next((m for m in models if m not in ("itempop", "random")), "gmf")
     config = _config(_overrides(args, {"model": trainable, "embedding-dim": args.dim}))
     print(f"fedrec baseline: preparing {config.dataset} (leave-one-out, {config.eval_negatives} negatives)", file=sys.stderr)
     prepared = prepare(config)
@@ -71,6 +71,8 @@ def cmd_baseline(args: argparse.Namespace) -> int:
         print(f"fedrec baseline: {name}", file=sys.stderr)
         if name == "itempop":
             results.append(run_itempop(prepared))
+        elif name == "random":
+            results.append(run_random(prepared, seed=config.seed))
         else:
             model_config = replace(config.model_config, name=name)
             results.append(run_trained(prepared, model_config, train_config, seed=config.seed, progress=stderr_progress))
@@ -119,6 +121,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
         f"full NDCG@10 {final.get('test_full_ndcg@10', float('nan')):.4f}  "
         f"in {summary['wall_seconds']:.0f}s; run dir {config.run_dir}"
     )
+    if final.get("new_count"):
+        print(f"new items ({final['new_count']:.0f} users, never trained on): HR@10 {final['new_sampled_hr@10']:.4f}  "
+              f"NDCG@10 {final['new_sampled_ndcg@10']:.4f}")
     return 0
 
 

@@ -32,6 +32,20 @@ def baseline_table(results: Iterable[BaselineResult], prepared: PreparedData) ->
         cells = " | ".join(f"{r.test.get(key, float('nan')):.4f}" for _, key in COLUMNS)
         epoch = f"{r.best_epoch}/{r.epochs}" if r.epochs else "-"
         lines.append(f"| {r.model} | {cells} | {epoch} | {r.seconds:.1f} |")
+    fresh = [r for r in results if r.new_items]
+    if fresh:
+        n = prepared.new_items
+        lines += [
+            "",
+            f"New items: {len(prepared.new_item_features)} items held out of training entirely; {len(n.users)} users' "
+            f"latest interaction with one, against {n.negatives.shape[1]} other new items (ItemPop: the popularity "
+            "their content predicts)",
+            "",
+            "| model | HR@10 | NDCG@10 | MRR |",
+            "|---|---|---|---|",
+        ]
+        lines += [f"| {r.model} | {r.new_items['sampled_hr@10']:.4f} | {r.new_items['sampled_ndcg@10']:.4f} | "
+                  f"{r.new_items['sampled_mrr']:.4f} |" for r in fresh]
     explicit = [r for r in results if "rmse" in r.test]
     if explicit:
         lines.append("")
