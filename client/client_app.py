@@ -35,6 +35,7 @@ from client.recommend import DeviceRecommendation, recommend_for_client, recomme
 from client.private_training import History, RecordDPConfig
 from common.config import FedRecConfig, parse_run_config
 from common.errors import DataError, plain_message
+from common.evaluation import ListMetrics
 from common.federation import ClientData, catalogue_features, slicer_cached
 from common.updates import POPULAR_ITEMS_KEY, decode_item_list, for_transport
 
@@ -236,6 +237,13 @@ class FedRecClient(NumPyClient):
             metrics = {k: v for k, v in metrics.items() if k in DP_SAFE_METRICS}
         return upload, aggregation_weight(self.config, result.num_examples, bool(result.declined)), metrics
 
+    def list_metrics(self) -> ListMetrics:
+        """Beyond-accuracy measures; under DP no device sends the items of its lists (nothing accounts for them)."""
+        options = self.config.list_metrics
+        if self.config.user_dp or self.config.record_dp:
+            options = replace(options, catalogue_metrics=False)
+        return options
+
     def evaluate(self, parameters, config):  # type: ignore[override]
         if self.state_dir is None:
             data, local_state = self.data, load_local_state(self.context)
@@ -254,6 +262,7 @@ class FedRecClient(NumPyClient):
             seed=self.config.seed,
             refit=self.config.refit_config,
             exposure_item=self.config.exposure_item,
+            lists=self.list_metrics(),
         )
         num_users = int(metrics.get("test_count", 0))
         # The legacy API wants a loss; fedrec's evaluation is the ranking metrics above,

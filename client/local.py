@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from common.evaluation import evaluate_model, evaluate_new_items, exposure_hits, model_scorers
+from common.evaluation import ListMetrics, evaluate_model, evaluate_new_items, exposure_hits, list_sums, model_scorers
 from common.federation import ClientData
 from common.metrics import sums
 from common.models import ModelConfig, RecModel, build_model, empty_model
@@ -278,8 +278,12 @@ def evaluate_client(
     k: int = 10,
     refit: TrainConfig | None = None,
     exposure_item: int = -1,
-) -> dict[str, float]:
+    lists: ListMetrics | None = None,
+) -> dict[str, float | bytes]:
     """Sums of per-user metrics (test and validation) for the server to average by users.
+
+    With ``lists``, also what the test users' top-k lists look like beyond accuracy
+    (:func:`common.evaluation.list_sums`: diversity, the items shown, sums per group).
 
     With ``exposure_item`` >= 0, also the sums of that item's exposure ratio ER@k
     (``exposure_*``), the measure of item-promotion attacks.
@@ -291,12 +295,17 @@ def evaluate_client(
     model = build_local_model(model_config, data, shared, local_state, user_seed(seed, data))
     if refit is not None and refit.epochs > 0:
         refit_user_rows(model, data, refit, seed=seed)
-    result: dict[str, float] = {}
+    result: dict[str, float | bytes] = {}
     for prefix, part in (("test", data.test), ("val", data.validation)):
         seen = data.seen_items(include_validation=prefix == "test")
         per_user = evaluate_model(model, part.users, part.items, part.negatives, seen, k)
         if per_user:
             result.update({f"{prefix}_{key}": value for key, value in sums(per_user).items()})
+        if per_user and prefix == "test" and lists is not None:
+            _, score_all = model_scorers(model)
+            counts = np.bincount(data.train_users, minlength=data.num_users)
+            result.update(list_sums(score_all(part.users), part.users, part.items, seen, per_user, counts,
+                                    data.user_groups, data.catalogue, lists, k))
     if len(data.new_items.users) and model.content_features:
         per_user = evaluate_new_items(model, data.new_items.users, data.new_items.items, data.new_items.negatives,
                                       data.new_item_features, k)

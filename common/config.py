@@ -11,6 +11,7 @@ import functools
 from dataclasses import dataclass, fields, replace
 from typing import Any, Mapping
 
+from common.evaluation import ListMetrics
 from common.models import MODEL_NAMES, ModelConfig
 from common.training import LOSSES, OPTIMIZERS, TrainConfig
 
@@ -97,6 +98,10 @@ class FedRecConfig:
     eval_refit_epochs: int
     exposure_item: int
     popular_items: int
+    rerank_diversity: float
+    catalogue_metrics: bool
+    group_min_users: int
+    activity_bands: str
     dropout_probability: float
     straggler_fraction: float
     straggler_slowdown: float
@@ -167,6 +172,16 @@ class FedRecConfig:
         return self.server_learning_rate * self.server_learning_rate_decay**late
 
     @property
+    def list_metrics(self) -> ListMetrics:
+        """What devices measure beyond accuracy on the lists they would show."""
+        return ListMetrics(
+            rerank_diversity=self.rerank_diversity,
+            catalogue_metrics=self.catalogue_metrics,
+            groups=self.group_min_users > 0,
+            activity_bands=parse_bands(self.activity_bands),
+        )
+
+    @property
     def refit_config(self) -> TrainConfig | None:
         """Local training of the user rows alone before evaluation (None: evaluate as kept)."""
         if self.eval_refit_epochs == 0:
@@ -180,6 +195,17 @@ def parse_layers(text: str) -> tuple[int, ...]:
         return tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise ConfigError(f"mlp-layers must be comma-separated integers like '64,32,16', got {text!r}") from None
+
+
+def parse_bands(text: str) -> tuple[int, ...]:
+    """``"50,150"`` -> (50, 150): upper bounds of the activity groups (training interactions per user)."""
+    try:
+        bands = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        bands = ()
+    if not bands or any(b < 1 for b in bands) or list(bands) != sorted(set(bands)):
+        raise ConfigError(f"activity-bands must be increasing positive integers like '50,150', got {text!r}")
+    return bands
 
 
 _CHOICES = {
@@ -204,14 +230,14 @@ _POSITIVE = {
     "straggler_slowdown",
 }
 _NON_NEGATIVE = {
-    "eval_refit_epochs", "popular_items", "user_learning_rate", "num_negatives", "clients_per_round", "proximal_mu",
+    "eval_refit_epochs", "popular_items", "user_learning_rate", "group_min_users", "num_negatives", "clients_per_round", "proximal_mu",
     "implicit_threshold", "server_learning_rate_decay_from",
     "num_malicious", "multi_krum_keep", "norm_bound", "max_update_norm", "reject_norm_factor", "exclude_after_rejections",
     "record_dp_noise_multiplier", "record_dp_target_epsilon", "record_dp_epsilon_budget",
     "user_dp_noise_multiplier", "user_dp_delta", "user_dp_epsilon_budget",
     "round_deadline", "local_epochs_min", "round_retries",
 }
-_PROBABILITIES = {"dropout_probability", "straggler_fraction", "late_join_fraction", "leave_fraction"}
+_PROBABILITIES = {"dropout_probability", "straggler_fraction", "late_join_fraction", "leave_fraction", "rerank_diversity"}
 _FRACTIONS = {"fraction_train", "fraction_evaluate", "server_learning_rate_decay"}
 
 
@@ -286,6 +312,7 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
             f"transport-dtype {values['transport_dtype']!r} is for plain uploads: SecAgg+ quantizes uploads itself, "
             "and user-dp's clipping bound must hold exactly for what is sent; use transport-dtype = 'float32'"
         )
+    parse_bands(values["activity_bands"])
     if not 0.0 <= values["content_dropout"] < 1.0:
         raise ConfigError(f"content-dropout must be in [0, 1); got {values['content_dropout']!r}")
     if not 0.0 <= values["new_items"] < 0.5:

@@ -7,13 +7,17 @@ in training (full ranking, which sampled metrics are known to flatter).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 
-from common.metrics import full_ranking_metrics, sampled_metrics
+from common.metrics import (
+    full_ranking_metrics, hit_at_k, intra_list_diversity, mmr_rerank, ndcg_at_k, sampled_metrics, top_k_items,
+)
 from common.models import RecModel
+from common.user_groups import activity_labels
 
 PairScorer = Callable[[np.ndarray, np.ndarray], np.ndarray]
 AllScorer = Callable[[np.ndarray], np.ndarray]
@@ -121,3 +125,68 @@ def evaluate_new_items(
     flat_users = torch.from_numpy(np.repeat(users, candidates.shape[1]))
     scores = model.score_new_pairs(flat_users, features[candidates.reshape(-1)]).numpy().reshape(candidates.shape)
     return {f"sampled_{key}": value for key, value in sampled_metrics(scores[:, 0], scores[:, 1:], k=k).items()}
+
+
+@dataclass(frozen=True)
+class ListMetrics:
+    """What a device measures beyond accuracy on the top-k lists it would show (run-config keys)."""
+
+    rerank_diversity: float = 0.0  # MMR weight; 0: the plain top-k
+    catalogue_metrics: bool = True  # send how often each item is in the lists (coverage, novelty)
+    groups: bool = True  # sums per group of users (activity, and demographics where the data has them)
+    activity_bands: tuple[int, ...] = (50, 150)
+
+
+GROUP_PREFIX = "grp/"  # a device's per-group sums: "grp/<dimension>=<label>/<metric>"
+RECOMMENDED_ITEMS_KEY = "rec_items"  # int32 bytes: the items of a device's top-k lists, with repeats
+GROUP_METRICS = ("sampled_hr@10", "sampled_ndcg@10", "full_hr@10", "full_ndcg@10")
+
+
+def shown_lists(
+    scores: np.ndarray, seen: list[np.ndarray], k: int, catalogue: np.ndarray | None, diversity: float
+) -> np.ndarray:
+    """[n, k] the lists users would see: top-k unseen items, MMR re-ranked when ``diversity`` > 0."""
+    if diversity > 0 and catalogue is not None:
+        return mmr_rerank(scores, catalogue, k, diversity, exclude=seen)
+    return top_k_items(scores, k, exclude=seen)
+
+
+def list_sums(
+    scores: np.ndarray,
+    users: np.ndarray,
+    held_out: np.ndarray,
+    seen: list[np.ndarray],
+    per_user: dict[str, np.ndarray],
+    train_counts: np.ndarray,
+    groups: dict[str, np.ndarray],
+    catalogue: np.ndarray | None,
+    options: ListMetrics,
+    k: int = 10,
+) -> dict[str, float | bytes]:
+    """A device's beyond-accuracy sums for its evaluated users (rows of ``scores``, ``users`` local ids).
+
+    ``per_user``: the accuracy metrics of these users (evaluate_ranking's order), summed per
+    group; ``train_counts`` and ``groups`` are per local user.
+    """
+    lists = shown_lists(scores, [seen[u] for u in users], k, catalogue, options.rerank_diversity)
+    out: dict[str, float | bytes] = {}
+    if catalogue is not None:
+        out[f"test_ild@{k}"] = float(intra_list_diversity(lists, catalogue).sum())
+    if options.rerank_diversity > 0:
+        hit_at = np.where(lists == held_out[:, None])
+        position = np.full(len(users), k)
+        position[hit_at[0]] = hit_at[1]
+        out[f"test_shown_hr@{k}"] = float(hit_at_k(position, k).sum())
+        out[f"test_shown_ndcg@{k}"] = float(ndcg_at_k(position, k).sum())
+    if options.catalogue_metrics:
+        out[RECOMMENDED_ITEMS_KEY] = np.asarray(lists, dtype="<i4").tobytes()
+    if options.groups:
+        labels = {"activity": activity_labels(train_counts[users], options.activity_bands),
+                  **{name: values[users] for name, values in groups.items()}}
+        for dimension, values in labels.items():
+            for label in np.unique(values):
+                rows = values == label
+                key = f"{GROUP_PREFIX}{dimension}={label}/"
+                out[key + "count"] = float(rows.sum())
+                out.update({key + m: float(per_user[m][rows].sum()) for m in GROUP_METRICS if m in per_user})
+    return out

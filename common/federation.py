@@ -22,6 +22,7 @@ from common.negatives import sample_negatives
 from common.partition import ClientPartition, fixed_size_groups, index_rows_by_user, one_user_per_client
 from common.splits import Split, hold_out_items, leave_one_out
 from common.synthetic import synthetic_item_factors
+from common.user_groups import movielens_user_groups
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,8 @@ class PreparedData:
     feature_names: tuple[str, ...] = ()
     new_items: EvalData = field(default_factory=_no_eval)  # global users
     new_item_features: np.ndarray | None = None  # [held-out items, F]
+    catalogue: np.ndarray | None = None  # the item features whether or not the model reads them (diversity)
+    user_groups: dict[str, np.ndarray] = field(default_factory=dict)  # dimension -> label per user (private)
 
     @property
     def num_users(self) -> int:
@@ -78,6 +81,8 @@ class ClientData:
     new_items: EvalData = field(default_factory=_no_eval)  # held-out new items (see PreparedData)
     item_features: np.ndarray | None = None  # public catalogue, shared by every client (not copied)
     new_item_features: np.ndarray | None = None
+    catalogue: np.ndarray | None = None  # item features for diversity metrics (also when the model is pure CF)
+    user_groups: dict[str, np.ndarray] = field(default_factory=dict)  # dimension -> label per local user
 
     @property
     def num_users(self) -> int:
@@ -134,7 +139,8 @@ def prepare(config: FedRecConfig) -> PreparedData:
         implicit_threshold=config.implicit_threshold or None,
         **options,
     )
-    catalogue = item_features(config, data) if config.item_features else None
+    catalogue = item_features(config, data) if config.item_features else optional_item_features(config, data)
+    groups = user_groups(config, data)
     new_items, new_features = _no_eval(), None
     if config.new_items > 0:
         held_out = hold_out_items(data, config.new_items, seed=config.seed)
@@ -151,11 +157,28 @@ def prepare(config: FedRecConfig) -> PreparedData:
         split=split,
         test=_eval_data(split.test, known, config.eval_negatives, config.seed),
         validation=_eval_data(split.validation, known, config.eval_negatives, config.seed + 1),
-        item_features=None if catalogue is None else catalogue.values,
+        item_features=None if catalogue is None or not config.item_features else catalogue.values,
         feature_names=() if catalogue is None else catalogue.names,
         new_items=new_items,
-        new_item_features=new_features,
+        new_item_features=new_features if config.item_features else None,
+        catalogue=None if catalogue is None else catalogue.values,
+        user_groups=groups,
     )
+
+
+def optional_item_features(config: FedRecConfig, data: Interactions) -> ItemFeatures | None:
+    """The catalogue when the dataset has one, for diversity metrics; None when it has none."""
+    try:
+        return item_features(config, data)
+    except DataError:
+        return None
+
+
+def user_groups(config: FedRecConfig, data: Interactions) -> dict[str, np.ndarray]:
+    """Demographic groups from the dataset's user file (MovieLens), aligned with its users."""
+    if config.dataset.startswith("movielens") and config.data_path:
+        return movielens_user_groups(find_movielens_file(config.data_path), data.user_ids)
+    return {}
 
 
 def item_features(config: FedRecConfig, data: Interactions) -> ItemFeatures:
@@ -242,6 +265,8 @@ class ClientSlicer:
             new_items=self._pick(self.prepared.new_items, self._new_pos, users, local_of),
             item_features=self.prepared.item_features,
             new_item_features=self.prepared.new_item_features,
+            catalogue=self.prepared.catalogue,
+            user_groups={name: labels[users] for name, labels in self.prepared.user_groups.items()},
         )
 
     @staticmethod

@@ -35,6 +35,11 @@ __all__ = [
     "catalogue_coverage",
     "average_popularity",
     "novelty",
+    "intra_list_diversity",
+    "mmr_rerank",
+    "recommended_counts",
+    "coverage_from_counts",
+    "novelty_from_counts",
     "summarize",
     "sums",
     "merge_sums",
@@ -415,6 +420,82 @@ def novelty(top_k: np.ndarray, item_popularity: np.ndarray, num_users: int) -> f
         raise ValueError("item_popularity exceeds num_users; pass distinct-user counts")
     p = np.maximum(pop[_check_top_k(top_k, pop.size)], 1.0) / num_users
     return float(np.mean(-np.log2(p)))
+
+
+def intra_list_diversity(top_k: np.ndarray, item_features: np.ndarray) -> np.ndarray:
+    """Per-list ILD: mean cosine distance between the feature vectors of every pair in the list.
+
+    0 when all items look alike (same genres), up to 1 for pairwise disjoint ones; an item
+    without features is treated as unlike every other.
+    """
+    features = _float_array(item_features, "item_features", 2)
+    lists = _check_top_k(top_k, features.shape[0])
+    if lists.shape[1] < 2:
+        raise ValueError("intra-list diversity needs lists of at least 2 items")
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    unit = np.divide(features, norms, out=np.zeros_like(features), where=norms > 0)
+    vectors = unit[lists]  # [n, k, f]
+    similarity = np.einsum("nif,njf->nij", vectors, vectors)
+    k = lists.shape[1]
+    pairs = similarity[:, ~np.eye(k, dtype=bool)].reshape(len(lists), k * (k - 1))
+    return 1.0 - pairs.mean(axis=1)
+
+
+def mmr_rerank(scores: np.ndarray, item_features: np.ndarray, k: int, weight: float, *,
+               exclude: list[np.ndarray] | None = None, pool: int = 100) -> np.ndarray:
+    """Maximal marginal relevance (Carbonell & Goldstein 1998): [n_users, k] lists.
+
+    Greedily picks, from the ``pool`` best-scored candidates, the item maximising
+    ``(1 - weight) * relevance - weight * max cosine similarity to the items already picked``,
+    relevance being the score min-max scaled to [0, 1] within the pool. ``weight`` 0 is
+    the plain top-k; larger weights trade accuracy for diversity.
+    """
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"weight must be in [0, 1], got {weight}")
+    fewest = scores.shape[1] - max((len(np.unique(e)) for e in exclude), default=0) if exclude else scores.shape[1]
+    candidates = top_k_items(scores, max(k, min(pool, fewest)), exclude=exclude)
+    if weight == 0.0:
+        return candidates[:, :k]
+    features = _float_array(item_features, "item_features", 2)
+    norms = np.linalg.norm(features, axis=1, keepdims=True)
+    unit = np.divide(features, norms, out=np.zeros_like(features), where=norms > 0)
+    out = np.empty((len(candidates), k), dtype=np.int64)
+    for row, items in enumerate(candidates):
+        relevance = np.asarray(scores[row], np.float64)[items]
+        span = relevance.max() - relevance.min()
+        relevance = (relevance - relevance.min()) / span if span > 0 else np.zeros_like(relevance)
+        similarity = unit[items] @ unit[items].T
+        closest = np.full(len(items), -np.inf)  # max similarity to the picked items; none picked yet
+        available = np.ones(len(items), dtype=bool)
+        for slot in range(k):
+            gain = (1.0 - weight) * relevance - weight * np.where(np.isinf(closest), 0.0, closest)
+            gain[~available] = -np.inf
+            pick = int(np.argmax(gain))
+            out[row, slot] = items[pick]
+            available[pick] = False
+            closest = np.maximum(closest, similarity[pick])
+    return out
+
+
+def recommended_counts(top_k: np.ndarray, num_items: int) -> np.ndarray:
+    """How often each item appears in the lists: what a client sends instead of the lists."""
+    return np.bincount(_check_top_k(top_k, num_items).ravel(), minlength=num_items)
+
+
+def coverage_from_counts(counts: np.ndarray) -> float:
+    """:func:`catalogue_coverage` from summed :func:`recommended_counts`."""
+    counts = np.asarray(counts)
+    return float((counts > 0).sum() / counts.size)
+
+
+def novelty_from_counts(counts: np.ndarray, item_popularity: np.ndarray, num_users: int) -> float:
+    """:func:`novelty` from summed :func:`recommended_counts` (the same value)."""
+    pop = _check_popularity(item_popularity)
+    counts = np.asarray(counts, np.float64)
+    if counts.sum() <= 0:
+        raise ValueError("no recommended items to measure")
+    information = -np.log2(np.maximum(pop, 1.0) / num_users)
+    return float((counts * information).sum() / counts.sum())
 
 
 # --------------------------------------------------------------------------

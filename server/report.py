@@ -256,6 +256,35 @@ def headline(protected: dict[str, Any], guaranteed: dict[str, Any]) -> dict[str,
     return {"protected": True, "text": text}
 
 
+def beyond_accuracy(final: dict[str, Any] | None, run_config: dict[str, Any]) -> dict[str, Any] | None:
+    """Diversity, coverage, novelty and quality per group of the final evaluation (None if not measured).
+
+    Only aggregates are here: the devices' per-group sums were merged by the server, and
+    groups under ``group-min-users`` were suppressed before anything was written.
+    """
+    final = final or {}
+    groups = []
+    for key, value in final.items():
+        if key.startswith("group/") and key.endswith("/count"):
+            name = key[len("group/"):-len("/count")]
+            dimension, _, label = name.partition("=")
+            metric = lambda m: final.get(f"group/{name}/{m}")  # noqa: E731
+            groups.append({"dimension": dimension, "label": label, "users": int(value),
+                           "hr@10": metric("sampled_hr@10"), "ndcg@10": metric("sampled_ndcg@10"),
+                           "full_hr@10": metric("full_hr@10"), "full_ndcg@10": metric("full_ndcg@10")})
+    measured = {"intra_list_diversity@10": final.get("test_ild@10"), "coverage@10": final.get("coverage@10"),
+                "novelty@10": final.get("novelty@10"), "shown_hr@10": final.get("test_shown_hr@10")}
+    if not groups and all(v is None for v in measured.values()):
+        return None
+    return {
+        **measured,
+        "rerank_diversity": run_config.get("rerank-diversity", 0.0),
+        "groups": sorted(groups, key=lambda g: (g["dimension"], g["label"])),
+        "groups_suppressed": int(final.get("groups_suppressed", 0)),
+        "group_min_users": run_config.get("group-min-users"),
+    }
+
+
 def build_report(run_dir: str | Path) -> dict[str, Any]:
     """Every fact of the report, read from ``run_dir``."""
     path = Path(run_dir)
@@ -299,7 +328,9 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         "threat_model": threat_model(protected),
         "guarantees": guaranteed,
         "rounds": rounds,
-        "utility": {k: v for k, v in (final or {}).items() if isinstance(v, (int, float, str)) and k != "phase"},
+        "utility": {k: v for k, v in (final or {}).items()
+                    if isinstance(v, (int, float, str)) and k != "phase" and not k.startswith("group/")},
+        "beyond_accuracy": beyond_accuracy(final, run_config),
         "audits": audit,
         "configuration": {
             "sha256": config.get("config_sha256"),

@@ -142,6 +142,20 @@ def _audits(audit: dict[str, Any] | None) -> str:
     return out + f"<details><summary>audit.json</summary><pre>{escape(json.dumps(audit, indent=2))}</pre></details>"
 
 
+def _beyond_accuracy(ba: dict[str, Any] | None) -> str:
+    if ba is None:
+        return "<p>Not measured in this run.</p>"
+    lists = {k: ba[k] for k in ("intra_list_diversity@10", "coverage@10", "novelty@10", "shown_hr@10", "rerank_diversity")
+             if ba[k] is not None}
+    rows = ((g["dimension"], g["label"], g["users"], g["hr@10"], g["ndcg@10"], g["full_hr@10"], g["full_ndcg@10"])
+            for g in ba["groups"])
+    note = (f"<p>Group membership never left the devices: each sent its sums per group, and the server published a "
+            f"group only if at least {_fmt(ba['group_min_users'])} users were in it; "
+            f"{ba['groups_suppressed']} group(s) were suppressed.</p>")
+    return (_pairs(lists) + note
+            + _table(rows, ("group", "label", "users", "HR@10", "NDCG@10", "full HR@10", "full NDCG@10")))
+
+
 def render_html(report: dict[str, Any]) -> str:
     """The whole page; plots are inline SVG made from the report's own per-round rows."""
     head = report["headline"]
@@ -174,6 +188,8 @@ def render_html(report: dict[str, Any]) -> str:
         _section("Utility per round", "utility-per-round",
                  (util_svg or "<p>No evaluation rounds recorded.</p>") + "<h3>Final evaluation</h3>"
                  + _pairs(report["utility"])),
+        _section("Beyond accuracy: diversity, coverage, novelty, groups", "beyond-accuracy",
+                 _beyond_accuracy(report["beyond_accuracy"])),
         _section("Per-round record", "rounds", _rounds_table(rounds)),
         _section("Per-client budget status", "client-budgets", _client_budgets(g)),
         _section("Empirical audits", "audits", _audits(report["audits"])),

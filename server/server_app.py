@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+import numpy as np
 from flwr.app import Context
 from flwr.common.logger import log
 from flwr.server import Grid, LegacyContext, ServerConfig
@@ -197,6 +198,8 @@ def main(grid: Grid, context: Context) -> None:
         # In simulation every SuperNode is one of the clients the data yields: wait for all of them.
         expected_clients=len(slicer_cached(config)) if simulated else 0,
         partitions=(lambda: simulation_partitions(context)) if simulated else None,
+        item_popularity=np.bincount(prepared.split.train.items, minlength=prepared.num_items),
+        num_users=prepared.num_users,
     )
     if resumed is not None:
         strategy.restore(resumed)

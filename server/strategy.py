@@ -49,6 +49,7 @@ from common.updates import (
     popular_items,
     validate_upload,
 )
+from server.list_metrics import catalogue_summary, group_summary
 from server.robust import robust_mean
 from server.sampling import EVALUATE, FIT, partition_order, seeded_sample
 from server.run_dir import RunRecorder, ServerState, save_server_state
@@ -238,12 +239,18 @@ class FedRecStrategy(Strategy):
         num_rounds: int | None = None,
         expected_clients: int = 0,
         partitions: Callable[[], Mapping[int, int]] | None = None,
+        item_popularity: np.ndarray | None = None,
+        num_users: int = 0,
     ) -> None:
         """``expected_clients`` > 0: every round waits until that many devices are connected (simulation).
 
         ``partitions``: node id -> partition id of the simulated devices; with it (and
         ``seeded-sampling``, no user-level DP) each round's sample is drawn from ``seed``.
+        ``item_popularity`` (of ``num_users`` users): users per item in training, the
+        reference of the novelty metric.
         """
+        self.item_popularity = item_popularity if num_users > 0 else None
+        self.num_users = num_users
         super().__init__()
         self.expected_clients = expected_clients
         self.partitions = partitions if config.seeded_sampling and user_dp is None else None
@@ -601,6 +608,9 @@ class FedRecStrategy(Strategy):
         for prefix in ("test", "val", "new", "exposure"):
             merged = merge_sums(split_prefixed(metrics_list, prefix))
             summary.update({f"{prefix}_{k}": v for k, v in merged.items()})
+        summary.update(catalogue_summary(metrics_list, self.layout.num_items, self.item_popularity, self.num_users))
+        if self.config.group_min_users > 0:
+            summary.update(group_summary(metrics_list, self.config.group_min_users))
         if self._is_last(server_round) and self.config.final_full_evaluation:
             summary["eval_population"] = "all"
         self.recorder.round_evaluated(server_round, summary)

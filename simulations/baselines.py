@@ -114,8 +114,12 @@ def run_trained(
     seed: int = 0,
     k: int = 10,
     progress: Callable[[str], None] | None = None,
+    on_trained: Callable[[RecModel], None] | None = None,
 ) -> BaselineResult:
-    """Train centrally for ``train_config.epochs``; report test metrics at the best validation epoch."""
+    """Train centrally for ``train_config.epochs``; report test metrics at the best validation epoch.
+
+    ``on_trained`` receives the model of that epoch (for measurements beyond this table).
+    """
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -145,6 +149,8 @@ def run_trained(
                 f"[{time.perf_counter() - started:.0f}s]"
             )
     model.load_state_dict(best_state)
+    if on_trained is not None:
+        on_trained(model)
     t = prepared.test
     test = summarize(evaluate_model(model, t.users, t.items, t.negatives, test_seen, k))
     if train_config.loss == "mse":  # explicit feedback: also how well ratings are predicted
