@@ -7,6 +7,7 @@ the split (and the same 99 negatives per user) as the centralized baseline.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -167,10 +168,11 @@ def prepare(config: FedRecConfig) -> PreparedData:
 
 
 def optional_item_features(config: FedRecConfig, data: Interactions) -> ItemFeatures | None:
-    """The catalogue when the dataset has one, for diversity metrics; None when it has none."""
+    """The catalogue when the dataset has one, for diversity metrics; None (and a warning) when it has none."""
     try:
         return item_features(config, data)
-    except DataError:
+    except DataError as err:
+        logging.getLogger(__name__).warning("fedrec: no intra-list diversity in this run: %s", err)
         return None
 
 
@@ -272,8 +274,7 @@ class ClientSlicer:
     @staticmethod
     def _pick(eval_data: EvalData, position: dict[int, int], users: np.ndarray, local_of: np.ndarray) -> EvalData:
         idx = np.array([position[int(u)] for u in users if int(u) in position], dtype=np.int64)
-        negatives = eval_data.negatives[idx] if len(eval_data.negatives) else eval_data.negatives
-        return EvalData(users=local_of[eval_data.users[idx]], items=eval_data.items[idx], negatives=negatives)
+        return EvalData(users=local_of[eval_data.users[idx]], items=eval_data.items[idx], negatives=eval_data.negatives[idx])
 
 
 @lru_cache(maxsize=2)

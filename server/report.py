@@ -282,6 +282,7 @@ def beyond_accuracy(final: dict[str, Any] | None, run_config: dict[str, Any]) ->
         "groups": sorted(groups, key=lambda g: (g["dimension"], g["label"])),
         "groups_suppressed": int(final.get("groups_suppressed", 0)),
         "group_min_users": run_config.get("group-min-users"),
+        "devices_sent_lists": final.get("coverage@10") is not None,
     }
 
 

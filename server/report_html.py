@@ -152,6 +152,10 @@ def _beyond_accuracy(ba: dict[str, Any] | None) -> str:
     note = (f"<p>Group membership never left the devices: each sent its sums per group, and the server published a "
             f"group only if at least {_fmt(ba['group_min_users'])} users were in it; "
             f"{ba['groups_suppressed']} group(s) were suppressed.</p>")
+    if ba["devices_sent_lists"]:
+        note += ('<p class="warn">For coverage and novelty every evaluated device sent the items of its users\' '
+                 "top-10 lists (catalogue-metrics): with one user per device the server saw that user's list, and "
+                 "with the device's hit count, that one of those items is one the user interacted with.</p>")
     return (_pairs(lists) + note
             + _table(rows, ("group", "label", "users", "HR@10", "NDCG@10", "full HR@10", "full NDCG@10")))
 

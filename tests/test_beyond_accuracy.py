@@ -107,5 +107,5 @@ def test_the_audit_report_lists_only_published_groups():
     report = beyond_accuracy(final, {"group-min-users": 20, "rerank-diversity": 0.0})
     assert report["groups"] == [{"dimension": "gender", "label": "F", "users": 30, "hr@10": 0.6, "ndcg@10": 0.3,
                                  "full_hr@10": None, "full_ndcg@10": None}]
-    assert report["groups_suppressed"] == 2 and report["coverage@10"] == 0.4
+    assert report["groups_suppressed"] == 2 and report["coverage@10"] == 0.4 and report["devices_sent_lists"]
     assert beyond_accuracy({"test_sampled_hr@10": 0.5}, {}) is None
