@@ -79,6 +79,7 @@ def build_local_model(
         if data.item_features is None:
             raise ValueError("the hybrid model (item-features) needs the catalogue's item features; this device has none")
         model.set_item_features(data.item_features if item_rows is None else data.item_features[item_rows])
+        model.set_user_keys(data.global_users)
     return model
 
 

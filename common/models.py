@@ -112,6 +112,7 @@ class RecModel(nn.Module):
     def _init_content(self, num_items: int, num_features: int, dropout: float = 0.0) -> None:
         """Register the (zero) feature buffer of a hybrid model; a pure CF model has none."""
         self.content_dropout = dropout
+        self.user_keys: torch.Tensor | None = None  # see set_user_keys
         if num_features > 0:
             self.register_buffer("item_features", torch.zeros(num_items, num_features), persistent=False)
         else:
@@ -128,8 +129,16 @@ class RecModel(nn.Module):
         """
         if not self.training or self.content_features == 0 or self.content_dropout <= 0:
             return None
-        bucket = (users * 1_000_003 + items * 7_919) % 1000
-        return (bucket >= int(self.content_dropout * 1000)).to(torch.float32).unsqueeze(-1)
+        keys = users if self.user_keys is None else self.user_keys[users]
+        return (_pair_hash(keys, items) % 1000 >= int(self.content_dropout * 1000)).to(torch.float32).unsqueeze(-1)
+
+    def set_user_keys(self, global_users: np.ndarray) -> None:
+        """The global id of each local user, for the content-dropout hash.
+
+        A phone's only user is local user 0: hashing the local index would drop the same
+        items' rows on every phone, so those rows would never be trained anywhere.
+        """
+        self.user_keys = torch.as_tensor(np.asarray(global_users, np.int64))
 
     def set_item_features(self, values: np.ndarray) -> None:
         """Load the item content features (rows aligned with the model's items)."""
@@ -212,6 +221,14 @@ def _embedding(rows: int, dim: int, std: float) -> nn.Embedding:
     layer = nn.Embedding(rows, dim)
     nn.init.normal_(layer.weight, std=std)
     return layer
+
+
+def _pair_hash(users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+    """A well-mixed 32-bit hash of (user, item) pairs: neighbouring ids land in unrelated buckets."""
+    h = (users * 0x9E3779B1 + items * 0x85EBCA77) & 0xFFFFFFFF
+    h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    h = ((h ^ (h >> 16)) * 0x45D9F3B) & 0xFFFFFFFF
+    return h ^ (h >> 16)
 
 
 def _content(config: ModelConfig) -> nn.Linear | None:

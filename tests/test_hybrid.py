@@ -81,6 +81,23 @@ def test_content_dropout_scores_a_share_of_training_pairs_from_content_alone():
     assert torch.equal(model(users, items).detach(), trained)  # a hash of the pair, not a random draw
 
 
+def test_on_phones_content_dropout_still_varies_by_user():
+    """Every phone's user is local user 0: the hash must use the global id, or the same items
+    would be content-only on every phone and their rows never trained."""
+    from client.local import build_local_model
+
+    config = parse_run_config(fused_run_config({**SMALL, "item-features": True}))
+    slicer = slicer_cached(config)
+    shared = list(build_model(config.model_config, 0, slicer.prepared.num_items, seed=0).shared_state().values())
+    items = torch.arange(slicer.prepared.num_items)
+    masks = []
+    for partition in range(20):
+        model = build_local_model(config.model_config, slicer.client(partition), shared, None, seed=0).train()
+        masks.append(model._collaborative_mask(torch.zeros_like(items), items).squeeze(-1))
+    dropped_everywhere = torch.stack(masks).eq(0).all(dim=0)
+    assert 0.15 < 1 - torch.stack(masks).mean() < 0.25 and not dropped_everywhere.any()
+
+
 # --- the catalogue --------------------------------------------------------------------------
 
 
