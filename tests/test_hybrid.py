@@ -231,3 +231,19 @@ def test_a_device_trains_the_shared_content_tower_and_reports_new_item_metrics()
     bare = replace(data, item_features=None)
     with pytest.raises(ValueError, match="needs the catalogue's item features"):
         train_round(config.model_config, config.train_config, bare, shared, None, seed=1, server_round=1)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_hybrid_models_train_under_opacus_record_level_dp(name):
+    from client.client_app import record_dp_config
+    from client.local import train_round
+
+    config = parse_run_config(fused_run_config({**SMALL, "model": name, "item-features": True, "record-dp": True,
+                                                "record-dp-noise-multiplier": 1.0, "embedding-dim": 8}))
+    data = slicer_cached(config).client(0)
+    model = build_model(config.model_config, 0, data.num_items, seed=0)
+    result = train_round(config.model_config, config.train_config, data, list(model.shared_state().values()), None,
+                         seed=1, server_round=1, record_dp=record_dp_config(config), record_history=[])
+    assert result.metrics["record_epsilon"] > 0 and all(np.isfinite(a).all() for a in result.upload)
+    content = [i for i, n in enumerate(model.shared_parameter_names()) if n.startswith("content_")]
+    assert content and all(np.abs(result.upload[i]).sum() > 0 for i in content)  # DP-SGD trained the content tower
