@@ -249,9 +249,9 @@ class FedRecStrategy(Strategy):
         ``item_popularity`` (of ``num_users`` users): users per item in training, the
         reference of the novelty metric.
         """
+        super().__init__()
         self.item_popularity = item_popularity if num_users > 0 else None
         self.num_users = num_users
-        super().__init__()
         self.expected_clients = expected_clients
         self.partitions = partitions if config.seeded_sampling and user_dp is None else None
         self.config = config
