@@ -54,6 +54,7 @@ class FedRecConfig:
     item_features_item_col: str
     item_features_columns: str
     content_dropout: float
+    content_learning_rate: float
     new_items: float
     seed: int
     eval_negatives: int
@@ -154,6 +155,7 @@ class FedRecConfig:
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
             user_learning_rate=self.user_learning_rate,
+            content_learning_rate=self.content_learning_rate,
             num_negatives=self.num_negatives,
             loss=self.loss,
             optimizer=self.local_optimizer,
@@ -230,7 +232,7 @@ _POSITIVE = {
     "straggler_slowdown",
 }
 _NON_NEGATIVE = {
-    "eval_refit_epochs", "popular_items", "user_learning_rate", "group_min_users", "num_negatives", "clients_per_round", "proximal_mu",
+    "eval_refit_epochs", "popular_items", "user_learning_rate", "content_learning_rate", "group_min_users", "num_negatives", "clients_per_round", "proximal_mu",
     "implicit_threshold", "server_learning_rate_decay_from",
     "num_malicious", "multi_krum_keep", "norm_bound", "max_update_norm", "reject_norm_factor", "exclude_after_rejections",
     "record_dp_noise_multiplier", "record_dp_target_epsilon", "record_dp_epsilon_budget",

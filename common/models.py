@@ -29,6 +29,7 @@ from torch import nn
 MODEL_NAMES = ("mf", "gmf", "mlp", "neumf")
 USER_PREFIX = "user_"
 ITEM_PREFIX = "item_"
+CONTENT_PREFIX = "content_"  # a hybrid model's projection of item features (shared, dense)
 
 
 @dataclass(frozen=True)

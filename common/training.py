@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from common.models import RecModel
+from common.models import CONTENT_PREFIX, RecModel
 
 LOSSES = ("bce", "bpr", "mse")
 OPTIMIZERS = ("adam", "sgd")
@@ -36,6 +36,8 @@ class TrainConfig:
     shared_adam_epsilon: float = 1e-8
     # Learning rate of the user-local rows (0: the same as ``learning_rate``).
     user_learning_rate: float = 0.0
+    # Learning rate of a hybrid model's content projection (0: the same as ``learning_rate``).
+    content_learning_rate: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -51,6 +53,8 @@ class TrainConfig:
             raise ValueError(f"learning_rate must be > 0, got {self.learning_rate}")
         if self.user_learning_rate < 0:
             raise ValueError(f"user_learning_rate must be >= 0, got {self.user_learning_rate}")
+        if self.content_learning_rate < 0:
+            raise ValueError(f"content_learning_rate must be >= 0, got {self.content_learning_rate}")
         if self.shared_adam_epsilon <= 0:
             raise ValueError(f"shared_adam_epsilon must be > 0, got {self.shared_adam_epsilon}")
         if self.loss == "bpr" and self.num_negatives < 1:
@@ -154,10 +158,15 @@ def make_optimizer(model: RecModel, config: TrainConfig) -> torch.optim.Optimize
     local = set(model.local_parameter_names())
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     user_lr = config.user_learning_rate or config.learning_rate
+    content_lr = config.content_learning_rate or config.learning_rate
     adam = config.optimizer == "adam"
+    shared_eps = {"eps": config.shared_adam_epsilon} if adam else {}
+    content = {name for name, _ in named if name.startswith(CONTENT_PREFIX)}
     groups = [
         {"params": [p for name, p in named if name in local], "lr": user_lr, **({"eps": 1e-8} if adam else {})},
-        {"params": [p for name, p in named if name not in local], **({"eps": config.shared_adam_epsilon} if adam else {})},
+        {"params": [p for name, p in named if name not in local and name not in content], **shared_eps},
+        # A hybrid's projection W shifts every item's vector at once: it may want a smaller step.
+        {"params": [p for name, p in named if name in content], "lr": content_lr, **shared_eps},
     ]
     groups = [group for group in groups if group["params"]]
     if not adam:

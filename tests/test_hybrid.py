@@ -247,3 +247,16 @@ def test_hybrid_models_train_under_opacus_record_level_dp(name):
     assert result.metrics["record_epsilon"] > 0 and all(np.isfinite(a).all() for a in result.upload)
     content = [i for i, n in enumerate(model.shared_parameter_names()) if n.startswith("content_")]
     assert content and all(np.abs(result.upload[i]).sum() > 0 for i in content)  # DP-SGD trained the content tower
+
+
+def test_the_content_projection_takes_its_own_device_learning_rate():
+    from common.training import TrainConfig, make_optimizer
+
+    model = hybrid("neumf")
+    groups = make_optimizer(model, TrainConfig(learning_rate=0.02, content_learning_rate=0.002)).param_groups
+    names = {id(p): n for n, p in model.named_parameters()}
+    by_lr = {g["lr"]: sorted(names[id(p)] for p in g["params"]) for g in groups}
+    assert by_lr[0.002] == ["content_gmf_embedding.weight", "content_mlp_embedding.weight"]
+    assert all(not n.startswith("content_") for n in by_lr[0.02])
+    plain = make_optimizer(build_model(ModelConfig(name="gmf", **CONFIG), 2, 3), TrainConfig(content_learning_rate=0.5))
+    assert [g["lr"] for g in plain.param_groups] == [1e-3, 1e-3]  # a pure CF model has no content group
