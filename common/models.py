@@ -293,7 +293,20 @@ class BiasedMF(RecModel):
         return scores + self.global_bias.weight[0, 0]
 
 
-class GMF(RecModel):
+class _OneItemTable(RecModel):
+    """Item side of GMF and MLP: one ``item_embedding`` (plus ``content_embedding`` when hybrid)."""
+
+    item_embedding: nn.Embedding
+    content_embedding: nn.Linear | None
+
+    def item_parts(self, items: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
+        return (self.with_content(self.item_embedding(items), self.content_embedding, items, keep),)
+
+    def new_item_parts(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return (self.content_embedding(features),)
+
+
+class GMF(_OneItemTable):
     """Generalized MF: element-wise product of embeddings, then a learned linear output."""
 
     def __init__(self, num_users: int, num_items: int, config: ModelConfig) -> None:
@@ -307,12 +320,6 @@ class GMF(RecModel):
         self.content_embedding = _content(config)
         self._init_content(num_items, config.content_features, config.content_dropout)
 
-    def item_parts(self, items: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        return (self.with_content(self.item_embedding(items), self.content_embedding, items, keep),)
-
-    def new_item_parts(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self.content_embedding(features),)
-
     def score_parts(self, users: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
         return self.output(self.user_embedding(users) * parts[0]).squeeze(-1)
 
@@ -323,7 +330,7 @@ class GMF(RecModel):
         return weighted_users @ items.T + self.output.bias
 
 
-class MLP(RecModel):
+class MLP(_OneItemTable):
     """Concatenated embeddings through a ReLU tower (the MLP branch of NCF)."""
 
     def __init__(self, num_users: int, num_items: int, config: ModelConfig) -> None:
@@ -335,12 +342,6 @@ class MLP(RecModel):
         self.output = nn.Linear(tower_out, 1)
         self.content_embedding = _content(config)
         self._init_content(num_items, config.content_features, config.content_dropout)
-
-    def item_parts(self, items: torch.Tensor, keep: torch.Tensor | None = None) -> tuple[torch.Tensor, ...]:
-        return (self.with_content(self.item_embedding(items), self.content_embedding, items, keep),)
-
-    def new_item_parts(self, features: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return (self.content_embedding(features),)
 
     def score_parts(self, users: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
         joint = torch.cat([self.user_embedding(users), parts[0]], dim=-1)
