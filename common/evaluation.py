@@ -25,17 +25,20 @@ AllScorer = Callable[[np.ndarray], np.ndarray]
 
 def evaluate_ranking(
     score_pairs: PairScorer,
-    score_all: AllScorer,
+    score_all: AllScorer | None,
     users: np.ndarray,
     held_out: np.ndarray,
     negatives: np.ndarray,
-    seen: list[np.ndarray],
+    seen: list[np.ndarray] | None,
     *,
     k: int = 10,
     chunk: int = 512,
     full: bool = True,
 ) -> dict[str, np.ndarray]:
-    """Per-user ``sampled_*`` and (if ``full``) ``full_*`` metrics; ``seen[u]`` is excluded from full ranking."""
+    """Per-user ``sampled_*`` and (if ``full``) ``full_*`` metrics; ``seen[u]`` is excluded from full ranking.
+
+    ``score_all`` and ``seen`` are only read for the full ranking.
+    """
     if len(users) == 0:
         return {}
     parts: list[dict[str, np.ndarray]] = []
@@ -45,6 +48,7 @@ def evaluate_ranking(
         scores = score_pairs(np.repeat(u, candidates.shape[1]), candidates.reshape(-1)).reshape(candidates.shape)
         result = {f"sampled_{key}": value for key, value in sampled_metrics(scores[:, 0], scores[:, 1:], k=k).items()}
         if full:
+            assert score_all is not None and seen is not None
             ranked = full_ranking_metrics(score_all(u), [np.array([i]) for i in pos], k=k, exclude=[seen[x] for x in u])
             result.update({f"full_{key}": value for key, value in ranked.items()})
         parts.append(result)
@@ -118,13 +122,12 @@ def evaluate_new_items(
     sampled metrics: the candidates are new items, so a full ranking against the known
     catalogue would measure how new items compete with old ones, a different question.
     """
-    if len(users) == 0:
-        return {}
     model.eval()
-    candidates = np.concatenate([held_out[:, None], negatives], axis=1)
-    flat_users = torch.from_numpy(np.repeat(users, candidates.shape[1]))
-    scores = model.score_new_pairs(flat_users, features[candidates.reshape(-1)]).numpy().reshape(candidates.shape)
-    return {f"sampled_{key}": value for key, value in sampled_metrics(scores[:, 0], scores[:, 1:], k=k).items()}
+
+    def pairs(pair_users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        return model.score_new_pairs(torch.from_numpy(pair_users), features[items]).numpy()
+
+    return evaluate_ranking(pairs, None, users, held_out, negatives, None, k=k, full=False)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ import torch
 from common.evaluation import evaluate_model, evaluate_new_items, evaluate_ranking, popularity_scorers
 from common.federation import PreparedData, seen_items
 from common.interactions import Interactions
-from common.metrics import mae, rmse, sampled_metrics, summarize
+from common.metrics import mae, rmse, summarize
 from common.models import ModelConfig, RecModel, build_model
 from common.training import PositiveSet, TrainConfig, build_examples, make_optimizer, train_epoch
 
@@ -71,10 +71,7 @@ def _new_items(prepared: PreparedData, score: Callable[[np.ndarray, np.ndarray],
     n = prepared.new_items
     if len(n.users) == 0:
         return {}
-    candidates = np.concatenate([n.items[:, None], n.negatives], axis=1)
-    scores = score(np.repeat(n.users, candidates.shape[1]), candidates.reshape(-1)).reshape(candidates.shape)
-    per_user = {f"sampled_{key}": v for key, v in sampled_metrics(scores[:, 0], scores[:, 1:], k=k).items()}
-    return summarize(per_user)
+    return summarize(evaluate_ranking(score, None, n.users, n.items, n.negatives, None, k=k, full=False))
 
 
 def _evaluate_scorers(prepared: PreparedData, pairs, all_items, k: int) -> tuple[dict[str, float], dict[str, float]]:
