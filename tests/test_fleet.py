@@ -243,3 +243,41 @@ def test_the_engine_delivers_each_nodes_next_message_once_in_one_pass():
     second = undelivered_one_per_node(state, nodes)
     assert second == [store["m2"]], "a node's second message waits for the next cycle"
     assert undelivered_one_per_node(state, nodes) == [] and store["m4"].metadata.delivered_at == ""
+
+
+def test_the_servers_wait_for_replies_pauses_longer_when_pulls_cost_more(monkeypatch):
+    """simulations.engine's InMemoryGrid.send_and_receive: same replies, pulls at most ~10 % of the time."""
+    import time
+    from types import SimpleNamespace
+
+    from simulations import engine
+
+    clock = [0.0]
+    pauses: list[float] = []
+    monkeypatch.setattr(time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(time, "sleep", lambda seconds: pauses.append(seconds))
+
+    def reply(to):
+        return SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=to))
+
+    arrivals = [[], [reply("a")], [reply("b"), reply("c")]]
+    costs = [0.002, 0.05, 0.03]  # seconds each pull takes
+
+    class Grid:
+        pull_interval = 0.1
+
+        def push_messages(self, messages):
+            return list(messages)
+
+        def pull_messages(self, ids):
+            assert ids, "no pull once every reply is in"
+            clock[0] += costs[len(pulled)]
+            pulled.append(set(ids))
+            return arrivals[len(pulled) - 1]
+
+    pulled: list[set[str]] = []
+    replies = engine._send_and_receive(Grid(), ["a", "b", "c"])
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["a", "b", "c"]
+    assert pulled == [{"a", "b", "c"}, {"a", "b", "c"}, {"b", "c"}]
+    assert pauses == pytest.approx([0.1, 0.5]), "Flower's interval for a cheap pull, ten times the cost of a dear one"
+    assert engine.InMemoryGrid.send_and_receive is engine._send_and_receive
