@@ -64,7 +64,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     prepared = prepare(config)
     train_config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, num_negatives=args.negatives,
-        loss=args.loss or config.loss, optimizer="adam", weight_decay=args.weight_decay,
+        loss=args.loss or config.loss, optimizer=config.local_optimizer, weight_decay=args.weight_decay,
     )
     results = []
     for name in models:

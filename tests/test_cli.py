@@ -59,6 +59,19 @@ def test_itempop_and_trained_baseline_on_synthetic_data(capsys):
     assert rows["gmf"][-3].strip() in {"1/2", "2/2"}  # best epoch of 2
 
 
+
+@pytest.mark.parametrize("optimizer", ["adam", "sgd"])
+def test_trained_baseline_uses_the_run_configs_optimizer(monkeypatch, capsys, optimizer):
+    """`-c local-optimizer=...` reaches the centralized training, not silently Adam."""
+    import simulations.baselines as baselines
+
+    seen = []
+    real = baselines.make_optimizer
+    monkeypatch.setattr(baselines, "make_optimizer", lambda model, config: seen.append(config.optimizer) or real(model, config))
+    code = main(["baseline", "--model", "gmf", "--epochs", "1", "--dim", "4",
+                 "-c", f'synthetic-users=150 synthetic-items=300 local-optimizer="{optimizer}"'])
+    assert code == 0 and seen == [optimizer]
+
 def test_too_few_items_for_the_evaluation_negatives_is_a_config_error(capsys):
     assert main(["baseline", "--model", "itempop", "-c", "synthetic-users=50 synthetic-items=60"]) == 2
     err = capsys.readouterr().err
