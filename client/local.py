@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -257,8 +257,10 @@ def refit_user_rows(model: RecModel, data: ClientData, config: TrainConfig, *, s
     """Fit only the user-local rows to the current shared model (item side frozen).
 
     The user embedding was last trained against the previous round's item side; after
-    the server's update it is slightly stale. A few local steps re-align it.
+    the server's update it is slightly stale. A few local steps re-align it, on the full
+    scores only (a hybrid's content-alone loss is for training its shared projection).
     """
+    config = replace(config, content_loss_weight=0.0)
     local = set(model.local_parameter_names())
     frozen = [p for name, p in model.named_parameters() if name not in local]
     for param in frozen:

@@ -55,6 +55,7 @@ class FedRecConfig:
     item_features_columns: str
     content_dropout: float
     content_learning_rate: float
+    content_loss_weight: float
     new_items: float
     seed: int
     eval_negatives: int
@@ -156,6 +157,7 @@ class FedRecConfig:
             learning_rate=self.learning_rate,
             user_learning_rate=self.user_learning_rate,
             content_learning_rate=self.content_learning_rate,
+            content_loss_weight=self.content_loss_weight if self.item_features else 0.0,
             num_negatives=self.num_negatives,
             loss=self.loss,
             optimizer=self.local_optimizer,
@@ -232,7 +234,7 @@ _POSITIVE = {
     "straggler_slowdown",
 }
 _NON_NEGATIVE = {
-    "eval_refit_epochs", "popular_items", "user_learning_rate", "content_learning_rate", "group_min_users", "num_negatives", "clients_per_round", "proximal_mu",
+    "eval_refit_epochs", "popular_items", "user_learning_rate", "content_learning_rate", "content_loss_weight", "group_min_users", "num_negatives", "clients_per_round", "proximal_mu",
     "implicit_threshold", "server_learning_rate_decay_from",
     "num_malicious", "multi_krum_keep", "norm_bound", "max_update_norm", "reject_norm_factor", "exclude_after_rejections",
     "record_dp_noise_multiplier", "record_dp_target_epsilon", "record_dp_epsilon_budget",
@@ -317,6 +319,13 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
     parse_bands(values["activity_bands"])
     if not 0.0 <= values["content_dropout"] < 1.0:
         raise ConfigError(f"content-dropout must be in [0, 1); got {values['content_dropout']!r}")
+    if values["content_loss_weight"] > 0 and not values["item_features"]:
+        raise ConfigError("content-loss-weight trains a hybrid model's content projection: set item-features = true")
+    if values["content_loss_weight"] > 0 and values["record_dp"]:
+        raise ConfigError(
+            "content-loss-weight is not supported with record-dp (Opacus clips one loss per example); "
+            "use content-dropout for a private hybrid model"
+        )
     if not 0.0 <= values["new_items"] < 0.5:
         raise ConfigError(f"new-items must be in [0, 0.5) (the share of items held out as new); got {values['new_items']!r}")
     if values["item_features"] and values["dataset"] in ("csv", "parquet") and not values["item_features_path"]:

@@ -97,6 +97,15 @@ class RecModel(nn.Module):
             raise ValueError(f"new-item features must be [{len(users)}, {self.content_features}], got {tuple(features.shape)}")
         return self.score_parts(users, self.new_item_parts(features))
 
+    def content_scores(self, users: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Scores of (known) items from their content alone, as a new item would be scored.
+
+        What ``content-loss-weight`` trains on, next to the full scores of the same pairs.
+        """
+        if self.content_features == 0:
+            raise ValueError("a pure collaborative model has no content scores: set item-features = true (hybrid model)")
+        return self.score_parts(users, self.item_parts(items, torch.zeros(len(items), 1)))
+
     def score_new_items(self, users: torch.Tensor, features: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Scores [len(users), len(features)]: every user against every new item."""
         features = torch.as_tensor(np.asarray(features, np.float32))

@@ -8,6 +8,7 @@ are built.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -38,6 +39,8 @@ class TrainConfig:
     user_learning_rate: float = 0.0
     # Learning rate of a hybrid model's content projection (0: the same as ``learning_rate``).
     content_learning_rate: float = 0.0
+    # A hybrid model's extra loss on the same pairs scored from content alone (0: none).
+    content_loss_weight: float = 0.0
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
@@ -55,6 +58,8 @@ class TrainConfig:
             raise ValueError(f"user_learning_rate must be >= 0, got {self.user_learning_rate}")
         if self.content_learning_rate < 0:
             raise ValueError(f"content_learning_rate must be >= 0, got {self.content_learning_rate}")
+        if self.content_loss_weight < 0:
+            raise ValueError(f"content_loss_weight must be >= 0, got {self.content_loss_weight}")
         if self.shared_adam_epsilon <= 0:
             raise ValueError(f"shared_adam_epsilon must be > 0, got {self.shared_adam_epsilon}")
         if self.loss == "bpr" and self.num_negatives < 1:
@@ -129,13 +134,29 @@ def build_examples(
     return Examples(torch.from_numpy(all_users), torch.from_numpy(all_items), torch.from_numpy(labels))
 
 
-def batch_loss(model: RecModel, loss: str, users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean loss of one mini-batch."""
+def batch_loss(
+    model: RecModel, loss: str, users: torch.Tensor, items: torch.Tensor, targets: torch.Tensor, content_weight: float = 0.0
+) -> torch.Tensor:
+    """Mean loss of one mini-batch; plus ``content_weight`` times the loss of the content-alone scores.
+
+    The content term trains a hybrid's projection ``W`` to score items as it must score new
+    ones, without taking any pair away from the collaborative rows (content dropout does).
+    """
+    value = _pair_loss(model, loss, users, items, targets)
+    if content_weight > 0:
+        value = value + content_weight * _pair_loss(model.content_scores, loss, users, items, targets)
+    return value
+
+
+def _pair_loss(
+    score: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], loss: str, users: torch.Tensor, items: torch.Tensor,
+    targets: torch.Tensor,
+) -> torch.Tensor:
     if loss == "bce":
-        return F.binary_cross_entropy_with_logits(model(users, items), targets)
+        return F.binary_cross_entropy_with_logits(score(users, items), targets)
     if loss == "mse":
-        return F.mse_loss(model(users, items), targets)
-    return -F.logsigmoid(model(users, items) - model(users, targets)).mean()
+        return F.mse_loss(score(users, items), targets)
+    return -F.logsigmoid(score(users, items) - score(users, targets)).mean()
 
 
 def make_optimizer(model: RecModel, config: TrainConfig) -> torch.optim.Optimizer:
@@ -198,7 +219,8 @@ def train_epoch(
     total, count = 0.0, 0
     for start in range(0, len(order), config.batch_size):
         idx = order[start : start + config.batch_size]
-        loss = batch_loss(model, config.loss, examples.users[idx], examples.items[idx], examples.targets[idx])
+        loss = batch_loss(model, config.loss, examples.users[idx], examples.items[idx], examples.targets[idx],
+                          config.content_loss_weight)
         if reference is not None and config.proximal_mu > 0:
             loss = loss + proximal_term(model, reference, config.proximal_mu)
         optimizer.zero_grad(set_to_none=True)
