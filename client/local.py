@@ -14,7 +14,9 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
-from common.evaluation import ListMetrics, evaluate_model, evaluate_new_items, exposure_hits, list_sums, model_scorers
+from common.evaluation import (
+    ListMetrics, evaluate_new_items, evaluate_ranking, exposure_hits, list_sums, model_scorers, scored_once,
+)
 from common.federation import ClientData
 from common.metrics import sums
 from common.models import ModelConfig, RecModel, build_model, empty_model
@@ -299,13 +301,14 @@ def evaluate_client(
     if refit is not None and refit.epochs > 0:
         refit_user_rows(model, data, refit, seed=seed)
     result: dict[str, float | bytes] = {}
+    score_pairs, score_all = model_scorers(model)
+    score_all = scored_once(score_all)
     for prefix, part in (("test", data.test), ("val", data.validation)):
         seen = data.seen_items(include_validation=prefix == "test")
-        per_user = evaluate_model(model, part.users, part.items, part.negatives, seen, k)
+        per_user = evaluate_ranking(score_pairs, score_all, part.users, part.items, part.negatives, seen, k=k)
         if per_user:
             result.update({f"{prefix}_{key}": value for key, value in sums(per_user).items()})
         if per_user and prefix == "test" and lists is not None:
-            _, score_all = model_scorers(model)
             counts = np.bincount(data.train_users, minlength=data.num_users)
             result.update(list_sums(score_all(part.users), part.users, part.items, seen, per_user, counts,
                                     data.user_groups, data.catalogue, lists, k))
@@ -316,7 +319,6 @@ def evaluate_client(
     if exposure_item >= 0 and len(data.test.users):
         seen = data.seen_items(include_validation=True)
         interacted = [np.union1d(seen[u], data.test.items[data.test.users == u]) for u in range(len(seen))]
-        _, score_all = model_scorers(model)
         exposure = exposure_hits(score_all, np.unique(data.test.users), interacted, exposure_item, k=k)
         result.update({f"exposure_{key}": value for key, value in exposure.items()})
     return result

@@ -70,6 +70,24 @@ def model_scorers(model: RecModel) -> tuple[PairScorer, AllScorer]:
     return pairs, all_items
 
 
+def scored_once(score_all: AllScorer) -> AllScorer:
+    """``score_all`` that scores each user's catalogue row once and hands out copies after.
+
+    A device's evaluation asks for the same users' rows up to three times (full ranking,
+    the lists it would show, the exposure of an attacked item); the model does not change
+    in between.
+    """
+    rows: dict[int, np.ndarray] = {}
+
+    def score(users: np.ndarray) -> np.ndarray:
+        missing = np.array([u for u in dict.fromkeys(users.tolist()) if u not in rows], dtype=np.int64)
+        if len(missing):
+            rows.update(zip(missing.tolist(), score_all(missing)))
+        return np.stack([rows[u] for u in users.tolist()]) if len(users) else score_all(users)
+
+    return score
+
+
 def popularity_scorers(popularity: np.ndarray) -> tuple[PairScorer, AllScorer]:
     """ItemPop: every user gets the same score per item, its training interaction count."""
     pop = popularity.astype(np.float64)

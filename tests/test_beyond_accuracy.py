@@ -109,3 +109,22 @@ def test_the_audit_report_lists_only_published_groups():
                                  "full_hr@10": None, "full_ndcg@10": None}]
     assert report["groups_suppressed"] == 2 and report["coverage@10"] == 0.4 and report["devices_sent_lists"]
     assert beyond_accuracy({"test_sampled_hr@10": 0.5}, {}) is None
+
+
+def test_a_device_scores_each_users_catalogue_once_per_evaluation(monkeypatch):
+    """Full ranking, the shown lists and the exposure of an item share one scoring per user."""
+    from client.local import evaluate_client
+    from common.models import build_model
+
+    config = parse_run_config(fused_run_config({"synthetic-users": 120, "synthetic-items": 300, "partitioning": "group",
+                                                "users-per-client": 12}))
+    data = slicer_cached(config).client(0)
+    model = build_model(config.model_config, data.num_users, data.num_items, seed=0)
+    scored: list[int] = []
+    real = type(model).score_all_items
+    monkeypatch.setattr(type(model), "score_all_items", lambda self, users, **kw: scored.extend(users.tolist()) or real(self, users, **kw))
+    shared, rows = list(model.shared_state().values()), dict(model.local_state())
+    once = evaluate_client(config.model_config, data, shared, rows, seed=0, lists=config.list_metrics, exposure_item=3)
+    evaluated = set(data.test.users.tolist()) | set(data.validation.users.tolist())
+    assert sorted(scored) == sorted(evaluated), "each evaluated user's catalogue scored exactly once"
+    assert once["exposure_count"] > 0 and len(decode_item_list(once[RECOMMENDED_ITEMS_KEY])) == 10 * len(data.test.users)
