@@ -334,7 +334,10 @@ def test_refitting_user_rows_ignores_the_content_loss():
 
     config = parse_run_config(fused_run_config({**SMALL, "item-features": True, "content-dropout": 0.0}))
     data = slicer_cached(config).client(0)
-    shared = list(build_model(config.model_config, 0, data.num_items, seed=2).shared_state().values())
+    model = build_model(config.model_config, 0, data.num_items, seed=2)
+    with torch.no_grad():
+        model.content_embedding.weight.normal_()  # a zero projection would give the content loss no gradient
+    shared = list(model.shared_state().values())
     rows = []
     for weight in (0.0, 1.0):
         model = build_local_model(config.model_config, data, shared, None, 5)
