@@ -157,7 +157,7 @@ class FedRecConfig:
             learning_rate=self.learning_rate,
             user_learning_rate=self.user_learning_rate,
             content_learning_rate=self.content_learning_rate,
-            content_loss_weight=self.content_loss_weight if self.item_features else 0.0,
+            content_loss_weight=self.content_loss_weight,  # > 0 only with item-features (validated)
             num_negatives=self.num_negatives,
             loss=self.loss,
             optimizer=self.local_optimizer,

@@ -104,7 +104,7 @@ class RecModel(nn.Module):
         """
         if self.content_features == 0:
             raise ValueError("a pure collaborative model has no content scores: set item-features = true (hybrid model)")
-        return self.score_parts(users, self.item_parts(items, torch.zeros(len(items), 1)))
+        return self.score_parts(users, self.new_item_parts(self.item_features[items]))
 
     def score_new_items(self, users: torch.Tensor, features: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Scores [len(users), len(features)]: every user against every new item."""

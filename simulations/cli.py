@@ -65,7 +65,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     train_config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, num_negatives=args.negatives,
         loss=args.loss or config.loss, optimizer=config.local_optimizer, weight_decay=args.weight_decay,
-        content_loss_weight=config.train_config.content_loss_weight,
+        content_loss_weight=config.content_loss_weight,
     )
     results = []
     for name in models:

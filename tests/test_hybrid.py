@@ -28,6 +28,14 @@ def hybrid(name: str, num_users: int = 4, num_items: int = 9, features: int = 5,
     return model
 
 
+def perturbed(model):
+    """``model`` with every parameter moved off its initial value (the content projection starts at zero)."""
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.3 * torch.randn_like(param))
+    return model
+
+
 # --- the models -----------------------------------------------------------------------------
 
 
@@ -45,10 +53,8 @@ def test_a_new_hybrid_model_scores_exactly_as_its_collaborative_twin(name):
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_hybrid_scores_agree_across_paths_and_new_items_score_from_content_alone(name):
-    model = hybrid(name)
+    model = perturbed(hybrid(name))
     with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.3 * torch.randn_like(param))
         table = [p for n, p in model.named_parameters() if n.startswith("item_")]
         for param in table:
             param[5] = 0.0  # item 5 has no collaborative row: exactly what a new item has
@@ -267,10 +273,7 @@ def test_the_content_projection_takes_its_own_device_learning_rate():
 
 @pytest.mark.parametrize("name", MODEL_NAMES)
 def test_content_scores_of_known_items_are_their_scores_as_new_items(name):
-    model = hybrid(name)
-    with torch.no_grad():
-        for param in model.parameters():
-            param.add_(0.3 * torch.randn_like(param))
+    model = perturbed(hybrid(name))
     model.train()  # the content dropout mask must not matter: every pair is scored from content alone
     users, items = torch.tensor([0, 1, 2, 3, 3]), torch.tensor([0, 4, 8, 2, 7])
     as_new = model.score_new_pairs(users, model.item_features[items].numpy())
