@@ -68,6 +68,7 @@ class FedRecConfig:
     batch_size: int
     learning_rate: float
     user_learning_rate: float
+    dense_learning_rate: float
     local_optimizer: str
     shared_adam_epsilon: float
     num_negatives: int
@@ -156,6 +157,7 @@ class FedRecConfig:
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
             user_learning_rate=self.user_learning_rate,
+            dense_learning_rate=self.dense_learning_rate,
             content_learning_rate=self.content_learning_rate,
             content_loss_weight=self.content_loss_weight,  # > 0 only with item-features (validated)
             num_negatives=self.num_negatives,
@@ -234,7 +236,7 @@ _POSITIVE = {
     "straggler_slowdown",
 }
 _NON_NEGATIVE = {
-    "eval_refit_epochs", "popular_items", "user_learning_rate", "content_learning_rate", "content_loss_weight", "group_min_users", "num_negatives", "clients_per_round", "proximal_mu",
+    "eval_refit_epochs", "popular_items", "user_learning_rate", "dense_learning_rate", "content_learning_rate", "content_loss_weight", "group_min_users", "num_negatives", "clients_per_round", "proximal_mu",
     "implicit_threshold", "server_learning_rate_decay_from",
     "num_malicious", "multi_krum_keep", "norm_bound", "max_update_norm", "reject_norm_factor", "exclude_after_rejections",
     "record_dp_noise_multiplier", "record_dp_target_epsilon", "record_dp_epsilon_budget",

@@ -39,6 +39,9 @@ class TrainConfig:
     user_learning_rate: float = 0.0
     # Learning rate of a hybrid model's content projection (0: the same as ``learning_rate``).
     content_learning_rate: float = 0.0
+    # Learning rate of the dense shared layers: NCF's output layer and MLP tower, MF's global
+    # bias (0: the same as ``learning_rate``). Item rows keep ``learning_rate``.
+    dense_learning_rate: float = 0.0
     # A hybrid model's extra loss on the same pairs scored from content alone (0: none).
     content_loss_weight: float = 0.0
 
@@ -58,6 +61,8 @@ class TrainConfig:
             raise ValueError(f"user_learning_rate must be >= 0, got {self.user_learning_rate}")
         if self.content_learning_rate < 0:
             raise ValueError(f"content_learning_rate must be >= 0, got {self.content_learning_rate}")
+        if self.dense_learning_rate < 0:
+            raise ValueError(f"dense_learning_rate must be >= 0, got {self.dense_learning_rate}")
         if self.content_loss_weight < 0:
             raise ValueError(f"content_loss_weight must be >= 0, got {self.content_loss_weight}")
         if self.shared_adam_epsilon <= 0:
@@ -175,17 +180,26 @@ def make_optimizer(model: RecModel, config: TrainConfig) -> torch.optim.Optimize
     the size of the gradients of truly trained rows keeps their Adam step and scales the
     steps of barely-touched rows down with their gradient. Both are measured in the
     README's results.
+
+    The dense shared layers (``dense_learning_rate``) are in every device's loss, not
+    only in the rows of the items it touched: each device fits them to its one user for
+    all its local steps, and the server averages those fits. They may want a smaller step
+    than the item rows.
     """
     local = set(model.local_parameter_names())
+    rows = set(model.item_row_parameter_names())
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     user_lr = config.user_learning_rate or config.learning_rate
     content_lr = config.content_learning_rate or config.learning_rate
+    dense_lr = config.dense_learning_rate or config.learning_rate
     adam = config.optimizer == "adam"
     shared_eps = {"eps": config.shared_adam_epsilon} if adam else {}
     content = {name for name, _ in named if name.startswith(CONTENT_PREFIX)}
+    dense = {name for name, _ in named if name not in local and name not in rows and name not in content}
     groups = [
         {"params": [p for name, p in named if name in local], "lr": user_lr, **({"eps": 1e-8} if adam else {})},
-        {"params": [p for name, p in named if name not in local and name not in content], **shared_eps},
+        {"params": [p for name, p in named if name in rows], **shared_eps},
+        {"params": [p for name, p in named if name in dense], "lr": dense_lr, **shared_eps},
         # A hybrid's projection W shifts every item's vector at once: it may want a smaller step.
         {"params": [p for name, p in named if name in content], "lr": content_lr, **shared_eps},
     ]

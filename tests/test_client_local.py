@@ -182,19 +182,25 @@ def test_refit_moves_only_the_user_rows():
     assert all(p.requires_grad for p in model.parameters()), "training is re-enabled afterwards"
 
 
-def _first_adam_step(shared_adam_epsilon: float, user_learning_rate: float = 0.0) -> tuple[torch.Tensor, ...]:
-    """One Adam step on a GMF whose item 0 gets a normal gradient and item 1 a tiny one."""
+def _first_adam_moves(config: TrainConfig) -> dict[str, torch.Tensor]:
+    """How far one Adam step moves every parameter of a GMF whose item 0 gets a normal
+    gradient and item 1 a tiny one."""
     from common.training import make_optimizer
 
     model = build_model(ModelConfig("gmf", embedding_dim=4), 1, 3, seed=0)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
-    config = TrainConfig(learning_rate=0.01, shared_adam_epsilon=shared_adam_epsilon, user_learning_rate=user_learning_rate)
     optimizer = make_optimizer(model, config)
     logits = model(torch.tensor([0, 0]), torch.tensor([0, 1]))
     # Item 1's loss is scaled down 1e4 times, like a row touched once as a sampled negative.
     (logits[0] + 1e-4 * logits[1]).backward()
     optimizer.step()
-    moved = {name: (p.detach() - before[name]).abs() for name, p in model.named_parameters()}
+    return {name: (p.detach() - before[name]).abs() for name, p in model.named_parameters()}
+
+
+def _first_adam_step(shared_adam_epsilon: float, user_learning_rate: float = 0.0) -> tuple[torch.Tensor, ...]:
+    """The first step of the trained item row, the barely-touched one and the user row."""
+    config = TrainConfig(learning_rate=0.01, shared_adam_epsilon=shared_adam_epsilon, user_learning_rate=user_learning_rate)
+    moved = _first_adam_moves(config)
     return moved["item_embedding.weight"][0], moved["item_embedding.weight"][1], moved["user_embedding.weight"][0]
 
 
@@ -209,6 +215,14 @@ def test_shared_adam_epsilon_scales_down_the_steps_of_barely_touched_item_rows()
     assert float(trained.min()) > 1e-3
     # ... and leaves the user-local rows on Adam's usual step.
     assert torch.equal(user, user_after)
+
+
+def test_dense_learning_rate_sets_the_step_of_the_dense_shared_layers_only():
+    moved = _first_adam_moves(TrainConfig(learning_rate=0.01, dense_learning_rate=0.001))
+    output, trained, user = moved["output.weight"], moved["item_embedding.weight"][0], moved["user_embedding.weight"][0]
+    assert torch.allclose(output, torch.full_like(output, 0.001), rtol=0.1)  # GMF's output layer is dense
+    assert torch.allclose(trained, torch.full_like(trained, 0.01), rtol=0.1)
+    assert torch.allclose(user, torch.full_like(user, 0.01), rtol=0.1)
 
 
 def test_user_learning_rate_sets_the_step_of_the_user_rows_only():

@@ -41,6 +41,7 @@ def test_unknown_key_is_rejected_before_anything_runs():
         ({"secagg-quantization-range": 0}, "secagg-quantization-range must be > 0"),
         ({"shared-adam-epsilon": 0.0}, "shared-adam-epsilon must be > 0"),
         ({"user-learning-rate": -0.1}, "user-learning-rate must be >= 0"),
+        ({"dense-learning-rate": -0.1}, "dense-learning-rate must be >= 0"),
         ({"aggregation": "geomed"}, "aggregation must be one of"),
         ({"trim-fraction": 0.5}, r"trim-fraction must be in \[0, 0.5\)"),
         ({"norm-bound": -1.0}, "norm-bound must be >= 0"),

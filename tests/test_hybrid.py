@@ -265,7 +265,7 @@ def test_the_content_projection_takes_its_own_device_learning_rate():
     assert by_lr[0.002] == ["content_gmf_embedding.weight", "content_mlp_embedding.weight"]
     assert all(not n.startswith("content_") for n in by_lr[0.02])
     plain = make_optimizer(build_model(ModelConfig(name="gmf", **CONFIG), 2, 3), TrainConfig(content_learning_rate=0.5))
-    assert [g["lr"] for g in plain.param_groups] == [1e-3, 1e-3]  # a pure CF model has no content group
+    assert 0.5 not in [g["lr"] for g in plain.param_groups]  # a pure CF model has no content group
 
 
 # --- the content loss (content-loss-weight) ---------------------------------------------------
