@@ -112,8 +112,8 @@ def client_data_for(config: FedRecConfig, context: Context) -> ClientData:
 
 def aggregation_weight(config: FedRecConfig, num_examples: int, declined: bool) -> int:
     """The weight a device reports with its upload."""
-    if config.user_dp or declined:
-        return 1  # DP-FedAvg: every client counts once; a declined device sends zeros
+    if config.user_dp or declined or config.client_weight == "uniform":
+        return 1  # DP-FedAvg and client-weight=uniform: every client counts once; a declined device sends zeros
     if config.secure_aggregation:
         # SecAgg+ quantizes the weight against max-weight and would overflow above it.
         return min(num_examples, int(config.secagg_max_weight))

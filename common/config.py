@@ -23,6 +23,7 @@ CLIENT_SAMPLINGS = ("fixed", "poisson")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 TOO_FEW_CLIENTS = ("skip", "retry")
 TRANSPORT_DTYPES = ("float32", "float16")
+CLIENT_WEIGHTS = ("examples", "uniform")
 # Replies a simulated fleet device refuses (client.fleet) start with this; the server counts them by kind.
 FLEET_FAILURE_PREFIX = "fleet:"
 ROUND_ATTEMPT_KEY = "round-attempt"  # fit config of a retried round: 1, 2, ... (absent on the first attempt)
@@ -81,6 +82,7 @@ class FedRecConfig:
     server_eta: float
     proximal_mu: float
     row_wise_aggregation: bool
+    client_weight: str
     transport_dtype: str
     aggregation: str
     trim_fraction: float
@@ -226,6 +228,7 @@ _CHOICES = {
     "aggregation": AGGREGATIONS,
     "too_few_clients": TOO_FEW_CLIENTS,
     "transport_dtype": TRANSPORT_DTYPES,
+    "client_weight": CLIENT_WEIGHTS,
 }
 _POSITIVE = {
     "synthetic_users", "synthetic_items", "synthetic_mean_interactions", "users_per_client", "embedding_dim",

@@ -1,11 +1,12 @@
-"""The ClientApp's secure-aggregation switch, without running a federation."""
+"""The ClientApp's secure-aggregation switch and aggregation weight, without running a federation."""
 
 import pytest
 from flwr.app import Context, Message, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.client_app import secure_aggregation_mod
+from client.client_app import aggregation_weight, secure_aggregation_mod
+from common.config import parse_run_config
 from simulations.engine import fused_run_config
 
 
@@ -43,3 +44,19 @@ def test_with_secure_aggregation_a_plain_training_request_is_refused():
 def test_with_secure_aggregation_evaluation_still_runs():
     reply = secure_aggregation_mod(_message(MessageType.EVALUATE), _context(True), lambda m, c: "metrics")
     assert reply == "metrics"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({}, 2400),  # default: the device's training examples
+        ({"client-weight": "uniform"}, 1),
+        ({"secure-aggregation": True}, 1000),  # capped at secagg-max-weight
+        ({"secure-aggregation": True, "client-weight": "uniform"}, 1),
+        ({"user-dp": True}, 1),
+    ],
+)
+def test_aggregation_weight_follows_client_weight(overrides, expected):
+    config = parse_run_config(fused_run_config(overrides))
+    assert aggregation_weight(config, 2400, declined=False) == expected
+    assert aggregation_weight(config, 2400, declined=True) == 1  # a declined device's zeros count once

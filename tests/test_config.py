@@ -43,6 +43,7 @@ def test_unknown_key_is_rejected_before_anything_runs():
         ({"user-learning-rate": -0.1}, "user-learning-rate must be >= 0"),
         ({"dense-learning-rate": -0.1}, "dense-learning-rate must be >= 0"),
         ({"aggregation": "geomed"}, "aggregation must be one of"),
+        ({"client-weight": "users"}, "client-weight must be one of"),
         ({"trim-fraction": 0.5}, r"trim-fraction must be in \[0, 0.5\)"),
         ({"norm-bound": -1.0}, "norm-bound must be >= 0"),
         ({"aggregation": "median", "secure-aggregation": True}, "SecAgg\\+ only reveals their sum"),
