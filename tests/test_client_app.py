@@ -49,7 +49,7 @@ def test_with_secure_aggregation_evaluation_still_runs():
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({}, 2400),  # default: the device's training examples
+        ({}, 2400),  # default: the number of training interactions it reports
         ({"client-weight": "uniform"}, 1),
         ({"secure-aggregation": True}, 1000),  # capped at secagg-max-weight
         ({"secure-aggregation": True, "client-weight": "uniform"}, 1),
