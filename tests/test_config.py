@@ -169,3 +169,16 @@ def test_the_simulation_app_directory_gives_flower_the_code_defaults(tmp_path):
     write_app_config(tmp_path)
     assert get_fused_config_from_dir(tmp_path, {}) == default_run_config()
     assert get_fused_config_from_dir(tmp_path, {"seed": 7})["seed"] == 7
+
+
+def test_baseline_help_shows_its_defaults_and_the_run_config_values_they_differ_from(monkeypatch):
+    from simulations.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at the terminal width, hyphens included
+    baseline = build_parser()._subparsers._group_actions[0].choices["baseline"]
+    text = " ".join(baseline.format_help().split())
+    defaults = FedRecConfig()
+    assert "(default: 0.001 " in text and "(default: 256;" in text and "(default: 20;" in text
+    assert f"run-config learning-rate {defaults.learning_rate} " in text
+    assert f"run-config batch-size {defaults.batch_size} " in text
+    assert f"(default: {defaults.num_negatives}, as run-config num-negatives)" in text
