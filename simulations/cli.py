@@ -41,8 +41,7 @@ def _overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any
 
 
 def _config(overrides: dict[str, Any]):
-    from common.config import parse_run_config
-    from simulations.engine import fused_run_config
+    from common.config import fused_run_config, parse_run_config
 
     return parse_run_config(fused_run_config(overrides))
 
