@@ -182,3 +182,12 @@ def test_baseline_help_shows_its_defaults_and_the_run_config_values_they_differ_
     assert f"run-config learning-rate {defaults.learning_rate} " in text
     assert f"run-config batch-size {defaults.batch_size} " in text
     assert f"(default: {defaults.num_negatives}, as run-config num-negatives)" in text
+
+
+def test_the_printed_toml_table_parses_to_the_defaults_and_the_command_prints_the_docs(capsys):
+    from common.config_keys import main, to_toml
+
+    table = tomllib.loads(to_toml(RUN_CONFIG_KEYS))["tool"]["flwr"]["app"]["config"]
+    assert [(k, type(v), v) for k, v in table.items()] == [(k, type(v), v) for k, v in default_run_config().items()]
+    assert main(["--markdown"]) == 0
+    assert capsys.readouterr().out == (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
