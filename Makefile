@@ -1,7 +1,7 @@
 # The two commands of the README. Both create the virtual environment on first use.
 #   make run   - set up, then run a federated training on the embedded synthetic dataset
 #   make test  - set up (also headless Chromium for the report test), lint, then run the whole test suite (CI)
-#   make test-fast - lint, then the tests not marked slow, deployment or browser (tests/conftest.py): a few minutes less
+#   make test-fast - lint, then the tests not marked slow, deployment or browser (tests/conftest.py): about a minute
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
