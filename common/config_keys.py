@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
 import sys
 from dataclasses import dataclass
@@ -139,7 +140,9 @@ def fuse(keys: Iterable[Key], overrides: dict[str, Any] | None) -> dict[str, Any
     fused = defaults(keys)
     unknown = sorted(set(overrides or {}) - set(fused))
     if unknown:
-        raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(fused))}")
+        hints = [f"'{name}'" + "".join(f" (did you mean '{close}'?)" for close in
+                                      difflib.get_close_matches(name, list(fused), n=1)) for name in unknown]
+        raise ConfigError(f"unknown run-config key(s): {', '.join(hints)}; every key is in docs/configuration.md")
     fused.update(overrides or {})
     return fused
 

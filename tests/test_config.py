@@ -27,7 +27,7 @@ def test_fedprox_turns_on_the_proximal_term():
 
 
 def test_unknown_key_is_rejected_before_anything_runs():
-    with pytest.raises(ConfigError, match="unknown run-config key.*learning-rat"):
+    with pytest.raises(ConfigError, match=r"unknown run-config key.*'learning-rat' \(did you mean 'learning-rate'\?\);"):
         fused_run_config({"learning-rat": 0.1})
 
 
