@@ -1,19 +1,27 @@
-"""Typed view of the Flower run-config, validated once before any training starts.
+"""Typed view of the Flower run-config: every key defined once, validated once before any training starts.
 
-The run-config in ``pyproject.toml`` is the single source of defaults; this module only
-checks types and ranges and turns strings like ``"64,32,16"`` into Python values, so
-both apps fail fast with one clear line instead of deep inside a round.
+:class:`FedRecConfig` defines each key (type, default, allowed values, help; see
+:mod:`common.config_keys`), so the defaults ship with the code: ``fedrec`` runs from an
+installed wheel, and ``pyproject.toml``'s ``[tool.flwr.app.config]`` (what ``flwr run``
+reads) repeats them, kept identical by a test. Parsing checks types and ranges and turns
+strings like ``"64,32,16"`` into Python values, so both apps fail fast with one clear line
+instead of deep inside a round.
 """
 
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
+from common.config_keys import FRACTION, NON_NEGATIVE, POSITIVE, PROBABILITY, ConfigError, Range, fuse, key, keys_of
+from common.datasets import DATASET_NAMES
 from common.evaluation import ListMetrics
 from common.models import MODEL_NAMES, ModelConfig
 from common.training import LOSSES, OPTIMIZERS, TrainConfig
+
+__all__ = ["ConfigError", "FedRecConfig", "RUN_CONFIG_KEYS", "default_run_config", "fused_run_config",
+           "parse_run_config"]
 
 STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 PARTITIONINGS = ("user", "group")
@@ -31,124 +39,183 @@ ROUND_ATTEMPT_KEY = "round-attempt"  # fit config of a retried round: 1, 2, ... 
 SIMULATION_PARTITIONS_KEY = "fedrec.simulation-partitions"
 
 
-class ConfigError(ValueError):
-    """A run-config value that is missing, of the wrong type or out of range."""
-
-
 @dataclass(frozen=True)
 class FedRecConfig:
-    """Every run-config key, with the type the apps use."""
+    """Every run-config key: its type (the annotation), default, allowed values and help (:func:`key`).
 
-    dataset: str
-    data_path: str
-    synthetic_users: int
-    synthetic_items: int
-    synthetic_mean_interactions: int
-    csv_user_col: str
-    csv_item_col: str
-    csv_rating_col: str
-    csv_timestamp_col: str
-    csv_delimiter: str
-    implicit_threshold: float
-    item_features: bool
-    item_features_path: str
-    item_features_item_col: str
-    item_features_columns: str
-    content_dropout: float
-    content_learning_rate: float
-    content_loss_weight: float
-    new_items: float
-    seed: int
-    eval_negatives: int
-    partitioning: str
-    users_per_client: int
-    model: str
-    embedding_dim: int
-    mlp_layers: str
-    local_epochs: int
-    batch_size: int
-    learning_rate: float
-    user_learning_rate: float
-    dense_learning_rate: float
-    local_optimizer: str
-    shared_adam_epsilon: float
-    num_negatives: int
-    loss: str
-    num_server_rounds: int
-    strategy: str
-    server_learning_rate: float
-    server_learning_rate_decay: float
-    server_learning_rate_decay_from: int
-    server_eta: float
-    proximal_mu: float
-    row_wise_aggregation: bool
-    client_weight: str
-    transport_dtype: str
-    aggregation: str
-    trim_fraction: float
-    num_malicious: int
-    multi_krum_keep: int
-    norm_bound: float
-    max_update_norm: float
-    reject_norm_factor: float
-    exclude_after_rejections: int
-    fraction_train: float
-    clients_per_round: int
-    seeded_sampling: bool
-    min_train_clients: int
-    min_available_clients: int
-    fraction_evaluate: float
-    evaluate_every: int
-    final_full_evaluation: bool
-    eval_refit_epochs: int
-    exposure_item: int
-    popular_items: int
-    rerank_diversity: float
-    catalogue_metrics: bool
-    group_min_users: int
-    activity_bands: str
-    dropout_probability: float
-    straggler_fraction: float
-    straggler_slowdown: float
-    round_deadline: float
-    late_join_fraction: float
-    leave_fraction: float
-    local_epochs_min: int
-    too_few_clients: str
-    round_retries: int
-    run_dir: str
-    checkpoint_every: int
-    secure_aggregation: bool
-    secagg_num_shares: int
-    secagg_reconstruction_threshold: int
-    secagg_clipping_range: float
-    secagg_quantization_range: int
-    secagg_max_weight: float
-    record_dp: bool
-    record_dp_noise_multiplier: float
-    record_dp_max_grad_norm: float
-    record_dp_target_epsilon: float
-    record_dp_delta: float
-    record_dp_epsilon_budget: float
-    record_dp_grad_sample_mode: str
-    user_dp: bool
-    user_dp_noise_multiplier: float
-    user_dp_clipping_norm: float
-    user_dp_delta: float
-    user_dp_epsilon_budget: float
-    user_dp_accountant: str
-    client_sampling: str
-    report: bool
-    resume: bool
+    This class is the one definition of the keys; ``FedRecConfig()`` is the default run-config,
+    ``pyproject.toml``'s ``[tool.flwr.app.config]`` repeats the defaults (a test keeps them
+    identical) and ``docs/configuration.md`` is generated from it (``python -m common.config_keys``).
+    """
+
+    dataset: str = key("synthetic", "The data: the embedded synthetic generator, a MovieLens release you downloaded, "
+                       "or any CSV/Parquet file with the column options below.", choices=DATASET_NAMES,
+                       section="Data")
+    data_path: str = key("", "File or folder of a downloaded dataset (MovieLens folder or ratings file, CSV, Parquet).")
+    synthetic_users: int = key(200, "Synthetic data: number of users.", range=POSITIVE)
+    synthetic_items: int = key(400, "Synthetic data: number of items.", range=POSITIVE)
+    synthetic_mean_interactions: int = key(30, "Synthetic data: mean interactions per user.", range=POSITIVE)
+    csv_user_col: str = key("user", "CSV/Parquet: the column of raw user ids.")
+    csv_item_col: str = key("item", "CSV/Parquet: the column of raw item ids.")
+    csv_rating_col: str = key("", "CSV/Parquet: the rating column (\"\": every row is a positive).")
+    csv_timestamp_col: str = key("", "CSV/Parquet: the timestamp column used for the leave-one-out split "
+                                 "(\"\": file order).")
+    csv_delimiter: str = key(",", "CSV: the field delimiter.")
+    implicit_threshold: float = key(0.0, "A rating >= this is a positive; 0 keeps every rating.", range=NON_NEGATIVE)
+    item_features: bool = key(False, "true: hybrid model, item embedding plus a projection of the item's content "
+                              "features (public catalogue data).", section="Item content")
+    item_features_path: str = key("", "A CSV of item features; \"\": the dataset's own (MovieLens u.item / movies.dat, "
+                                  "synthetic tags).")
+    item_features_item_col: str = key("item", "item-features-path: the column of raw item ids.")
+    item_features_columns: str = key("", "item-features-path: feature columns, comma-separated (\"\": every other column).")
+    content_dropout: float = key(0.2, "Hybrid training: share of (user, item) pairs scored from content alone "
+                                 "(new items have only that).", range=Range(0, 1, high_open=True))
+    content_learning_rate: float = key(0.0, "Hybrid: device learning rate of the content projection "
+                                       "(0: learning-rate).", range=NON_NEGATIVE)
+    content_loss_weight: float = key(0.0, "Hybrid: weight of an extra loss on the same pairs scored from content alone "
+                                     "(0: none; needs item-features, not with record-dp).", range=NON_NEGATIVE)
+    new_items: float = key(0.0, "> 0: this share of items is held out of training entirely and evaluated as new items.",
+                           range=Range(0, 0.5, high_open=True))
+    seed: int = key(42, "Seed of the data, the split, the evaluation negatives, the models and the sampling.",
+                    section="Evaluation and partitioning")
+    eval_negatives: int = key(99, "Sampled negatives each held-out item is ranked against (HR@10, NDCG@10).",
+                              range=POSITIVE)
+    partitioning: str = key("user", "user: a phone per user; group: a kiosk serving users-per-client users.",
+                            choices=PARTITIONINGS)
+    users_per_client: int = key(10, "partitioning = group: users per kiosk.", range=POSITIVE)
+    model: str = key("gmf", "The recommender: matrix factorization or NCF (GMF, MLP tower, NeuMF).",
+                     choices=MODEL_NAMES, section="Model")
+    embedding_dim: int = key(32, "Size of the user and item embeddings.", range=POSITIVE)
+    mlp_layers: str = key("64,32,16", "MLP / NeuMF tower widths, comma-separated.")
+    local_epochs: int = key(2, "Epochs each device trains per round.", range=POSITIVE,
+                            section="Local training on each device")
+    batch_size: int = key(32, "Device mini-batch size.", range=POSITIVE)
+    learning_rate: float = key(0.02, "Device learning rate of the shared (item-side) parameters.", range=POSITIVE)
+    user_learning_rate: float = key(0.0, "Device learning rate of the user-local rows (0: learning-rate).",
+                                    range=NON_NEGATIVE)
+    dense_learning_rate: float = key(0.0, "Device learning rate of the dense shared layers (NCF output and MLP tower, "
+                                     "MF global bias; 0: learning-rate).", range=NON_NEGATIVE)
+    local_optimizer: str = key("adam", "Device optimizer.", choices=OPTIMIZERS)
+    shared_adam_epsilon: float = key(1e-8, "Adam epsilon of the shared (item-side) parameters on the device.",
+                                     range=POSITIVE)
+    num_negatives: int = key(4, "Sampled negatives per positive in device training.", range=NON_NEGATIVE)
+    loss: str = key("bce", "Training loss: bce, bpr (implicit; bpr needs num-negatives >= 1) or mse (explicit "
+                    "ratings).", choices=LOSSES)
+    num_server_rounds: int = key(15, "Federated rounds.", range=POSITIVE, section="Server: rounds, sampling, aggregation")
+    strategy: str = key("fedavg", "Flower's server rule applied to the decoded mean update.", choices=STRATEGIES)
+    server_learning_rate: float = key(5.0, "fedavg/fedprox: step along the (row-wise) mean delta.", range=POSITIVE)
+    server_learning_rate_decay: float = key(1.0, "fedavg/fedprox: the step is multiplied by this every round after "
+                                            "server-learning-rate-decay-from (1.0: constant).", range=FRACTION)
+    server_learning_rate_decay_from: int = key(0, "> 0: rounds after this one use lr x decay^(round - this); "
+                                               "0: no decay.", range=NON_NEGATIVE)
+    server_eta: float = key(0.01, "fedadam/fedyogi: the server optimizer's step size (Flower's eta).", range=POSITIVE)
+    proximal_mu: float = key(0.01, "fedprox only: weight of the proximal term on the device.", range=NON_NEGATIVE)
+    row_wise_aggregation: bool = key(True, "Average each item row over the devices that touched it "
+                                     "(false: plain FedAvg, for comparison).")
+    client_weight: str = key("examples", "A device's weight in the average: its training interactions, or one per "
+                             "device.", choices=CLIENT_WEIGHTS)
+    transport_dtype: str = key("float32", "Shared parameters and updates travel in this type (float16 halves the "
+                               "bytes; plain uploads only).", choices=TRANSPORT_DTYPES)
+    aggregation: str = key("mean", "Robust aggregation rule (Flower's; plain uploads only, not with "
+                           "secure-aggregation or user-dp).", choices=AGGREGATIONS, section="Robustness")
+    trim_fraction: float = key(0.1, "trimmed-mean: share cut from each end, per coordinate.",
+                               range=Range(0, 0.5, high_open=True))
+    num_malicious: int = key(1, "krum / multi-krum / bulyan: malicious devices per round assumed.", range=NON_NEGATIVE)
+    multi_krum_keep: int = key(0, "multi-krum: uploads averaged (0: devices - num-malicious).", range=NON_NEGATIVE)
+    norm_bound: float = key(0.0, "> 0: the server clips every update's deltas to this L2 norm.", range=NON_NEGATIVE)
+    max_update_norm: float = key(0.0, "> 0: reject updates whose delta norm exceeds this.", range=NON_NEGATIVE)
+    reject_norm_factor: float = key(100.0, "> 0: reject updates with norm > this x the round's median (5+ updates; "
+                                    "honest MovieLens-100K users reach 33x).", range=NON_NEGATIVE)
+    exclude_after_rejections: int = key(3, "> 0: a device rejected this many times is not sampled again this run.",
+                                        range=NON_NEGATIVE)
+    fraction_train: float = key(1.0, "Share of the devices sampled per round (client-sampling = poisson: each "
+                                "device's probability).", range=FRACTION, section="Device sampling and evaluation")
+    clients_per_round: int = key(0, "> 0: devices per round (overrides fraction-train).", range=NON_NEGATIVE)
+    seeded_sampling: bool = key(True, "fedrec simulate: each round's devices are drawn from seed and the partition "
+                                "ids (same run-config, same devices); flwr run and deployments sample at random.")
+    min_train_clients: int = key(2, "Fewest usable updates a round needs (see too-few-clients).", range=POSITIVE)
+    min_available_clients: int = key(2, "Devices that must be connected before a round starts.", range=POSITIVE)
+    fraction_evaluate: float = key(0.25, "Share of the devices that evaluate in a federated evaluation.",
+                                   range=FRACTION)
+    evaluate_every: int = key(5, "Federated evaluation every N rounds (and after the last).", range=POSITIVE)
+    final_full_evaluation: bool = key(True, "Evaluate every device once after the last round.")
+    eval_refit_epochs: int = key(0, "> 0: devices re-fit their user rows to the new global items before evaluating.",
+                                 range=NON_NEGATIVE)
+    exposure_item: int = key(-1, ">= 0: every evaluation also reports this item's exposure ratio ER@10 (poisoning "
+                             "audits); -1: none.", range=Range(-1))
+    popular_items: int = key(100, "The server publishes this many popular items (fallback for users with no "
+                             "interactions); 0: none.", range=NON_NEGATIVE)
+    rerank_diversity: float = key(0.0, "> 0: devices re-rank their top-10 by MMR with this weight on diversity.",
+                                  range=PROBABILITY, section="Beyond accuracy")
+    catalogue_metrics: bool = key(True, "Devices send how often each item is in their top-10 (coverage, novelty); "
+                                  "reveals a phone's list to the server.")
+    group_min_users: int = key(20, "Per-group metrics; a group with fewer users in an evaluation is suppressed "
+                               "(0: no group metrics).", range=NON_NEGATIVE)
+    activity_bands: str = key("50,150", "Activity groups by training interactions per user, as increasing upper "
+                              "bounds (50,150: <=50, 51-150, >150).")
+    dropout_probability: float = key(0.0, "A sampled device fails to answer a training request this often (per "
+                                     "round).", range=PROBABILITY, section="Simulated fleet behaviour")
+    straggler_fraction: float = key(0.0, "Share of devices that compute straggler-slowdown x slower.",
+                                    range=PROBABILITY)
+    straggler_slowdown: float = key(10.0, "How much slower a straggler computes.", range=POSITIVE)
+    round_deadline: float = key(0.0, "> 0: seconds a device has to return its update; later ones are lost.",
+                                range=NON_NEGATIVE)
+    late_join_fraction: float = key(0.0, "Share of devices offline until a round drawn from 2..num-server-rounds.",
+                                    range=PROBABILITY)
+    leave_fraction: float = key(0.0, "Share of devices that leave for good at a round drawn from "
+                                "2..num-server-rounds.", range=PROBABILITY)
+    local_epochs_min: int = key(0, "> 0: a device trains a number of epochs drawn each round from this..local-epochs.",
+                                range=NON_NEGATIVE)
+    too_few_clients: str = key("skip", "A round with fewer than min-train-clients usable updates is skipped, or run "
+                               "again.", choices=TOO_FEW_CLIENTS)
+    round_retries: int = key(3, "too-few-clients = retry: a short round is run again up to this many times, then "
+                             "skipped.", range=NON_NEGATIVE)
+    run_dir: str = key("runs/latest", "Where metrics, checkpoints, the summary and the report go.", section="Outputs")
+    checkpoint_every: int = key(5, "Write a server checkpoint every N rounds.", range=POSITIVE)
+    resume: bool = key(False, "true: continue the run in run-dir after its last completed round (server-state.npz).")
+    report: bool = key(True, "Write report.html and report.json (the privacy audit report) when the run ends.")
+    secure_aggregation: bool = key(False, "Flower's SecAgg+: the server only ever sees the masked sum of a round.",
+                                   section="Secure aggregation")
+    secagg_num_shares: int = key(3, "Neighbours each device secret-shares its mask keys with (>= 3 with "
+                                 "secure-aggregation).", range=POSITIVE)
+    secagg_reconstruction_threshold: int = key(2, "Shares needed to unmask a dropped device; tolerates num-shares - "
+                                               "threshold dropouts.", range=POSITIVE)
+    secagg_clipping_range: float = key(8.0, "Uploads (deltas, touched flags) are clipped to [-r, r] before "
+                                       "quantization.", range=POSITIVE)
+    secagg_quantization_range: int = key(4194304, "Quantization levels (2**22); devices per round x this must stay "
+                                         "below 2**32.", range=POSITIVE)
+    secagg_max_weight: float = key(1000.0, "A device's aggregation weight (its example count) is capped at this.",
+                                   range=POSITIVE)
+    record_dp: bool = key(False, "Record-level DP on each device (Opacus DP-SGD): protects single interactions of a "
+                          "user.", section="Record-level differential privacy")
+    record_dp_noise_multiplier: float = key(1.0, "DP-SGD noise multiplier.", range=NON_NEGATIVE)
+    record_dp_max_grad_norm: float = key(1.0, "Per-example gradient clipping norm.", range=POSITIVE)
+    record_dp_target_epsilon: float = key(0.0, "> 0: pick the noise so num-server-rounds x local-epochs reach "
+                                          "exactly this epsilon.", range=NON_NEGATIVE)
+    record_dp_delta: float = key(1e-5, "Delta of the record-level guarantee.", range=Range(0, 1, True, True))
+    record_dp_epsilon_budget: float = key(0.0, "> 0: a device declines to train once its cumulative epsilon would "
+                                          "exceed this.", range=NON_NEGATIVE)
+    record_dp_grad_sample_mode: str = key("ghost", "Opacus per-sample gradient computation.",
+                                          choices=GRAD_SAMPLE_MODES)
+    user_dp: bool = key(False, "User-level DP across the federation (DP-FedAvg): protects everything one device "
+                        "holds.", section="User-level differential privacy")
+    user_dp_noise_multiplier: float = key(1.0, "Gaussian noise std on the sum of clipped updates = this x clipping "
+                                          "norm.", range=NON_NEGATIVE)
+    user_dp_clipping_norm: float = key(0.1, "Every device's update (all shared deltas) is clipped to this L2 norm.",
+                                       range=POSITIVE)
+    user_dp_delta: float = key(0.0, "Delta of the user-level guarantee; 0: 1 / number of devices.",
+                               range=Range(0, 1, high_open=True))
+    user_dp_epsilon_budget: float = key(0.0, "> 0: the server stops before a round would exceed this epsilon.",
+                                        range=NON_NEGATIVE)
+    user_dp_accountant: str = key("rdp", "dp-accounting's accountant the budget is checked with (pld: Poisson "
+                                  "sampling only).", choices=ACCOUNTANTS)
+    client_sampling: str = key("fixed", "fixed: clients-per-round devices without replacement; poisson: each device "
+                               "with probability fraction-train.", choices=CLIENT_SAMPLINGS)
 
     @property
     def model_config(self) -> ModelConfig:
         """The architecture; a hybrid model's width of content features is the catalogue's."""
-        width = 0
-        if self.item_features:
-            from common.federation import prepare_cached  # the catalogue decides it; loaded once per process
-
-            width = prepare_cached(self).item_features.shape[1]
+        width = catalogue_width(self) if self.item_features else 0
         return ModelConfig(name=self.model, embedding_dim=self.embedding_dim, mlp_layers=parse_layers(self.mlp_layers),
                            content_features=width, content_dropout=self.content_dropout if width else 0.0)
 
@@ -216,38 +283,25 @@ def parse_bands(text: str) -> tuple[int, ...]:
     return bands
 
 
-_CHOICES = {
-    "model": MODEL_NAMES,
-    "loss": LOSSES,
-    "local_optimizer": OPTIMIZERS,
-    "strategy": STRATEGIES,
-    "partitioning": PARTITIONINGS,
-    "record_dp_grad_sample_mode": GRAD_SAMPLE_MODES,
-    "user_dp_accountant": ACCOUNTANTS,
-    "client_sampling": CLIENT_SAMPLINGS,
-    "aggregation": AGGREGATIONS,
-    "too_few_clients": TOO_FEW_CLIENTS,
-    "transport_dtype": TRANSPORT_DTYPES,
-    "client_weight": CLIENT_WEIGHTS,
-}
-_POSITIVE = {
-    "synthetic_users", "synthetic_items", "synthetic_mean_interactions", "users_per_client", "embedding_dim",
-    "local_epochs", "batch_size", "num_server_rounds", "evaluate_every", "checkpoint_every", "eval_negatives",
-    "learning_rate", "server_learning_rate", "server_eta", "min_train_clients", "min_available_clients",
-    "secagg_num_shares", "secagg_reconstruction_threshold", "secagg_clipping_range", "secagg_quantization_range",
-    "secagg_max_weight", "record_dp_max_grad_norm", "record_dp_delta", "user_dp_clipping_norm", "shared_adam_epsilon",
-    "straggler_slowdown",
-}
-_NON_NEGATIVE = {
-    "eval_refit_epochs", "popular_items", "user_learning_rate", "dense_learning_rate", "content_learning_rate", "content_loss_weight", "group_min_users", "num_negatives", "clients_per_round", "proximal_mu",
-    "implicit_threshold", "server_learning_rate_decay_from",
-    "num_malicious", "multi_krum_keep", "norm_bound", "max_update_norm", "reject_norm_factor", "exclude_after_rejections",
-    "record_dp_noise_multiplier", "record_dp_target_epsilon", "record_dp_epsilon_budget",
-    "user_dp_noise_multiplier", "user_dp_delta", "user_dp_epsilon_budget",
-    "round_deadline", "local_epochs_min", "round_retries",
-}
-_PROBABILITIES = {"dropout_probability", "straggler_fraction", "late_join_fraction", "leave_fraction", "rerank_diversity"}
-_FRACTIONS = {"fraction_train", "fraction_evaluate", "server_learning_rate_decay"}
+RUN_CONFIG_KEYS = keys_of(FedRecConfig)
+
+
+def default_run_config() -> dict[str, Any]:
+    """The default run-config (``{key: default}``), as ``[tool.flwr.app.config]`` holds it."""
+    return fused_run_config()
+
+
+def fused_run_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The defaults with ``overrides`` applied, as Flower fuses them; an unknown key is an error."""
+    return fuse(RUN_CONFIG_KEYS, dict(overrides or {}))
+
+
+@functools.lru_cache(maxsize=4)
+def catalogue_width(config: FedRecConfig) -> int:
+    """Content features per item of the run's catalogue: reads the catalogue only, never the interactions."""
+    from common.item_features import catalogue  # numpy and file parsing, only for hybrid models
+
+    return catalogue(config, None).num_features
 
 
 def parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
@@ -257,11 +311,11 @@ def parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
     a valid one is kept (a frozen dataclass, so sharing it is safe).
     """
     try:  # the type is part of the key: 1, 1.0 and True are equal as dict keys but not as config values
-        key = tuple(sorted((name, type(value), value) for name, value in run_config.items()))
-        hash(key)
+        cache_key = tuple(sorted((name, type(value), value) for name, value in run_config.items()))
+        hash(cache_key)
     except TypeError:  # an unhashable value: nothing to cache by, and _coerce will refuse it
         return _parse_run_config(run_config)
-    return _parse_cached(key)
+    return _parse_cached(cache_key)
 
 
 @functools.lru_cache(maxsize=16)
@@ -271,26 +325,13 @@ def _parse_cached(items: tuple[tuple[str, type, Any], ...]) -> FedRecConfig:
 
 def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
     values: dict[str, Any] = {}
-    for spec in fields(FedRecConfig):
-        key = spec.name.replace("_", "-")
-        if key not in run_config:
-            raise ConfigError(f"run-config is missing '{key}' (see [tool.flwr.app.config] in pyproject.toml)")
-        values[spec.name] = _coerce(key, run_config[key], spec.type)
-    for name, choices in _CHOICES.items():
-        if values[name] not in choices:
-            raise ConfigError(f"{name.replace('_', '-')} must be one of {', '.join(choices)}; got {values[name]!r}")
-    for name in _POSITIVE:
-        if values[name] <= 0:
-            raise ConfigError(f"{name.replace('_', '-')} must be > 0; got {values[name]!r}")
-    for name in _NON_NEGATIVE:
-        if values[name] < 0:
-            raise ConfigError(f"{name.replace('_', '-')} must be >= 0; got {values[name]!r}")
-    for name in _FRACTIONS:
-        if not 0.0 < values[name] <= 1.0:
-            raise ConfigError(f"{name.replace('_', '-')} must be in (0, 1]; got {values[name]!r}")
-    for name in _PROBABILITIES:
-        if not 0.0 <= values[name] <= 1.0:
-            raise ConfigError(f"{name.replace('_', '-')} must be in [0, 1]; got {values[name]!r}")
+    for spec in RUN_CONFIG_KEYS:
+        if spec.name not in run_config:
+            raise ConfigError(f"run-config is missing '{spec.name}' (the app's pyproject.toml [tool.flwr.app.config] "
+                              "and fedrec's FedRecConfig define every key: are they the same version?)")
+        values[spec.attr] = _coerce(spec.name, run_config[spec.name], spec.type.__name__)
+    for spec in RUN_CONFIG_KEYS:  # choices and ranges of single keys; the rules across keys follow
+        spec.check(values[spec.attr])
     if values["local_epochs_min"] > values["local_epochs"]:
         raise ConfigError(
             f"local-epochs-min ({values['local_epochs_min']}) must not exceed local-epochs ({values['local_epochs']})"
@@ -305,9 +346,6 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
         )
     if values["secure_aggregation"] and values["secagg_num_shares"] < 3:
         raise ConfigError("secure-aggregation needs secagg-num-shares >= 3 (SecAgg+ shares each secret among neighbours)")
-    for name in ("record_dp_delta", "user_dp_delta"):
-        if values[name] >= 1.0:
-            raise ConfigError(f"{name.replace('_', '-')} must be < 1; got {values[name]!r}")
     if values["user_dp"]:
         if values["user_dp_noise_multiplier"] <= 0:
             raise ConfigError("user-dp needs user-dp-noise-multiplier > 0 (no noise, no guarantee)")
@@ -322,8 +360,6 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
             "and user-dp's clipping bound must hold exactly for what is sent; use transport-dtype = 'float32'"
         )
     parse_bands(values["activity_bands"])
-    if not 0.0 <= values["content_dropout"] < 1.0:
-        raise ConfigError(f"content-dropout must be in [0, 1); got {values['content_dropout']!r}")
     if values["content_loss_weight"] > 0 and not values["item_features"]:
         raise ConfigError("content-loss-weight trains a hybrid model's content projection: set item-features = true")
     if values["content_loss_weight"] > 0 and values["record_dp"]:
@@ -331,14 +367,8 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
             "content-loss-weight is not supported with record-dp (Opacus clips one loss per example); "
             "use content-dropout for a private hybrid model"
         )
-    if not 0.0 <= values["new_items"] < 0.5:
-        raise ConfigError(f"new-items must be in [0, 0.5) (the share of items held out as new); got {values['new_items']!r}")
     if values["item_features"] and values["dataset"] in ("csv", "parquet") and not values["item_features_path"]:
         raise ConfigError(f"item-features with dataset {values['dataset']!r} needs item-features-path (a CSV of item features)")
-    if values["exposure_item"] < -1:
-        raise ConfigError(f"exposure-item must be an item id >= 0, or -1 for none; got {values['exposure_item']!r}")
-    if not 0.0 <= values["trim_fraction"] < 0.5:
-        raise ConfigError(f"trim-fraction must be in [0, 0.5); got {values['trim_fraction']!r}")
     robust = values["aggregation"] != "mean" or values["norm_bound"] > 0
     if robust and values["secure_aggregation"]:
         raise ConfigError(

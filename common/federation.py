@@ -17,12 +17,11 @@ from common.config import ConfigError, FedRecConfig
 from common.datasets import load_dataset
 from common.errors import DataError
 from common.interactions import Interactions
-from common.item_features import ItemFeatures, csv_item_features, movielens_item_features, synthetic_item_features
+from common.item_features import ItemFeatures, catalogue
 from common.loaders import find_movielens_file
 from common.negatives import sample_negatives
 from common.partition import ClientPartition, fixed_size_groups, index_rows_by_user, one_user_per_client
 from common.splits import Split, hold_out_items, leave_one_out
-from common.synthetic import synthetic_item_factors
 from common.user_groups import movielens_user_groups
 
 
@@ -105,7 +104,7 @@ def seen_items(users: np.ndarray, items: np.ndarray, num_users: int, also: EvalD
     order = np.argsort(users, kind="stable")
     bounds = np.searchsorted(users[order], np.arange(num_users + 1))
     sorted_items = items[order]
-    return [np.unique(sorted_items[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return [np.unique(sorted_items[a:b]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def _eval_data(part: Interactions, known, num_negatives: int, seed: int) -> EvalData:
@@ -185,16 +184,7 @@ def user_groups(config: FedRecConfig, data: Interactions) -> dict[str, np.ndarra
 
 def item_features(config: FedRecConfig, data: Interactions) -> ItemFeatures:
     """The catalogue's content features, rows aligned with ``data``'s items."""
-    if config.item_features_path:
-        columns = [c.strip() for c in config.item_features_columns.split(",") if c.strip()]
-        return csv_item_features(config.item_features_path, data.item_ids, item_col=config.item_features_item_col,
-                                 columns=columns or None)
-    if config.dataset == "synthetic":
-        factors = synthetic_item_factors(config.synthetic_users, config.synthetic_items, seed=config.seed)
-        return synthetic_item_features(factors, seed=config.seed)
-    if config.dataset.startswith("movielens"):
-        return movielens_item_features(find_movielens_file(config.data_path), data.item_ids)
-    raise DataError(f"dataset {config.dataset!r} has no catalogue of its own: set item-features-path")
+    return catalogue(config, data.item_ids)
 
 
 def _new_item_eval(new: Interactions, train: Interactions, num_negatives: int, seed: int) -> EvalData:

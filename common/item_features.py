@@ -24,6 +24,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -31,6 +32,7 @@ from common.errors import DataError
 
 __all__ = [
     "ItemFeatures",
+    "catalogue",
     "csv_item_features",
     "movielens_item_features",
     "synthetic_item_features",
@@ -115,7 +117,7 @@ def movielens_item_features(ratings_file: str | os.PathLike[str], item_ids: np.n
                 flags = fields[5:]
                 if any(flag not in ("0", "1") for flag in flags):
                     raise DataError("genre flags must be 0 or 1", path, line_no)
-                genres.append([g for g, flag in zip(_ML100K_GENRES, flags) if flag == "1"])
+                genres.append([g for g, flag in zip(_ML100K_GENRES, flags, strict=True) if flag == "1"])
         else:
             rows = csv.reader(handle) if path.suffix == ".csv" else (line.rstrip("\r\n").split("::") for line in handle)
             for line_no, fields in enumerate(rows, start=1):
@@ -209,3 +211,26 @@ def synthetic_item_features(item_factors: np.ndarray, *, seed: int, num_features
     noisy = signal + rng.standard_normal(signal.shape)
     flags = (noisy > np.quantile(noisy, 0.8, axis=0, keepdims=True)).astype(np.float32)
     return ItemFeatures(flags, tuple(f"tag:{i}" for i in range(num_features)))
+
+
+def catalogue(config: Any, item_ids: np.ndarray | None) -> ItemFeatures:
+    """The run's catalogue (a :class:`common.config.FedRecConfig`), rows aligned with ``item_ids``.
+
+    ``item_ids=None`` gives no rows but the columns: what a model's width needs, without
+    loading or splitting the interactions.
+    """
+    ids = np.empty(0, np.int64) if item_ids is None else item_ids
+    if config.item_features_path:
+        columns = [c.strip() for c in config.item_features_columns.split(",") if c.strip()]
+        return csv_item_features(config.item_features_path, ids, item_col=config.item_features_item_col,
+                                 columns=columns or None)
+    if config.dataset == "synthetic":
+        from common.synthetic import synthetic_item_factors
+
+        factors = synthetic_item_factors(config.synthetic_users, config.synthetic_items, seed=config.seed)
+        return synthetic_item_features(factors, seed=config.seed)  # rows are the generator's items already
+    if config.dataset.startswith("movielens"):
+        from common.loaders import find_movielens_file
+
+        return movielens_item_features(find_movielens_file(config.data_path), ids)
+    raise DataError(f"dataset {config.dataset!r} has no catalogue of its own: set item-features-path")

@@ -268,10 +268,11 @@ def beyond_accuracy(final: dict[str, Any] | None, run_config: dict[str, Any]) ->
         if key.startswith("group/") and key.endswith("/count"):
             name = key[len("group/"):-len("/count")]
             dimension, _, label = name.partition("=")
-            metric = lambda m: final.get(f"group/{name}/{m}")  # noqa: E731
+            prefix = f"group/{name}/"
             groups.append({"dimension": dimension, "label": label, "users": int(value),
-                           "hr@10": metric("sampled_hr@10"), "ndcg@10": metric("sampled_ndcg@10"),
-                           "full_hr@10": metric("full_hr@10"), "full_ndcg@10": metric("full_ndcg@10")})
+                           "hr@10": final.get(prefix + "sampled_hr@10"), "ndcg@10": final.get(prefix + "sampled_ndcg@10"),
+                           "full_hr@10": final.get(prefix + "full_hr@10"),
+                           "full_ndcg@10": final.get(prefix + "full_ndcg@10")})
     measured = {"intra_list_diversity@10": final.get("test_ild@10"), "coverage@10": final.get("coverage@10"),
                 "novelty@10": final.get("novelty@10"), "shown_hr@10": final.get("test_shown_hr@10")}
     if not groups and all(v is None for v in measured.values()):

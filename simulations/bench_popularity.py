@@ -15,12 +15,11 @@ import argparse
 
 import numpy as np
 
-from common.config import parse_run_config
+from common.config import fused_run_config, parse_run_config
 from common.evaluation import evaluate_ranking, popularity_scorers
 from common.federation import slicer_cached
 from common.training import PositiveSet, build_examples
 from simulations.baselines import item_popularity
-from simulations.engine import fused_run_config
 
 
 def touched_totals(slicer, config, rounds: int, clients: int, rng: np.random.Generator) -> np.ndarray:

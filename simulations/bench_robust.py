@@ -18,9 +18,8 @@ import time
 
 import numpy as np
 
-from common.config import parse_run_config
+from common.config import fused_run_config, parse_run_config
 from server.robust import robust_mean
-from simulations.engine import fused_run_config
 
 
 def fake_uploads(clients: int, items: int, dim: int, rng: np.random.Generator) -> list[list[np.ndarray]]:

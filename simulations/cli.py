@@ -41,8 +41,7 @@ def _overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any
 
 
 def _config(overrides: dict[str, Any]):
-    from common.config import parse_run_config
-    from simulations.engine import fused_run_config
+    from common.config import fused_run_config, parse_run_config
 
     return parse_run_config(fused_run_config(overrides))
 
@@ -361,10 +360,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     baseline = sub.add_parser("baseline", help="train centrally on the federated split and print metrics")
     _common_flags(baseline)
-    baseline.add_argument("--epochs", type=int, default=20)
-    baseline.add_argument("--lr", type=float, default=1e-3)
-    baseline.add_argument("--batch-size", type=int, default=256)
-    baseline.add_argument("--negatives", type=int, default=4)
+    # Central training fits one model on every user's data at once, so its defaults are the
+    # usual centralized NCF ones, not the run-config's, which are sized for one device's data.
+    baseline.add_argument("--epochs", type=int, default=20, help="passes over the whole training set (default: "
+                          "%(default)s; run-config local-epochs is per device per round)")
+    baseline.add_argument("--lr", type=float, default=1e-3, help="learning rate (default: %(default)s for one model "
+                          "over all users; run-config learning-rate 0.02 is for a device's few dozen interactions)")
+    baseline.add_argument("--batch-size", type=int, default=256, help="mini-batch size (default: %(default)s; "
+                          "run-config batch-size 32 is for a device's own data)")
+    baseline.add_argument("--negatives", type=int, default=4, help="sampled negatives per positive (default: "
+                          "%(default)s, as run-config num-negatives)")
     baseline.add_argument("--dim", type=int, default=None, help="embedding size (default: run-config embedding-dim)")
     baseline.add_argument("--loss", choices=("bce", "bpr", "mse"), help="bce/bpr (implicit) or mse (explicit ratings)")
     baseline.add_argument("--weight-decay", type=float, default=0.0)

@@ -18,7 +18,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from common.config import parse_run_config
+from common.config import fused_run_config, parse_run_config
 from common.evaluation import shown_lists
 from common.federation import prepare, seen_items
 from common.metrics import (
@@ -28,7 +28,6 @@ from common.models import RecModel
 from common.training import TrainConfig
 from common.user_groups import activity_labels
 from simulations.baselines import item_popularity, run_trained, stderr_progress
-from simulations.engine import fused_run_config
 
 
 def list_table(model: RecModel, prepared, weights: list[float], k: int = 10) -> list[dict[str, float]]:

@@ -3,8 +3,10 @@
 ``flwr run .`` submits the app to a (local) SuperLink; researchers and tests also want
 the same run from Python with overrides and without a background SuperLink. This calls
 the entry Flower's own simulation process uses (``flwr.simulation.run_simulation``'s
-internal ``_run_simulation`` in flwr 1.41, pinned in pyproject) with the app directory,
-so every SuperNode and the ServerApp see the same fused run-config as under ``flwr run``.
+internal ``_run_simulation`` in flwr 1.41, pinned in pyproject) with an app directory
+whose ``pyproject.toml`` holds the code's defaults (:mod:`common.config`), so every
+SuperNode and the ServerApp see the same fused run-config as under ``flwr run``, and an
+installed wheel runs without the source tree.
 
 Importing this module also replaces three functions of flwr 1.41's simulation engine (for
 ``fedrec simulate``; ``flwr run`` uses Flower's own): the one that scans all messages once
@@ -18,6 +20,7 @@ holds (``seeded-sampling``).
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Mapping
@@ -27,7 +30,6 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")  # no phoning home: runs mu
 import numpy as np  # noqa: E402
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
-from flwr.common.config import get_fused_config_from_dir  # noqa: E402
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES  # noqa: E402
 from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes  # noqa: E402
 from flwr.simulation.run_simulation import NOOP_FEDERATION_ID, _run_simulation  # noqa: E402
@@ -40,28 +42,38 @@ from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkStat
 from flwr.supercore.date import now  # noqa: E402
 from flwr.superlink.grid import InMemoryGrid  # noqa: E402
 
-from common.config import SIMULATION_PARTITIONS_KEY, ConfigError  # noqa: E402
+from common.config import SIMULATION_PARTITIONS_KEY, default_run_config, fused_run_config  # noqa: E402
+
+__all__ = ["fused_run_config", "run_in_process"]  # fused_run_config: common.config's, re-exported for older callers
 
 APP_DIR = Path(__file__).resolve().parents[1]
+APP_COMPONENTS = {"serverapp": "server.server_app:app", "clientapp": "client.client_app:app"}
 
 
 def app_dir() -> Path:
-    """Directory holding fedrec's ``pyproject.toml`` (the Flower app)."""
+    """The source checkout (where ``flwr run .`` finds fedrec's ``pyproject.toml``); tests start processes there."""
     if not (APP_DIR / "pyproject.toml").is_file():
-        raise FileNotFoundError(
-            f"fedrec's pyproject.toml is not next to the package ({APP_DIR}); "
-            "run from a source checkout installed with `pip install -e .`"
-        )
+        raise FileNotFoundError(f"fedrec's pyproject.toml is not next to the package ({APP_DIR}): not a source checkout")
     return APP_DIR
 
 
-def fused_run_config(overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """pyproject defaults with ``overrides`` applied; unknown keys are an error."""
-    defaults = get_fused_config_from_dir(app_dir(), {})
-    unknown = sorted(set(overrides or {}) - set(defaults))
-    if unknown:
-        raise ConfigError(f"unknown run-config key(s): {', '.join(unknown)}; valid keys: {', '.join(sorted(defaults))}")
-    return get_fused_config_from_dir(app_dir(), dict(overrides or {}))
+def write_app_config(directory: Path) -> Path:
+    """A minimal Flower app ``pyproject.toml`` holding the code's defaults, for the simulated SuperNodes.
+
+    Flower's simulation builds each SuperNode's run-config from an app directory's
+    ``[tool.flwr.app.config]`` plus the run's overrides. Writing the table from the code
+    (not reading the checkout's file) makes ``fedrec simulate`` work from an installed wheel.
+    """
+    import tomli_w  # a dependency of flwr
+
+    project = {
+        "project": {"name": "fedrec", "version": "0.0.0"},
+        "tool": {"flwr": {"app": {"publisher": "fedrec", "components": APP_COMPONENTS,
+                                  "config": default_run_config()}}},
+    }
+    path = directory / "pyproject.toml"
+    path.write_text(tomli_w.dumps(project), encoding="utf-8")
+    return path
 
 
 def undelivered_one_per_node(state: InMemoryLinkState, nodes: Mapping[int, int]) -> list[Message]:
@@ -200,18 +212,20 @@ def run_in_process(
     }
     _SERVER_CONTEXTS[:] = [context]
     try:
-        result = _run_simulation(
-            num_supernodes=num_supernodes,
-            client_app=client_app,
-            server_app=server_app,
-            backend_config=backend_config,
-            app_dir=str(app_dir()),
-            run=run,
-            server_app_context=context,
-            is_app=True,  # makes every SuperNode fuse the run-config from app_dir, as under `flwr run`
-            verbose_logging=verbose,
-            exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
-        )
+        with tempfile.TemporaryDirectory(prefix="fedrec-app-") as config_dir:
+            write_app_config(Path(config_dir))
+            result = _run_simulation(
+                num_supernodes=num_supernodes,
+                client_app=client_app,
+                server_app=server_app,
+                backend_config=backend_config,
+                app_dir=config_dir,
+                run=run,
+                server_app_context=context,
+                is_app=True,  # every SuperNode fuses the run-config from app_dir, as under `flwr run`
+                verbose_logging=verbose,
+                exit_event=EventType.PYTHON_API_RUN_SIMULATION_LEAVE,
+            )
     finally:
         _SERVER_CONTEXTS.clear()
     return result.context

@@ -21,9 +21,8 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, parse_run_config
+from common.config import ConfigError, fused_run_config, parse_run_config
 from common.errors import DataError
-from simulations.engine import fused_run_config
 
 
 def _line_of(text: str, key: str) -> int | None:

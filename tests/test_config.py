@@ -1,12 +1,20 @@
-"""Run-config validation: pyproject defaults parse, bad values fail with one clear line."""
+"""Run-config: the keys defined once in code, pyproject.toml and the docs kept identical, bad values in one line."""
+
+import os
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 
-from common.config import ConfigError, parse_run_config
-from simulations.engine import fused_run_config
+from common.config import RUN_CONFIG_KEYS, ConfigError, FedRecConfig, default_run_config, fused_run_config, parse_run_config
+from common.config_keys import to_markdown
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_pyproject_defaults_parse():
+def test_code_defaults_parse():
     config = parse_run_config(fused_run_config())
     assert config.dataset == "synthetic"
     assert config.model_config.mlp_layers == (64, 32, 16)
@@ -19,7 +27,7 @@ def test_fedprox_turns_on_the_proximal_term():
 
 
 def test_unknown_key_is_rejected_before_anything_runs():
-    with pytest.raises(ConfigError, match="unknown run-config key.*learning-rat"):
+    with pytest.raises(ConfigError, match=r"unknown run-config key.*'learning-rat' \(did you mean 'learning-rate'\?\);"):
         fused_run_config({"learning-rat": 0.1})
 
 
@@ -89,3 +97,97 @@ def test_a_parsed_config_is_reused_but_a_wrongly_typed_value_is_still_refused():
             parse_run_config({**config, key: value})
     with pytest.raises(ConfigError, match="'seed' must be int"):
         parse_run_config({**config, "seed": [1]})  # unhashable: parsed without the cache, still refused
+
+
+def test_pyproject_run_config_is_the_code_defaults():
+    """`flwr run` reads pyproject.toml, `fedrec` the code: the same keys, defaults and TOML types."""
+    table = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["flwr"]["app"]["config"]
+    code = default_run_config()
+    assert sorted(set(table) - set(code)) == [], "keys in pyproject.toml but not in common/config.py FedRecConfig"
+    assert sorted(set(code) - set(table)) == [], "keys in FedRecConfig but not in pyproject.toml"
+    differ = {k: (table[k], code[k]) for k in code if (type(table[k]), table[k]) != (type(code[k]), code[k])}
+    assert differ == {}, "pyproject.toml value vs code default (python -m common.config_keys --toml prints the table)"
+
+
+def test_every_key_has_help_and_its_default_is_accepted():
+    assert len(RUN_CONFIG_KEYS) == len({spec.name for spec in RUN_CONFIG_KEYS})
+    for spec in RUN_CONFIG_KEYS:
+        assert spec.help.strip() and spec.section, spec.name
+    assert parse_run_config(default_run_config()) == FedRecConfig()
+
+
+def test_configuration_reference_is_generated_from_the_code():
+    """docs/configuration.md is what `python -m common.config_keys --markdown` prints today."""
+    committed = (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")
+    assert committed == to_markdown(RUN_CONFIG_KEYS), (
+        "docs/configuration.md is stale: python -m common.config_keys --markdown > docs/configuration.md"
+    )
+    for spec in RUN_CONFIG_KEYS:
+        assert f"| `{spec.name}` |" in committed
+
+
+def test_ranges_and_choices_come_from_the_key_definitions():
+    by_name = {spec.name: spec for spec in RUN_CONFIG_KEYS}
+    assert by_name["fraction-train"].allowed() == "in (0, 1]"
+    assert by_name["trim-fraction"].allowed() == "in [0, 0.5)"
+    assert by_name["model"].allowed() == "mf | gmf | mlp | neumf"
+    with pytest.raises(ConfigError, match=r"record-dp-delta must be in \(0, 1\); got 1.0"):
+        parse_run_config(fused_run_config({"record-dp-delta": 1.0}))
+    with pytest.raises(ConfigError, match="exposure-item must be >= -1; got -2"):
+        parse_run_config(fused_run_config({"exposure-item": -2}))
+    with pytest.raises(ConfigError, match="dataset must be one of synthetic, movielens-100k"):
+        parse_run_config(fused_run_config({"dataset": "movielens"}))
+
+
+def test_a_hybrid_models_width_comes_from_the_catalogue_without_loading_the_interactions(monkeypatch):
+    import common.federation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("reading config.model_config loaded the dataset")
+
+    monkeypatch.setattr(common.federation, "prepare", refuse)
+    monkeypatch.setattr(common.federation, "load_dataset", refuse)
+    config = parse_run_config(fused_run_config({"item-features": True, "synthetic-users": 31}))
+    assert config.model_config.content_features == 16  # the synthetic catalogue's tags
+    assert parse_run_config(fused_run_config({"synthetic-users": 31})).model_config.content_features == 0
+
+
+def test_config_does_not_import_the_data_pipeline():
+    """common.config is read by every process; the federation module (data loading, splits) imports it, not back."""
+    code = "import sys, common.config; print('common.federation' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert out.stdout.strip() == "False"
+
+
+def test_the_simulation_app_directory_gives_flower_the_code_defaults(tmp_path):
+    """What every simulated SuperNode fuses its run-config from (an installed wheel has no pyproject.toml)."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    from simulations.engine import write_app_config
+
+    write_app_config(tmp_path)
+    assert get_fused_config_from_dir(tmp_path, {}) == default_run_config()
+    assert get_fused_config_from_dir(tmp_path, {"seed": 7})["seed"] == 7
+
+
+def test_baseline_help_shows_its_defaults_and_the_run_config_values_they_differ_from(monkeypatch):
+    from simulations.cli import build_parser
+
+    monkeypatch.setenv("COLUMNS", "400")  # argparse wraps at the terminal width, hyphens included
+    baseline = build_parser()._subparsers._group_actions[0].choices["baseline"]
+    text = " ".join(baseline.format_help().split())
+    defaults = FedRecConfig()
+    assert "(default: 0.001 " in text and "(default: 256;" in text and "(default: 20;" in text
+    assert f"run-config learning-rate {defaults.learning_rate} " in text
+    assert f"run-config batch-size {defaults.batch_size} " in text
+    assert f"(default: {defaults.num_negatives}, as run-config num-negatives)" in text
+
+
+def test_the_printed_toml_table_parses_to_the_defaults_and_the_command_prints_the_docs(capsys):
+    from common.config_keys import main, to_toml
+
+    table = tomllib.loads(to_toml(RUN_CONFIG_KEYS))["tool"]["flwr"]["app"]["config"]
+    assert [(k, type(v), v) for k, v in table.items()] == [(k, type(v), v) for k, v in default_run_config().items()]
+    assert main(["--markdown"]) == 0
+    assert capsys.readouterr().out == (ROOT / "docs" / "configuration.md").read_text(encoding="utf-8")

@@ -120,7 +120,7 @@ def interaction_inference(
         run_config = dataclasses.replace(config, user_dp=dp_on, record_dp=False)
         seen: dict[str, RoundView] = {}
 
-        def keep_last(view: RoundView) -> None:
+        def keep_last(view: RoundView, seen: dict[str, RoundView] = seen) -> None:  # this iteration's dict
             if view.round == rounds:
                 seen["view"] = view
 
