@@ -135,7 +135,7 @@ def privacy_plan(
 def noise_placement(config: FedRecConfig, num_coordinates: int) -> dict:
     """Who adds user-level noise, and under SecAgg+ how the devices' shares and clip are sized."""
     if not distributed_noise(config):
-        return {"noise_added_by": "server (central DP: the server sees the noise-free sum)"}
+        return {"noise_added_by": "server (central DP: the server sees every clipped update before adding the noise)"}
     return {
         "noise_added_by": "devices (distributed DP: each adds a share before SecAgg+ masks its update)",
         "noise_share_std_per_device": noise_share_std(config),
@@ -144,6 +144,12 @@ def noise_placement(config: FedRecConfig, num_coordinates: int) -> dict:
         "secagg_rounding_slack": rounding_slack(config, num_coordinates),
         "device_clipping_norm": device_clipping_norm(config, num_coordinates),
         "quantized_coordinates": num_coordinates,
+        "noise_limitations": (
+            "the accountant treats the noise as a continuous Gaussian of std z C; each device's noisy coordinates "
+            "are rounded by SecAgg+ to a grid of step quantization_step (rounding is accounted in the clip, not in "
+            "the noise); devices that omit their share, or collude with the server and reveal it, leave only the "
+            "honest survivors' shares: z C sqrt(honest / min_survivors)"
+        ),
     }
 
 
