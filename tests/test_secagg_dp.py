@@ -318,3 +318,18 @@ def test_distributed_noise_end_to_end_in_simulation(tmp_path, monkeypatch):
         deviations.append(np.concatenate([(a - b).ravel() for a, b in zip(total, clean_sum)]))
     measured = np.concatenate(deviations).std()
     assert measured == pytest.approx(z * C * math.sqrt(6 / t), rel=0.1), measured
+
+
+def test_the_record_level_generator_the_run_records_is_the_one_opacus_gets():
+    import torch
+
+    from client import private_training
+    from common.privacy import RECORD_NOISE_GENERATOR
+    from server.server_app import privacy_plan
+
+    assert private_training._engine().secure_mode is False
+    _, noise = private_training._generators(None)
+    assert isinstance(noise, torch.Generator) and noise.device.type == "cpu"  # torch's CPU generator: mt19937
+    plan = privacy_plan(_config(**{"record-dp": True}), None, 1, "")
+    assert plan["record_level"]["noise_generator"] == RECORD_NOISE_GENERATOR
+    assert "mt19937" in RECORD_NOISE_GENERATOR and "not a CSPRNG" in RECORD_NOISE_GENERATOR
