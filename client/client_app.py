@@ -37,6 +37,8 @@ from common.config import FedRecConfig, parse_run_config
 from common.errors import DataError, plain_message
 from common.evaluation import ListMetrics
 from common.federation import ClientData, catalogue_features, slicer_cached
+from common.privacy import SecureGaussian
+from common.secagg import device_clipping_norm, distributed_noise, noise_share_std
 from common.updates import POPULAR_ITEMS_KEY, decode_item_list, for_transport
 
 LOCAL_STATE_KEY = "fedrec.user-local"
@@ -118,6 +120,30 @@ def aggregation_weight(config: FedRecConfig, num_examples: int, declined: bool) 
         # SecAgg+ quantizes the weight against max-weight and would overflow above it.
         return min(num_examples, int(config.secagg_max_weight))
     return num_examples
+
+
+def clipping_norm_for(config: FedRecConfig, shared: list[np.ndarray]) -> float | None:
+    """The L2 norm this device clips its deltas to (None without user-dp).
+
+    Under SecAgg+ the worst-case quantization error of ``shared``'s coordinates is taken
+    off the clip, so what the server dequantizes of the update stays within the clip.
+    """
+    if not config.user_dp:
+        return None
+    return device_clipping_norm(config, sum(int(np.size(array)) for array in shared))
+
+
+def with_noise_share(config: FedRecConfig, upload: list[np.ndarray]) -> list[np.ndarray]:
+    """Distributed DP: the clipped deltas plus this device's share of the Gaussian noise, in float64.
+
+    Added before ``secaggplus_mod`` masks the upload, so the sum the server unmasks already
+    carries the noise. The touched vector (all ones under user-dp) gets none. float64 keeps
+    Flower's quantization exact to well below one step; the float upload never leaves the
+    device (SecAgg+ sends masked integers).
+    """
+    sampler, std = SecureGaussian(), noise_share_std(config)
+    deltas = [array.astype(np.float64) + sampler.normal(0.0, std, array.shape) for array in upload[:-1]]
+    return [*deltas, upload[-1].astype(np.float64)]
 
 
 def apply_thread_limit(context: Context) -> None:
@@ -208,7 +234,7 @@ class FedRecClient(NumPyClient):
             seed=self.config.seed,
             server_round=int(config.get("server-round", 0)),
             rowwise=self.config.row_wise_aggregation,
-            clipping_norm=self.config.user_dp_clipping_norm if self.config.user_dp else None,
+            clipping_norm=clipping_norm_for(self.config, parameters),
             record_dp=record_dp_config(self.config),
             record_history=history,
         )
@@ -233,6 +259,8 @@ class FedRecClient(NumPyClient):
             forget_context_copies(self.context)
         upload = for_transport(result.upload, self.config.transport_dtype)
         metrics = {**result.metrics, "upload_bytes": float(sum(a.nbytes for a in upload))}
+        if distributed_noise(self.config):
+            upload = with_noise_share(self.config, result.upload)
         if self.config.user_dp or self.config.record_dp:
             metrics = {k: v for k, v in metrics.items() if k in DP_SAFE_METRICS}
         return upload, aggregation_weight(self.config, result.num_examples, bool(result.declined)), metrics

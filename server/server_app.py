@@ -22,11 +22,22 @@ from flwr.serverapp import ServerApp
 from common.config import ConfigError, FedRecConfig, check_against_data, parse_run_config
 from common.federation import PreparedData, prepare_cached, slicer_cached
 from common.models import build_model
-from common.privacy import UserLevelDP
+from common.privacy import RECORD_NOISE_GENERATOR, UserLevelDP
+from common.secagg import (
+    check_distributed_noise,
+    device_clipping_norm,
+    distributed_noise,
+    min_survivors,
+    noise_share_std,
+    quantization_step,
+    rounding_slack,
+    secagg_max_weight,
+)
 from common.updates import UpdateLayout
 from server.fleet import retrying, with_deadline
 from server.run_dir import RunRecorder, load_server_state
 from server.sampling import simulation_partitions
+from server.secure_aggregation import secagg_workflow
 from server.strategy import FedRecStrategy
 
 app = ServerApp()
@@ -36,13 +47,7 @@ def fit_workflow(config: FedRecConfig) -> SecAggPlusWorkflow | Callable:
     """Flower's SecAgg+ fit stage when the run asks for it, else Flower's plain default."""
     if not config.secure_aggregation:
         return default_fit_workflow
-    return SecAggPlusWorkflow(
-        num_shares=config.secagg_num_shares,
-        reconstruction_threshold=config.secagg_reconstruction_threshold,
-        max_weight=config.secagg_max_weight,
-        clipping_range=config.secagg_clipping_range,
-        quantization_range=config.secagg_quantization_range,
-    )
+    return secagg_workflow(config)
 
 
 def user_level_dp(config: FedRecConfig, num_clients: int) -> UserLevelDP | None:
@@ -77,8 +82,13 @@ def plan_rounds(config: FedRecConfig, dp: UserLevelDP | None) -> tuple[int, str]
     )
 
 
-def privacy_plan(config: FedRecConfig, dp: UserLevelDP | None, rounds: int, stop_reason: str) -> dict:
-    """What ``privacy.json`` states before the first round; epsilons per round go to metrics."""
+def privacy_plan(
+    config: FedRecConfig, dp: UserLevelDP | None, rounds: int, stop_reason: str, num_coordinates: int = 0
+) -> dict:
+    """What ``privacy.json`` states before the first round; epsilons per round go to metrics.
+
+    ``num_coordinates``: the shared deltas a device uploads (sets SecAgg+'s worst-case rounding).
+    """
     plan: dict = {"user_level": None, "record_level": None, "secure_aggregation": config.secure_aggregation}
     if config.secure_aggregation:
         plan["secure_aggregation_parameters"] = {
@@ -87,7 +97,9 @@ def privacy_plan(config: FedRecConfig, dp: UserLevelDP | None, rounds: int, stop
             "reconstruction_threshold": config.secagg_reconstruction_threshold,
             "clipping_range": config.secagg_clipping_range,
             "quantization_range": config.secagg_quantization_range,
-            "max_weight": config.secagg_max_weight,
+            "max_weight": secagg_max_weight(config),
+            "quantization_step": quantization_step(config),
+            "rounding": "stochastic (flwr quantize): each coordinate moves by less than one step",
         }
         plan["secure_aggregation_limitations"] = (
             "Flower 1.41's SecAgg+ expands each pairwise mask seed, folded to 32 bits, with numpy's "
@@ -103,6 +115,7 @@ def privacy_plan(config: FedRecConfig, dp: UserLevelDP | None, rounds: int, stop
             "rounds_requested": config.num_server_rounds,
             "rounds_planned": rounds,
             "stop_reason": stop_reason or None,
+            **noise_placement(config, num_coordinates),
         }
     if config.record_dp:
         plan["record_level"] = {
@@ -114,9 +127,30 @@ def privacy_plan(config: FedRecConfig, dp: UserLevelDP | None, rounds: int, stop
             "delta": config.record_dp_delta,
             "epsilon_budget_per_device": config.record_dp_epsilon_budget or None,
             "accountant": "opacus rdp, history carried across rounds in the device's Context.state",
-            "noise_generator": "torch default generator (Opacus secure_mode off; not a CSPRNG)",
+            "noise_generator": RECORD_NOISE_GENERATOR,
         }
     return plan
+
+
+def noise_placement(config: FedRecConfig, num_coordinates: int) -> dict:
+    """Who adds user-level noise, and under SecAgg+ how the devices' shares and clip are sized."""
+    if not distributed_noise(config):
+        return {"noise_added_by": "server (central DP: the server sees every clipped update before adding the noise)"}
+    return {
+        "noise_added_by": "devices (distributed DP: each adds a share before SecAgg+ masks its update)",
+        "noise_share_std_per_device": noise_share_std(config),
+        "min_survivors": min_survivors(config),
+        "server_noise_std": 0.0,
+        "secagg_rounding_slack": rounding_slack(config, num_coordinates),
+        "device_clipping_norm": device_clipping_norm(config, num_coordinates),
+        "quantized_coordinates": num_coordinates,
+        "noise_limitations": (
+            "the accountant treats the noise as a continuous Gaussian of std z C; each device's noisy coordinates "
+            "are rounded by SecAgg+ to a grid of step quantization_step (rounding is accounted in the clip, not in "
+            "the noise); devices that omit their share, or collude with the server and reveal it, leave only the "
+            "honest survivors' shares: z C sqrt(honest / min_survivors)"
+        ),
+    }
 
 
 def dataset_facts(config: FedRecConfig, prepared: PreparedData, num_clients: int) -> dict:
@@ -166,6 +200,8 @@ def main(grid: Grid, context: Context) -> None:
     model = build_model(config.model_config, 0, prepared.num_items, seed=config.seed)
     shared = model.shared_state()
     layout = UpdateLayout.from_state(shared, model.item_row_parameter_names(), prepared.num_items)
+    num_coordinates = sum(int(np.size(value)) for value in shared.values())
+    check_distributed_noise(config, num_coordinates)
     resumed = load_server_state(config.run_dir) if config.resume else None
     transport = transport_facts(grid)
     simulated = transport["engine"] == "simulation"
@@ -183,7 +219,7 @@ def main(grid: Grid, context: Context) -> None:
     )
     dp = user_level_dp(config, len(slicer_cached(config)))
     rounds, stop_reason = plan_rounds(config, dp)
-    recorder.write_json("privacy.json", {**privacy_plan(config, dp, rounds, stop_reason), "transport": transport})
+    recorder.write_json("privacy.json", {**privacy_plan(config, dp, rounds, stop_reason, num_coordinates), "transport": transport})
     recorder.write_json("dataset.json", dataset_facts(config, prepared, len(slicer_cached(config))))
     if stop_reason:
         log(logging.WARNING, "fedrec: %s", stop_reason)

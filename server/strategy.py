@@ -36,7 +36,8 @@ from flwr.supercore.differential_privacy import get_norm
 
 from common.config import FLEET_FAILURE_PREFIX, ROUND_ATTEMPT_KEY, FedRecConfig
 from common.metrics import merge_sums
-from common.privacy import UserLevelDP
+from common.privacy import SecureGaussian, UserLevelDP
+from common.secagg import distributed_noise, noise_multiplier_present
 from common.updates import (
     POPULAR_ITEMS_KEY,
     REJECTION_REASONS,
@@ -157,20 +158,27 @@ class NotExcluded(Criterion):
 
 
 def privatize(
-    dp: UserLevelDP, mean_upload: list[np.ndarray], num_clients: int, rng: np.random.Generator
+    dp: UserLevelDP,
+    mean_upload: list[np.ndarray],
+    num_clients: int,
+    rng: np.random.Generator | SecureGaussian,
+    *,
+    noise_on_devices: bool = False,
 ) -> list[np.ndarray]:
     """DP-FedAvg on the aggregate: noise on the sum of clipped deltas, fixed denominator.
 
     The sum is recovered from the mean over the ``num_clients`` clients that made it (all
-    weights are 1 under user-level DP), gets Gaussian noise of std ``z * C`` (the server
-    adds it; under SecAgg+ it never sees a single update), and is divided by the
-    *expected* number of clients, which does not depend on who took part. The touched
+    weights are 1 under user-level DP), gets Gaussian noise of std ``z * C`` from ``rng``
+    (central DP), and is divided by the *expected* number of clients, which does not depend
+    on who took part. With ``noise_on_devices`` (distributed DP under SecAgg+) the sum
+    already carries the devices' noise shares and the server adds none. The touched
     vector is all ones by construction and is not data: it is reset, not noised.
     """
     noisy = []
     for delta in mean_upload[:-1]:
         total = delta.astype(np.float64) * num_clients
-        total += rng.normal(0.0, dp.noise_std, size=total.shape)
+        if not noise_on_devices:
+            total += rng.normal(0.0, dp.noise_std, size=total.shape)
         noisy.append(total / dp.expected_clients)
     return [*noisy, np.ones_like(mean_upload[-1], dtype=np.float64)]
 
@@ -257,9 +265,11 @@ class FedRecStrategy(Strategy):
         self.config = config
         self.num_rounds = config.num_server_rounds if num_rounds is None else num_rounds
         self.user_dp = user_dp
-        # Noise and Poisson sampling draw from OS entropy: a seed anyone can read from the
-        # run-config would let them subtract the noise again.
-        self.noise_rng = np.random.default_rng()
+        # Noise comes from the OS's CSPRNG and Poisson sampling from OS entropy: a seed anyone
+        # can read from the run-config would let them subtract the noise again.
+        self.noise_rng = SecureGaussian()
+        # Under SecAgg+ the devices add the noise (distributed DP); the server adds none.
+        self.noise_on_devices = user_dp is not None and distributed_noise(config)
         self.sampling_rng = np.random.default_rng()
         self.layout = layout
         self.current = [a.astype(np.float32) for a in initial]
@@ -544,7 +554,7 @@ class FedRecStrategy(Strategy):
 
     def _privatize(self, mean_upload: list[np.ndarray], num_clients: int) -> list[np.ndarray]:
         assert self.user_dp is not None
-        return privatize(self.user_dp, mean_upload, num_clients, self.noise_rng)
+        return privatize(self.user_dp, mean_upload, num_clients, self.noise_rng, noise_on_devices=self.noise_on_devices)
 
     def _privacy_summary(self, server_round: int, client_metrics: list[dict[str, Scalar]]) -> dict[str, Scalar]:
         """Per-round privacy spend: user-level from the accountant, record-level from the devices."""
@@ -553,12 +563,26 @@ class FedRecStrategy(Strategy):
             summary["user_epsilon"] = self.user_dp.epsilon(server_round, self.config.user_dp_accountant)
             summary["user_delta"] = self.user_dp.target_delta
             summary["user_accountant"] = self.config.user_dp_accountant
+            summary.update(self._noise_record(len(client_metrics)))
         if self.config.record_dp:
             spent = [float(m["record_epsilon"]) for m in client_metrics if "record_epsilon" in m]
             summary["record_epsilon_max"] = max(spent) if spent else 0.0
             summary["record_epsilon_mean"] = float(np.mean(spent)) if spent else 0.0
             summary["record_dp_declined"] = int(sum(float(m.get("record_dp_declined", 0)) for m in client_metrics))
         return summary
+
+    def _noise_record(self, survivors: int) -> dict[str, Scalar]:
+        """The user-level noise this round's release really carries, and who added it.
+
+        Distributed: ``survivors`` devices' shares, multiplier ``z sqrt(k / t)`` (the
+        accountant keeps ``z``, a lower bound since ``k >= t``). Central: ``z`` from the server.
+        """
+        assert self.user_dp is not None
+        if self.noise_on_devices:
+            return {"user_noise_added_by": "devices", "server_noise_std": 0.0,
+                    "noise_multiplier_present": noise_multiplier_present(self.config, survivors)}
+        return {"user_noise_added_by": "server", "server_noise_std": self.user_dp.noise_std,
+                "noise_multiplier_present": self.user_dp.noise_multiplier}
 
     @staticmethod
     def _fit_summary(client_metrics: list[dict[str, Scalar]], mean_touched: np.ndarray) -> dict[str, Scalar]:

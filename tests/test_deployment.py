@@ -186,6 +186,35 @@ def test_two_secagg_rounds_over_tls_with_authenticated_supernodes(federation, tm
     assert (run_dir / "checkpoints" / "final.npz").is_file()
 
 
+def test_user_dp_with_secagg_noise_shares_over_tls(federation, tmp_path):
+    """User-level DP + SecAgg+ in a deployment: the devices add the noise, the server none.
+
+    Poisson sampling with q = 1 (every kiosk every round) and min-train-clients = 3, so each
+    device adds N(0, (z C)**2 / 3) and the unmasked sum carries exactly z C.
+    """
+    run_dir = tmp_path / "run"
+    dp = "user-dp=true client-sampling='poisson' fraction-train=1.0 min-train-clients=3 user-dp-noise-multiplier=1.0"
+    result = federation.flwr(
+        "run", ".", CONNECTION, "--stream",
+        "--run-config", f"{RUN_CONFIG} {dp} run-dir='{run_dir}'",
+        timeout=RUN_SECONDS,
+    )
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-4000:]
+    plan = json.loads((run_dir / "privacy.json").read_text())
+    assert plan["user_level"]["noise_added_by"].startswith("devices")
+    assert plan["user_level"]["min_survivors"] == 3 and plan["user_level"]["server_noise_std"] == 0.0
+    assert plan["user_level"]["device_clipping_norm"] < plan["user_level"]["clipping_norm"]
+    assert plan["secure_aggregation_parameters"]["max_weight"] == 1.0
+    fits = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fits = [row for row in fits if row["phase"] == "fit"]
+    assert [row["round"] for row in fits] == [1, 2]
+    for row in fits:
+        assert row["clients_ok"] == NODES and row["user_noise_added_by"] == "devices", row
+        assert row["server_noise_std"] == 0.0 and row["noise_multiplier_present"] == 1.0, row
+    assert output.count("Secure aggregation completed") == 2, output[-4000:]
+
+
 def test_supernode_with_unregistered_key_is_refused(federation):
     log = federation.root / "unregistered.log"
     process = federation.start(federation.supernode(NODES + 1, 0, attempts=1), log)
