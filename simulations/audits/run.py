@@ -75,8 +75,10 @@ def canary_line(name: str, r: Mapping[str, Any]) -> str:
     else:
         text += f"no DP (bound at delta {r['delta']:.3g})"
     text += f" ({1 - r['beta']:.0%} confidence): {r['verdict']}"
-    if r.get("canaries_needed"):
-        text += f"; the claim needs {r['canaries_needed']} canaries at this guess fraction"
+    if "canaries_needed" in r:
+        needed = r["canaries_needed"]
+        text += (f"; the claim needs {needed} canaries at this guess fraction" if needed is not None
+                 else f"; no number of canaries reaches the claim at delta {r['delta']:.3g}")
     return text
 
 
