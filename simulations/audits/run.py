@@ -90,7 +90,8 @@ def canary_modes(knobs: Mapping[str, Any]) -> tuple[str, ...]:
     return modes
 
 
-def canary_audits(config: FedRecConfig, clients: list[ClientData], knobs: Mapping[str, Any], rounds: int, seed: int) -> dict[str, Any]:
+def canary_audits(config: FedRecConfig, clients: list[ClientData], knobs: Mapping[str, Any], rounds: int,
+                  seed: int) -> dict[str, Any]:
     """The canary audits ``audit-canary-units`` x ``audit-canary-dp`` asks for, keyed like ``user-level/no-dp``."""
     units, modes = _names(knobs["audit-canary-units"]), canary_modes(knobs)
     common = dict(rounds=rounds, num_canaries=int(knobs["audit-canaries"]),
