@@ -8,11 +8,14 @@ the sampled Gaussian mechanism: Poisson-sampled batch, per-example gradients cli
 of standard deviation ``noise_multiplier * max_grad_norm`` added to the sum, divided by
 the expected batch size.
 
-One *record* is one training example (an interaction or a sampled negative). Because
-negatives are drawn per interaction, removing one interaction removes ``1 +
-num_negatives`` examples under ``bce`` (``num_negatives`` under ``bpr``); its guarantee
-follows from group privacy. As in Opacus, the number of examples (hence the sample
-rate and the step count) is treated as public.
+One *record* is one training example (an interaction or a sampled negative); the epsilon
+is per example and nothing here accounts a whole interaction. Removing one interaction
+removes ``1 + num_negatives`` examples under ``bce`` (``num_negatives`` under ``bpr``), and
+since negatives are redrawn every epoch from one seeded stream it also changes the other
+examples' negatives, so it is not even a fixed group; group privacy over the examples would
+in any case give a vacuous delta (``g e^((g-1) eps) delta``). Under ``mse`` an interaction
+is one example. As in Opacus, the number of examples (hence the sample rate and the step
+count) is treated as public.
 
 Accounting is cumulative over the whole federation: the caller keeps the Opacus
 ``RDPAccountant`` history ``[(noise_multiplier, sample_rate, steps), ...]`` between

@@ -107,7 +107,8 @@ def threat_model(protected: dict[str, Any]) -> list[dict[str, str]]:
                         "server learns: it adds the noise itself and sees each device's clipped update before that, "
                         "including which item rows it changed; only SecAgg+ hides single updates from the server")
     if record_dp:
-        dp_words.append("record-level DP on each device bounds what its update reveals about any one interaction")
+        dp_words.append("record-level DP on each device bounds what its update reveals about any one training "
+                        "example (an interaction or one sampled negative); no bound is claimed for a whole interaction")
     return [
         {
             "adversary": "honest-but-curious server",

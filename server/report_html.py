@@ -91,7 +91,11 @@ def _guarantees(g: dict[str, Any]) -> str:
             out += '<p class="warn">The recorded per-round epsilon does not match a recomputation from the recorded ' \
                    "parameters: treat this run's privacy figures as unverified.</p>"
     if g["record_level"]:
-        out += "<h3>Record-level (one interaction; Opacus DP-SGD on each device)</h3>"
+        out += ("<h3>Record-level (one training example; Opacus DP-SGD on each device)</h3>"
+                "<p>One example is an interaction or one of its sampled negatives (mse: one interaction). No "
+                "epsilon is claimed for a whole interaction: group privacy over its 1 + num-negatives examples "
+                "gives a vacuous delta, and negatives are redrawn every epoch, so one interaction changes other "
+                "examples too.</p>")
         out += "<p>The user embedding, which stays on the device, is trained under the same DP-SGD step.</p>"
         out += _pairs(g["record_level"])
     return out
@@ -133,12 +137,16 @@ def _audits(audit: dict[str, Any] | None) -> str:
     if "canary" in found:
         rows = []
         for unit, r in found["canary"].items():
-            accountant = r.get("accountant_epsilon", r.get("accountant_epsilon_per_interaction_group_privacy"))
             rows.append((unit, r.get("unit"), r["canaries"], r["guesses"], r["correct"], r["epsilon_lower_bound"],
-                         1 - r["beta"], accountant, r["delta"]))
+                         r.get("epsilon_ceiling"), r.get("claimed_epsilon"), r["delta"], 1 - r["beta"],
+                         r.get("verdict")))
         out += ("<h3>Canary audit: empirical epsilon lower bound (one run, Steinke, Nasr and Jagielski 2023)</h3>"
+                "<p>The ceiling is the largest bound the audit could print (every guess right). A bound at or "
+                "below the accountant's epsilon proves something only when the ceiling is above it; otherwise the "
+                "audit is inconclusive. No per-interaction epsilon is accounted under record-level DP (only one "
+                "training example is), so a record-level canary audit there measures leakage without a claim.</p>"
                 + _table(rows, ("audit", "privacy unit", "canaries", "guesses", "correct", "epsilon lower bound",
-                                "confidence", "accountant epsilon (per unit)", "delta")))
+                                "ceiling", "accountant epsilon (this unit)", "delta", "confidence", "verdict")))
     return out + f"<details><summary>audit.json</summary><pre>{escape(json.dumps(audit, indent=2))}</pre></details>"
 
 

@@ -343,7 +343,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
         base = dict(json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["run_config"])
         print(f"fedrec audit: auditing the setting of the run in {run_dir}", file=sys.stderr)
     overrides = {**base, **_overrides(args, {"model": args.model})}
-    run_audits(args.scenario, overrides, run_dir)
+    result = run_audits(args.scenario, overrides, run_dir)
     if (run_dir / "privacy.json").exists():
         from server.report import write_report
 
@@ -351,7 +351,12 @@ def cmd_audit(args: argparse.Namespace) -> int:
     else:
         print(f"fedrec audit: no training run in {run_dir}; `fedrec report` needs one (fedrec simulate --run-dir)",
               file=sys.stderr)
-    return 0
+    failed = [name for name, r in result["audits"].get("canary", {}).items()
+              if str(r.get("verdict", "")).startswith("failed")]
+    if failed:
+        print(f"fedrec audit: FAILED: the epsilon lower bound exceeds the accountant's epsilon in {', '.join(failed)}",
+              file=sys.stderr)
+    return 1 if failed else 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,7 +440,9 @@ def build_parser() -> argparse.ArgumentParser:
         "audit", help="empirical privacy audits (interaction inference, membership inference, canaries) in simulation",
         description="Attacks with known ground truth, run in-process with the real client code. With --run-dir "
         "pointing at a run, its run-config is the starting point and audit.json lands in its report. "
-        "audit-* keys in -c tune the audits (see simulations/audits/run.py).",
+        "audit-* keys in -c tune the audits (see simulations/audits/run.py). A canary audit prints its epsilon "
+        "lower bound, its ceiling (the most it could print) and the accountant's epsilon with delta; it passes only "
+        "when the ceiling is above the claim, and a bound above the claim exits with code 1.",
     )
     _common_flags(audit)
     audit.add_argument("--scenario", required=True, choices=AUDIT_SCENARIOS)

@@ -246,6 +246,17 @@ def test_fedrec_audit_feeds_the_report_of_the_run_it_audits(protected_run, tmp_p
     assert f"{settings['secagg-off/no-dp']['projection']['auc']:.4g}" in html
     assert fedrec(["audit", "--scenario", "canary", "--run-dir", str(audited), "-c", "audit-canaries=50"]) == 2
     assert "audit-canaries=50" in capsys.readouterr().err  # a one-line error before any training
+    # a canary audit too small to reach its claim is reported as inconclusive, never as passed
+    assert fedrec(["audit", "--scenario", "canary", "--run-dir", str(audited),
+                   "-c", 'audit-canaries=12 audit-canary-dp="on" num-server-rounds=2 user-dp-delta=1e-5']) == 0
+    canary = json.loads((audited / "audit.json").read_text())["audits"]["canary"]
+    user, record = canary["user-level"], canary["record-level"]
+    assert user["epsilon_ceiling"] <= user["accountant_epsilon"]
+    assert user["verdict"] == "inconclusive: ceiling below claim" and user["canaries_needed"] > 12
+    assert record["claimed_epsilon"] is None and record["verdict"].startswith("no claim")
+    html = (audited / "report.html").read_text()
+    assert "inconclusive: ceiling below claim" in html and f"{user['epsilon_ceiling']:.4g}" in html
+    assert "Record-level (one training example" in html and "one interaction" not in html.split("Record-level")[1][:60]
 
 
 def test_cli_offers_exactly_the_audit_scenarios_that_exist():

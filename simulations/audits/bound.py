@@ -14,6 +14,14 @@ The right-hand side is the p-value of observing v correct guesses under "the mec
 p-value is still below beta (the bound is valid with probability >= 1 - beta over S and
 the run). Why this method: it needs a single training run, which is all a federated run
 can afford, and it uses no group privacy across canaries.
+
+An audit can only fail if it could print a bound above the claim. Its *ceiling* is the
+bound it prints when every one of its r guesses is correct; it depends only on m, r, delta
+and beta, so it is known before the run. With delta = 0 it solves q^r = beta, i.e. about
+ln(1/beta) e^eps guesses for a ceiling of eps: the canaries needed grow exponentially with
+the epsilon to be audited (:func:`canaries_needed`). With delta > 0 the 2 m delta term
+caps the ceiling whatever m is (at delta = 1e-5, beta = 0.05 and half the canaries
+guessed, no number of canaries reaches eps = 7.6).
 """
 
 from __future__ import annotations
@@ -61,6 +69,64 @@ def epsilon_lower_bound(m: int, r: int, v: int, delta: float, beta: float = 0.05
     return low
 
 
+def guess_counts(m: int, guess_fraction: float) -> tuple[int, int]:
+    """(top, bottom) guesses for ``m`` canaries: ``guess_fraction`` of them, half on each side."""
+    if not 0 < guess_fraction <= 1:
+        raise ValueError(f"guess_fraction must be in (0, 1]; got {guess_fraction}")
+    k = max(1, int(round(m * guess_fraction / 2)))
+    return k, k
+
+
+def ceiling(m: int, r: int, delta: float, beta: float = 0.05) -> float:
+    """The largest bound an audit with ``m`` canaries and ``r`` guesses can print (all ``r`` correct)."""
+    return epsilon_lower_bound(m, r, r, delta, beta)
+
+
+def ceiling_exceeds(epsilon: float, m: int, guess_fraction: float, delta: float, beta: float = 0.05) -> bool:
+    """Whether ``m`` canaries guessed at ``guess_fraction`` could print a bound above ``epsilon``.
+
+    The bound is the largest epsilon whose p-value is below beta and the p-value rises with
+    epsilon, so the ceiling exceeds ``epsilon`` exactly when all-correct has p-value < beta there.
+    """
+    k_pos, k_neg = guess_counts(m, guess_fraction)
+    r = k_pos + k_neg
+    return r <= m and p_value(m, r, r, epsilon, delta) < beta
+
+
+def canaries_needed(epsilon: float, delta: float, beta: float = 0.05, guess_fraction: float = 0.5,
+                    limit: int = 1_000_000) -> int | None:
+    """The fewest canaries whose ceiling exceeds ``epsilon`` (None: not below ``limit``).
+
+    None also when delta makes ``epsilon`` unreachable: the 2 m delta term of the p-value
+    grows with m, so past some epsilon no number of canaries helps.
+    """
+    high = 2
+    while not ceiling_exceeds(epsilon, high, guess_fraction, delta, beta):
+        if high >= limit:
+            return None
+        high = min(2 * high, limit)
+    low = high // 2  # ceiling(low) <= epsilon < ceiling(high), or low < 2
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (low, mid) if ceiling_exceeds(epsilon, mid, guess_fraction, delta, beta) else (mid, high)
+    return high
+
+
+def verdict(bound: float, ceiling_: float, claimed: float | None) -> str:
+    """What one audit says about a claimed epsilon, in the words the report prints.
+
+    A bound above the claim means the implementation or the accounting is wrong. A bound at
+    or below it only counts as a pass when the audit could have printed more than the claim.
+    """
+    if claimed is None:
+        return "no claim: nothing is accounted for this unit, the bound measures leakage"
+    if bound > claimed:
+        return "failed: bound above claim"
+    if ceiling_ <= claimed:
+        return "inconclusive: ceiling below claim"
+    return "passed: bound at or below claim, ceiling above it"
+
+
 def one_run_guesses(scores: np.ndarray, k_pos: int, k_neg: int) -> np.ndarray:
     """Guess "in" (+1) for the ``k_pos`` highest scores, "out" (-1) for the ``k_neg`` lowest, abstain (0) on the rest.
 
@@ -97,4 +163,5 @@ def audit_from_scores(scores: np.ndarray, included: np.ndarray, k_pos: int, k_ne
         "delta": delta,
         "beta": beta,
         "epsilon_lower_bound": epsilon_lower_bound(m, r, v, delta, beta),
+        "epsilon_ceiling": ceiling(m, r, delta, beta),
     }

@@ -16,8 +16,11 @@ are taken out before the run-config is validated:
 | ``audit-guess-fraction`` | 0.5 | canary: share of canaries guessed (half top, half bottom) |
 | ``audit-beta`` | 0.05 | canary: the bound holds with confidence 1 - beta |
 | ``audit-canary-units`` | ``user,record`` | canary: user-level and/or record-level canaries |
+| ``audit-canary-dp`` | ``on,off`` | canary: with DP (tests the claim) and/or without (shows the attack works) |
 
-Rounds are ``num-server-rounds``.
+Rounds are ``num-server-rounds``. Each canary audit prints its bound, its ceiling (the bound
+if every guess were right), the accountant's epsilon and delta, and a verdict; a ceiling at
+or below the claim makes the verdict "inconclusive", never "passed".
 """
 
 from __future__ import annotations
@@ -30,8 +33,8 @@ from typing import Any, Mapping
 
 import torch
 
-from common.config import ConfigError, parse_run_config
-from common.federation import slicer_cached
+from common.config import ConfigError, FedRecConfig, parse_run_config
+from common.federation import ClientData, slicer_cached
 from simulations.audits.canary import record_level_canaries, user_level_canaries
 from simulations.audits.interaction import interaction_inference
 from simulations.audits.membership import membership_inference
@@ -41,7 +44,7 @@ SCENARIOS = ("interaction-inference", "membership", "canary", "all")
 AUDIT_DEFAULTS: dict[str, Any] = {
     "audit-seed": 0, "audit-max-targets": 100, "audit-holdout": 0.2,
     "audit-membership-settings": "no-dp,record-dp,user-dp", "audit-canaries": 100, "audit-canary-items": 8,
-    "audit-guess-fraction": 0.5, "audit-beta": 0.05, "audit-canary-units": "user,record",
+    "audit-guess-fraction": 0.5, "audit-beta": 0.05, "audit-canary-units": "user,record", "audit-canary-dp": "on,off",
 }
 
 
@@ -57,6 +60,55 @@ def split_overrides(overrides: Mapping[str, Any]) -> tuple[dict[str, Any], dict[
 
 def _names(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in str(text).split(",") if part.strip())
+
+
+def canary_line(name: str, r: Mapping[str, Any]) -> str:
+    """One console line per canary audit: bound, ceiling, claim with its delta, verdict."""
+    claim = r.get("claimed_epsilon")
+    text = (f"[audit] canary {name}: {r['correct']} of {r['guesses']} guesses correct, epsilon lower bound "
+            f"{r['epsilon_lower_bound']:.3f}, ceiling {r['epsilon_ceiling']:.3f}, ")
+    if claim is not None:
+        text += f"accountant epsilon {claim:.3f} at delta {r['accountant_delta']:.3g}"
+    elif r.get("accountant_epsilon_per_example") is not None:
+        text += (f"no epsilon for one interaction (per example {r['accountant_epsilon_per_example']:.3f} "
+                 f"at delta {r['accountant_delta']:.3g})")
+    else:
+        text += f"no DP (bound at delta {r['delta']:.3g})"
+    text += f" ({1 - r['beta']:.0%} confidence): {r['verdict']}"
+    if "canaries_needed" in r:
+        needed = r["canaries_needed"]
+        text += (f"; the claim needs {needed} canaries at this guess fraction" if needed is not None
+                 else f"; no number of canaries reaches the claim at delta {r['delta']:.3g}")
+    return text
+
+
+def canary_modes(knobs: Mapping[str, Any]) -> tuple[str, ...]:
+    """``audit-canary-dp`` as a tuple of "on"/"off" (a clear error for anything else)."""
+    modes = _names(knobs["audit-canary-dp"])
+    if not modes or not set(modes) <= {"on", "off"}:
+        raise ConfigError(f"audit-canary-dp={knobs['audit-canary-dp']!r}: expected 'on', 'off' or 'on,off'")
+    return modes
+
+
+def canary_audits(config: FedRecConfig, clients: list[ClientData], knobs: Mapping[str, Any], rounds: int,
+                  seed: int) -> dict[str, Any]:
+    """The canary audits ``audit-canary-units`` x ``audit-canary-dp`` asks for, keyed like ``user-level/no-dp``."""
+    units, modes = _names(knobs["audit-canary-units"]), canary_modes(knobs)
+    common = dict(rounds=rounds, num_canaries=int(knobs["audit-canaries"]),
+                  guess_fraction=float(knobs["audit-guess-fraction"]), beta=float(knobs["audit-beta"]), seed=seed)
+    out: dict[str, Any] = {}
+    for mode in modes:
+        suffix = "" if mode == "on" else "/no-dp"
+        if "user" in units:
+            out["user-level" + suffix] = user_level_canaries(
+                config, clients, items_per_canary=int(knobs["audit-canary-items"]), user_dp=mode == "on",
+                **common)  # type: ignore[arg-type]
+        if "record" in units:
+            out["record-level" + suffix] = record_level_canaries(
+                config, clients, record_dp=mode == "on", **common)  # type: ignore[arg-type]
+    for name, result in out.items():
+        print(canary_line(name, result), flush=True)
+    return out
 
 
 def run_audits(scenario: str, overrides: Mapping[str, Any], out_path: str | Path) -> dict[str, Any]:
@@ -82,6 +134,8 @@ def run_audits(scenario: str, overrides: Mapping[str, Any], out_path: str | Path
         "torch_threads": torch.get_num_threads(), "python": platform.python_version(), "audits": {},
     }
     units = _names(knobs["audit-canary-units"])
+    if scenario in ("canary", "all"):
+        canary_modes(knobs)
     if scenario in ("canary", "all") and "record" in units and int(knobs["audit-canaries"]) > len(clients):
         raise ConfigError(f"audit-canaries={knobs['audit-canaries']}: record-level canaries sit on distinct devices "
                           f"and there are only {len(clients)}; lower audit-canaries or set audit-canary-units='user'")
@@ -103,15 +157,7 @@ def run_audits(scenario: str, overrides: Mapping[str, Any], out_path: str | Path
             holdout=float(knobs["audit-holdout"]), seed=seed)
         save()
     if scenario in ("canary", "all"):
-        common = dict(rounds=rounds, num_canaries=int(knobs["audit-canaries"]),
-                      guess_fraction=float(knobs["audit-guess-fraction"]), beta=float(knobs["audit-beta"]), seed=seed)
-        canary: dict[str, Any] = {}
-        if "user" in units:
-            canary["user-level"] = user_level_canaries(
-                config, clients, items_per_canary=int(knobs["audit-canary-items"]), **common)  # type: ignore[arg-type]
-        if "record" in units:
-            canary["record-level"] = record_level_canaries(config, clients, **common)  # type: ignore[arg-type]
-        report["audits"]["canary"] = canary
+        report["audits"]["canary"] = canary_audits(config, clients, knobs, rounds, seed)
         save()
     save()
     print(f"[audit] wrote {target} ({report['seconds']:.0f}s)", flush=True)
