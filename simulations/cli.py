@@ -462,7 +462,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from common.config import ConfigError
     from common.errors import DataError
+    from common.threads import use_threads
 
+    try:
+        use_threads()  # FEDREC_THREADS, checked here so a bad value is one line and exit 2
+    except ValueError as err:
+        print(f"fedrec: error: {err}", file=sys.stderr)
+        return 2
     try:
         return int(args.func(args))
     except FileExistsError as err:
