@@ -26,7 +26,8 @@ ALS_REGULARIZATION = 0.1
 ALS_ALPHA = 5.0  # confidence of an observed item: 1 + alpha
 ALS_ITERATIONS = 15
 ALS_CG_STEPS = 3
-_PAIR_CHUNK = 1 << 18  # (user, item) rows of factor dot products computed at once
+_PAIR_CHUNK = 1 << 18  # (user, item) dot products (or cells of a dense block) computed at once
+_DENSE_PRODUCT_DENSITY = 64  # dense blocks when at least one cell in this many is stored
 
 
 def interaction_matrix(users: np.ndarray, items: np.ndarray, num_users: int, num_items: int) -> sparse.csr_matrix:
@@ -52,10 +53,23 @@ def ease_weights(matrix: sparse.csr_matrix, lam: float = EASE_LAMBDA) -> np.ndar
     return weights.astype(np.float32)
 
 
-def _pair_dots(left: np.ndarray, right: np.ndarray, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-    """``left[rows[j]] . right[cols[j]]`` for every j, in chunks (bounded memory)."""
-    out = np.empty(len(rows), left.dtype)
-    for start in range(0, len(rows), _PAIR_CHUNK):
+def _pair_dots(left: np.ndarray, right: np.ndarray, matrix: sparse.csr_matrix, rows: np.ndarray) -> np.ndarray:
+    """``left[u] . right[i]`` for every stored (u, i) of ``matrix`` (``rows``: the row of each entry).
+
+    Dense enough (MovieLens: 4-6% of cells), blocks of ``left @ right.T`` through BLAS beat
+    gathering two vectors per entry; sparse data gathers, in chunks (bounded memory).
+    """
+    out = np.empty(matrix.nnz, left.dtype)
+    cols, indptr = matrix.indices, matrix.indptr
+    if matrix.nnz * _DENSE_PRODUCT_DENSITY >= matrix.shape[0] * matrix.shape[1]:
+        step = max(1, _PAIR_CHUNK // max(1, matrix.shape[1]))
+        for start in range(0, matrix.shape[0], step):
+            stop = min(start + step, matrix.shape[0])
+            block = left[start:stop] @ right.T
+            a, b = indptr[start], indptr[stop]
+            out[a:b] = block[rows[a:b] - start, cols[a:b]]
+        return out
+    for start in range(0, matrix.nnz, _PAIR_CHUNK):
         r, c = rows[start : start + _PAIR_CHUNK], cols[start : start + _PAIR_CHUNK]
         out[start : start + len(r)] = np.einsum("nf,nf->n", left[r], right[c])
     return out
@@ -75,7 +89,7 @@ def als_half_step(
     gram = fixed.T @ fixed + reg * np.eye(fixed.shape[1], dtype=fixed.dtype)
 
     def apply(x: np.ndarray) -> np.ndarray:
-        weights = alpha * _pair_dots(x, fixed, rows, cols)
+        weights = alpha * _pair_dots(x, fixed, matrix, rows)
         return x @ gram + sparse.csr_matrix((weights, cols, matrix.indptr), shape=matrix.shape) @ fixed
 
     x = solved.copy()

@@ -40,8 +40,11 @@ def test_ease_rejects_a_non_positive_lambda():
         yardsticks.ease_weights(_random_matrix(4, 3, 0.5, seed=0), 0.0)
 
 
-def test_als_conjugate_gradient_reaches_the_exact_least_squares_rows():
-    """With as many CG steps as factors, each row equals the normal equations' solution."""
+@pytest.mark.parametrize("dense_blocks", [True, False])
+def test_als_conjugate_gradient_reaches_the_exact_least_squares_rows(monkeypatch, dense_blocks):
+    """With as many CG steps as factors, each row equals the normal equations' solution (both product paths)."""
+    monkeypatch.setattr(yardsticks, "_DENSE_PRODUCT_DENSITY", 64 if dense_blocks else 1e-9)
+    monkeypatch.setattr(yardsticks, "_PAIR_CHUNK", 5)  # several chunks even on this tiny matrix
     matrix = _random_matrix(9, 7, 0.4, seed=2)
     rng = np.random.default_rng(3)
     items = rng.standard_normal((7, 4))
