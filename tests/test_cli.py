@@ -66,9 +66,8 @@ def test_trained_baseline_uses_the_run_configs_optimizer(monkeypatch, capsys, op
     import simulations.baselines as baselines
 
     seen = []
-    real = baselines.make_sparse_row_optimizer
-    monkeypatch.setattr(baselines, "make_sparse_row_optimizer",
-                        lambda model, config: seen.append(config.optimizer) or real(model, config))
+    real = baselines.make_optimizer
+    monkeypatch.setattr(baselines, "make_optimizer", lambda model, config: seen.append(config.optimizer) or real(model, config))
     code = main(["baseline", "--model", "gmf", "--epochs", "1", "--dim", "4",
                  "-c", f'synthetic-users=150 synthetic-items=300 local-optimizer="{optimizer}"'])
     assert code == 0 and seen == [optimizer]

@@ -57,3 +57,18 @@ def test_the_switch_back_gives_dense_gradients_and_sgd_is_left_alone():
     dense_embedding_gradients(model)
     batch_loss(model, "bce", *_batches(5, 6, 1, 4, seed=2)[0]).backward()
     assert not model.user_embedding.weight.grad.is_sparse
+
+
+def test_the_lazy_baseline_trains_and_hands_back_a_model_with_dense_gradients():
+    from common.config import parse_run_config
+    from common.federation import prepare
+    from simulations.baselines import run_trained
+    from simulations.engine import fused_run_config
+
+    prepared = prepare(parse_run_config(fused_run_config({"synthetic-users": 120, "synthetic-items": 200})))
+    seen = []
+    result = run_trained(prepared, ModelConfig(name="gmf", embedding_dim=8), TrainConfig(epochs=2, learning_rate=0.01),
+                         lazy_adam=True, on_trained=lambda model: seen.append(model.item_embedding.sparse))
+    assert seen == [False]
+    assert result.history[-1]["loss"] < result.history[0]["loss"]  # it learned
+    assert 0.0 <= result.test["sampled_hr@10"] <= 1.0
