@@ -253,9 +253,13 @@ class LazyAdam(torch.optim.Optimizer):
     (users + items): it grows with the square of the data when users grow with ratings.
     Here a step costs O(batch). Rows a batch did not touch keep their parameters and their
     moments (TensorFlow's LazyAdam, torch's SparseAdam); bias correction counts the
-    table's steps. torch.optim.SparseAdam does the same but was about 20% slower per step
-    on GMF (measured) and has no weight decay; here L2 weight decay applies to the touched
-    rows, like dense Adam's L2 term on the rows it would move most.
+    table's steps. torch.optim.SparseAdam does the same but was 20-30% slower per step on
+    GMF (measured) and has no weight decay; here L2 weight decay applies to the touched rows.
+
+    Not the same optimizer as dense Adam: there a row keeps moving along its momentum for
+    steps after a batch touched it, here it does not, so at the same learning rate training
+    takes more epochs (MovieLens-100K GMF, lr 1e-3: best validation epoch 18 of 20 and test
+    HR@10 0.643, dense Adam epoch 12 and 0.663; lr 3e-3 did not close the gap).
     """
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
