@@ -39,6 +39,7 @@ from common.evaluation import ListMetrics
 from common.federation import ClientData, catalogue_features, slicer_cached
 from common.privacy import SecureGaussian
 from common.secagg import device_clipping_norm, distributed_noise, noise_share_std
+from common.threads import use_threads
 from common.updates import POPULAR_ITEMS_KEY, decode_item_list, for_transport
 
 LOCAL_STATE_KEY = "fedrec.user-local"
@@ -147,9 +148,10 @@ def with_noise_share(config: FedRecConfig, upload: list[np.ndarray]) -> list[np.
 
 
 def apply_thread_limit(context: Context) -> None:
-    """Honour the node-config ``num-threads`` (unset: torch's default, every core)."""
+    """Honour the node-config ``num-threads`` (unset: the process's choice, ``FEDREC_THREADS``, default 1)."""
     value = context.node_config.get(NUM_THREADS_KEY)
     if value is None:
+        use_threads()
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"node-config {NUM_THREADS_KEY} must be an integer >= 1; got {value!r}")

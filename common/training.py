@@ -243,3 +243,112 @@ def train_epoch(
         total += float(loss.detach()) * len(idx)
         count += len(idx)
     return total / max(count, 1)
+
+
+class LazyAdam(torch.optim.Optimizer):
+    """Adam for embedding tables with sparse gradients: only the rows a batch touched take a step.
+
+    A dense Adam step reads and writes every row of every table (and the dense gradient is
+    a table-sized tensor), so with a fixed batch size an epoch costs (examples / batch) x
+    (users + items): it grows with the square of the data when users grow with ratings.
+    Here a step costs O(batch). Rows a batch did not touch keep their parameters and their
+    moments (TensorFlow's LazyAdam, torch's SparseAdam); bias correction counts the
+    table's steps. torch.optim.SparseAdam does the same but was 20-30% slower per step on
+    GMF (measured) and has no weight decay; here L2 weight decay applies to the touched rows.
+
+    Not the same optimizer as dense Adam: there a row keeps moving along its momentum for
+    steps after a batch touched it, here it does not, so at the same learning rate training
+    takes more epochs (MovieLens-100K GMF, lr 1e-3: best validation epoch 18 of 20 and test
+    HR@10 0.643, dense Adam epoch 12 and 0.663; lr 3e-3 did not close the gap).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 0.0) -> None:
+        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure=None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None:
+                    self._step_rows(param, group)
+
+    def _step_rows(self, param: torch.Tensor, group: dict) -> None:
+        grad = param.grad
+        if not grad.is_sparse:
+            raise ValueError("LazyAdam needs sparse gradients: nn.Embedding(sparse=True)")
+        beta1, beta2 = group["betas"]
+        state = self.state[param]
+        if not state:
+            state.update(step=0, exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+        state["step"] += 1
+        rows, where = torch.unique(grad._indices()[0], return_inverse=True)
+        row_grad = torch.zeros((len(rows), *param.shape[1:]), dtype=param.dtype).index_add_(0, where, grad._values())
+        if group["weight_decay"]:
+            row_grad.add_(param.index_select(0, rows), alpha=group["weight_decay"])
+        exp_avg = state["exp_avg"].index_select(0, rows).mul_(beta1).add_(row_grad, alpha=1 - beta1)
+        exp_avg_sq = state["exp_avg_sq"].index_select(0, rows).mul_(beta2).addcmul_(row_grad, row_grad, value=1 - beta2)
+        state["exp_avg"].index_copy_(0, rows, exp_avg)
+        state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
+        step = state["step"]
+        denominator = exp_avg_sq.div_(1 - beta2**step).sqrt_().add_(group["eps"])
+        param.index_add_(0, rows, exp_avg.div_(denominator), alpha=-group["lr"] / (1 - beta1**step))
+
+
+class Optimizers:
+    """Several optimizers over disjoint parameters, stepped as one (what :func:`train_epoch` calls)."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer) -> None:
+        self.optimizers = optimizers
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
+def embedding_tables(model: RecModel) -> dict[str, torch.nn.Embedding]:
+    """The user-local and item-row embedding tables, by parameter name."""
+    rows = set(model.local_parameter_names()) | set(model.item_row_parameter_names())
+    return {f"{name}.weight": module for name, module in model.named_modules()
+            if isinstance(module, torch.nn.Embedding) and f"{name}.weight" in rows}
+
+
+def make_sparse_row_optimizer(model: RecModel, config: TrainConfig) -> torch.optim.Optimizer | Optimizers:
+    """:func:`make_optimizer` whose embedding tables train with :class:`LazyAdam` on sparse gradients.
+
+    For centralized training on a whole dataset, where the tables hold every user and item.
+    Same parameter groups (learning rates, epsilons, weight decay); switches the tables to
+    ``sparse=True`` (undo with :func:`dense_embedding_gradients`). With SGD nothing changes.
+    """
+    optimizer = make_optimizer(model, config)
+    if config.optimizer != "adam":
+        return optimizer
+    tables = embedding_tables(model)
+    table_params = {id(module.weight) for module in tables.values()}
+    lazy, dense = [], []
+    for group in optimizer.param_groups:
+        options = {key: group[key] for key in ("lr", "eps", "weight_decay")}
+        if all(id(p) in table_params for p in group["params"]):
+            lazy.append({"params": group["params"], "betas": group["betas"], **options})
+        else:
+            dense.append({"params": group["params"], **options})
+    for module in tables.values():
+        module.sparse = True
+    parts: list[torch.optim.Optimizer] = [LazyAdam(lazy)]
+    if dense:
+        parts.append(torch.optim.Adam(dense, lr=config.learning_rate, weight_decay=config.weight_decay, fused=True))
+    return Optimizers(*parts)
+
+
+def dense_embedding_gradients(model: RecModel) -> None:
+    """Undo :func:`make_sparse_row_optimizer`'s switch: the tables' gradients are dense again."""
+    for module in embedding_tables(model).values():
+        module.sparse = False

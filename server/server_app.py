@@ -33,6 +33,7 @@ from common.secagg import (
     rounding_slack,
     secagg_max_weight,
 )
+from common.threads import use_threads
 from common.updates import UpdateLayout
 from server.fleet import retrying, with_deadline
 from server.run_dir import RunRecorder, load_server_state
@@ -194,6 +195,7 @@ def write_report_safely(run_dir: str) -> None:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """Train for ``num-server-rounds`` and leave a complete run directory behind."""
+    use_threads()  # under `flwr run` this process was not started by fedrec's CLI
     config = parse_run_config(context.run_config)
     prepared = prepare_cached(config)
     check_against_data(config, prepared.num_items)

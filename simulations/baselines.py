@@ -1,9 +1,13 @@
 """Centralized baselines on the exact split the federation uses: the yardstick.
 
-ItemPop ranks by training popularity; Random by chance. MF/GMF/MLP/NeuMF (hybrid with
-``item-features``) train on all training rows in one place with the shared training
-loop, select the epoch with the best validation HR@10, and report test metrics of that
-epoch.
+ItemPop ranks by training popularity; Random by chance. EASE (closed form) and ALS
+(implicit-feedback matrix factorization) are the yardsticks of the recommender libraries
+(:mod:`simulations.yardsticks`): they read the binary training matrix, ALS keeps the
+sweep with the best validation HR@10. MF/GMF/MLP/NeuMF (hybrid with ``item-features``)
+train on all training rows in one place with the shared training loop (with ``lazy_adam``,
+only the embedding rows of a batch take an Adam step: an epoch's time is then linear in
+the ratings), select the epoch with the best validation HR@10, and report test metrics
+of that epoch.
 
 With ``new-items``, each also reports the held-out new items (no training popularity, no
 collaborative row): ItemPop then ranks them by the popularity their content predicts (a
@@ -27,9 +31,14 @@ from common.federation import PreparedData, seen_items
 from common.interactions import Interactions
 from common.metrics import mae, rmse, summarize
 from common.models import ModelConfig, RecModel, build_model
-from common.training import PositiveSet, TrainConfig, build_examples, make_optimizer, train_epoch
+from common.training import (
+    PositiveSet, TrainConfig, build_examples, dense_embedding_gradients, make_optimizer, make_sparse_row_optimizer,
+    train_epoch,
+)
+from simulations import yardsticks
 
-BASELINES = ("random", "itempop", "mf", "gmf", "mlp", "neumf")
+TORCH_MODELS = ("mf", "gmf", "mlp", "neumf")
+BASELINES = ("random", "itempop", "ease", "als", *TORCH_MODELS)
 
 
 @dataclass
@@ -103,6 +112,71 @@ def run_random(prepared: PreparedData, k: int = 10, seed: int = 0) -> BaselineRe
     return BaselineResult("random", test, val, time.perf_counter() - started, new_items=new)
 
 
+def row_scorers(score_rows: Callable[[np.ndarray], np.ndarray]) -> tuple[Callable, Callable]:
+    """Pair and full-catalogue scorers from ``score_rows(users) -> [len(users), num_items]``."""
+
+    def pairs(users: np.ndarray, items: np.ndarray) -> np.ndarray:
+        unique, where = np.unique(users, return_inverse=True)
+        return score_rows(unique)[where, items]
+
+    return pairs, score_rows
+
+
+def training_matrix(prepared: PreparedData):
+    """The binary users x items matrix of the training split."""
+    train = prepared.split.train
+    return yardsticks.interaction_matrix(train.users, train.items, prepared.num_users, prepared.num_items)
+
+
+def run_ease(prepared: PreparedData, k: int = 10, lam: float = yardsticks.EASE_LAMBDA) -> BaselineResult:
+    """EASE: ``score(u) = x_u B``, B the closed-form item-item weights (no epochs, no selection)."""
+    started = time.perf_counter()
+    matrix = training_matrix(prepared)
+    weights = yardsticks.ease_weights(matrix, lam)
+    test, val = _evaluate_scorers(prepared, *row_scorers(lambda users: np.asarray(matrix[users] @ weights)), k)
+    return BaselineResult("ease", test, val, time.perf_counter() - started)
+
+
+def run_als(
+    prepared: PreparedData,
+    k: int = 10,
+    *,
+    factors: int = yardsticks.ALS_FACTORS,
+    iterations: int = yardsticks.ALS_ITERATIONS,
+    reg: float = yardsticks.ALS_REGULARIZATION,
+    alpha: float = yardsticks.ALS_ALPHA,
+    seed: int = 0,
+    progress: Callable[[str], None] | None = None,
+) -> BaselineResult:
+    """Implicit-feedback ALS; test metrics of the sweep with the best validation HR@10 (as for the trained models)."""
+    if factors < 1 or iterations < 1 or reg < 0 or alpha < 0:
+        raise ValueError(f"ALS needs factors >= 1, iterations >= 1, reg >= 0, alpha >= 0; got {factors}, "
+                         f"{iterations}, {reg}, {alpha}")
+    started = time.perf_counter()
+    matrix = training_matrix(prepared)
+    transposed = matrix.T.tocsr()
+    user_f, item_f = yardsticks.als_init(prepared.num_users, prepared.num_items, factors, seed)
+    v = prepared.validation
+    best_score, best_iteration, best = -1.0, 0, (user_f, item_f)
+    history = []
+    for iteration in range(1, iterations + 1):
+        user_f, item_f = yardsticks.als_sweep(matrix, transposed, user_f, item_f, reg, alpha)
+        pairs, _ = row_scorers(lambda users, u=user_f, i=item_f: u[users] @ i.T)
+        val = summarize(evaluate_ranking(pairs, None, v.users, v.items, v.negatives, None, k=k, full=False)) \
+            if len(v.users) else {}
+        history.append({"epoch": iteration, **val})
+        score = val.get(f"sampled_hr@{k}", float(iteration))  # no validation split: the last sweep
+        if score > best_score:
+            best_score, best_iteration, best = score, iteration, (user_f, item_f)
+        if progress:
+            progress(f"  sweep {iteration:3d}/{iterations}  val HR@{k} {val.get(f'sampled_hr@{k}', float('nan')):.4f}  "
+                     f"[{time.perf_counter() - started:.0f}s]")
+    user_f, item_f = best
+    test, _ = _evaluate_scorers(prepared, *row_scorers(lambda users: user_f[users] @ item_f.T), k)
+    val_best = {key: value for key, value in history[best_iteration - 1].items() if key != "epoch"}
+    return BaselineResult("als", test, val_best, time.perf_counter() - started, best_iteration, iterations, history)
+
+
 def run_trained(
     prepared: PreparedData,
     model_config: ModelConfig,
@@ -112,10 +186,12 @@ def run_trained(
     k: int = 10,
     progress: Callable[[str], None] | None = None,
     on_trained: Callable[[RecModel], None] | None = None,
+    lazy_adam: bool = False,
 ) -> BaselineResult:
     """Train centrally for ``train_config.epochs``; report test metrics at the best validation epoch.
 
     ``on_trained`` receives the model of that epoch (for measurements beyond this table).
+    ``lazy_adam``: the embedding tables train with :class:`common.training.LazyAdam` (Adam only).
     """
     started = time.perf_counter()
     rng = np.random.default_rng(seed)
@@ -124,7 +200,10 @@ def run_trained(
     model = build_model(model_config, prepared.num_users, prepared.num_items, seed=seed)
     if model.content_features:
         model.set_item_features(prepared.item_features)
-    optimizer = make_optimizer(model, train_config)
+    # Dense Adam moves every row of the user and item tables on every step, so an epoch costs
+    # ratings x (users + items); lazy Adam moves the rows of the batch only (linear in ratings)
+    # but, at the same learning rate, converges in more epochs (see LazyAdam).
+    optimizer = make_sparse_row_optimizer(model, train_config) if lazy_adam else make_optimizer(model, train_config)
     positives = PositiveSet(train.users, train.items, prepared.num_items)
     val_seen, test_seen = _exclusions(prepared)
     v = prepared.validation
@@ -145,6 +224,7 @@ def run_trained(
                 f"NDCG@{k} {val.get(f'sampled_ndcg@{k}', float('nan')):.4f}  "
                 f"[{time.perf_counter() - started:.0f}s]"
             )
+    dense_embedding_gradients(model)
     model.load_state_dict(best_state)
     if on_trained is not None:
         on_trained(model)

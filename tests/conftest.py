@@ -16,6 +16,12 @@ from __future__ import annotations
 
 import pytest
 
+from common.threads import use_threads
+
+# Test processes pick their thread count like every fedrec process (common/threads.py); conftest is
+# imported before any test module, so before numpy and torch size their pools.
+use_threads()
+
 MARKERS = {
     "slow": "takes more than a few seconds (deselected by make test-fast)",
     "deployment": "starts real SuperLink/SuperNode processes on loopback (deselected by make test-fast)",
