@@ -119,6 +119,7 @@ class FedRecConfig:
     run_dir: str
     checkpoint_every: int
     secure_aggregation: bool
+    allow_plain_uploads: bool
     secagg_num_shares: int
     secagg_reconstruction_threshold: int
     secagg_clipping_range: float
@@ -135,6 +136,7 @@ class FedRecConfig:
     user_dp_noise_multiplier: float
     user_dp_clipping_norm: float
     user_dp_delta: float
+    user_dp_population: int
     user_dp_epsilon_budget: float
     user_dp_accountant: str
     client_sampling: str
@@ -244,7 +246,7 @@ _NON_NEGATIVE = {
     "num_malicious", "multi_krum_keep", "norm_bound", "max_update_norm", "reject_norm_factor", "exclude_after_rejections",
     "record_dp_noise_multiplier", "record_dp_target_epsilon", "record_dp_epsilon_budget",
     "user_dp_noise_multiplier", "user_dp_delta", "user_dp_epsilon_budget",
-    "round_deadline", "local_epochs_min", "round_retries",
+    "round_deadline", "local_epochs_min", "round_retries", "user_dp_population",
 }
 _PROBABILITIES = {"dropout_probability", "straggler_fraction", "late_join_fraction", "leave_fraction", "rerank_diversity"}
 _FRACTIONS = {"fraction_train", "fraction_evaluate", "server_learning_rate_decay"}

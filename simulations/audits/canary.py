@@ -33,6 +33,7 @@ import torch
 from client.local import train_round
 from common.config import ConfigError, FedRecConfig
 from common.federation import ClientData, EvalData
+from common.privacy import default_delta
 from simulations.audits.bound import audit_from_scores
 from simulations.audits.federation import personal_model, run_federation
 from simulations.audits.interaction import item_rows
@@ -127,7 +128,7 @@ def user_level_canaries(
                          dp_num_clients=potential, progress=f"canary user-level {'user-dp' if user_dp else 'no-dp'}")
     scores = canary_user_scores(run_config, canaries, fed.layout, fed.initial, fed.shared, base_items)
     k_pos, k_neg = _guess_counts(num_canaries, guess_fraction)
-    delta = fed.user_dp.target_delta if fed.user_dp is not None else run_config.user_dp_delta or 1.0 / potential
+    delta = fed.user_dp.target_delta if fed.user_dp is not None else run_config.user_dp_delta or default_delta(potential)
     audit = audit_from_scores(scores, included, k_pos, k_neg, delta, beta)
     out: dict[str, Any] = {
         "audit": "canary", "unit": "user (client)", "rounds": rounds, "real_clients": len(clients),
