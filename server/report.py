@@ -100,8 +100,8 @@ def threat_model(protected: dict[str, Any]) -> list[dict[str, str]]:
     server_sees = (
         "only the masked sum of each round's updates (SecAgg+); no single device's update"
         if secagg
-        else "every device's individual update: which item rows it changed and how, which reveals much of what "
-        "the user interacted with"
+        else "every device's individual update: which item rows it changed and how, which names every item the "
+        "user trained on (see the opening of this report)"
     )
     dp_words = []
     if user_dp and secagg:
