@@ -202,3 +202,18 @@ def test_report_recomputation_agrees_with_the_run_accountant_for_both_samplings(
     assert recompute_user_epsilon(record, 41) > accounted * 1.001  # one round more is another figure
     assert recompute_user_epsilon({**record, "neighbouring": "nonsense"}, 40) is None
     assert default_delta(500) == record["delta"]
+
+
+def test_a_skipped_round_is_accounted_and_recorded_with_its_epsilon(tmp_path):
+    """Devices were sampled and trained even when too few replied: the record counts the round."""
+    import json
+
+    config = _config(**DEPLOYED_DP)
+    dp = user_level_dp(config, 1000)
+    strategy = FedRecStrategy(config, LAYOUT, list(GLOBAL.values()), RunRecorder(tmp_path / "run", {}, 10),
+                              uploads_are_aggregated=True, user_dp=dp, num_rounds=5)
+    strategy.round_complete, strategy._configured_round = False, 2
+    strategy.record_skipped_round()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["round"] == 2 and rows[-1]["clients_ok"] == 0
+    assert rows[-1]["user_epsilon"] == dp.epsilon(2) and rows[-1]["user_delta"] == 1e-5
