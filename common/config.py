@@ -176,6 +176,9 @@ class FedRecConfig:
     report: bool = key(True, "Write report.html and report.json (the privacy audit report) when the run ends.")
     secure_aggregation: bool = key(False, "Flower's SecAgg+: the server only ever sees the masked sum of a round.",
                                    section="Secure aggregation")
+    allow_plain_uploads: bool = key(False, "Deployments only: true runs without SecAgg+ (the server then reads each "
+                                    "upload, which names the items its user trained on); a deployment refuses "
+                                    "secure-aggregation = false without it.")
     secagg_num_shares: int = key(3, "Neighbours each device secret-shares its mask keys with (>= 3 with "
                                  "secure-aggregation).", range=POSITIVE)
     secagg_reconstruction_threshold: int = key(2, "Shares needed to unmask a dropped device; tolerates num-shares - "
@@ -203,8 +206,10 @@ class FedRecConfig:
                                           "norm.", range=NON_NEGATIVE)
     user_dp_clipping_norm: float = key(0.1, "Every device's update (all shared deltas) is clipped to this L2 norm.",
                                        range=POSITIVE)
-    user_dp_delta: float = key(0.0, "Delta of the user-level guarantee; 0: 1 / number of devices.",
-                               range=Range(0, 1, high_open=True))
+    user_dp_delta: float = key(0.0, "Delta of the user-level guarantee; 0: min(1e-5, N^-1.1) for N devices; a delta "
+                               ">= 1/N is refused.", range=Range(0, 1, high_open=True))
+    user_dp_population: int = key(0, "Deployments: the devices registered with the SuperLink (N); required with "
+                                  "user-dp there (0: unknown).", range=NON_NEGATIVE)
     user_dp_epsilon_budget: float = key(0.0, "> 0: the server stops before a round would exceed this epsilon.",
                                         range=NON_NEGATIVE)
     user_dp_accountant: str = key("rdp", "dp-accounting's accountant the budget is checked with (pld: Poisson "

@@ -14,6 +14,10 @@ ran. The sampling matters as much as the noise:
 
 Flower's own DP wrappers account without any sampling amplification; for q = 0.01,
 z = 1 and 1,000 rounds that reads epsilon ~655 where Poisson accounting gives ~2.
+
+Delta must be far below 1 / N: a mechanism that publishes one randomly chosen client's
+data outright is (0, 1/N)-DP. The default is min(1e-5, N^-1.1) and a delta >= 1 / N is
+refused.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from dp_accounting import pld, rdp
 logging.getLogger("absl").setLevel(logging.ERROR)
 
 SAMPLINGS = ("poisson", "fixed")
+MAX_DEFAULT_DELTA = 1e-5
+DEFAULT_DELTA_EXPONENT = 1.1
 ACCOUNTANTS = ("rdp", "pld")
 
 # User-level DP noise (the server's central noise and the devices' shares under SecAgg+)
@@ -85,7 +91,7 @@ class UserLevelDP:
     sampling: str
     sampling_rate: float = 0.0  # poisson: each client's probability of joining a round
     sample_size: int = 0  # fixed: clients per round
-    delta: float = 0.0  # 0: 1 / num_clients
+    delta: float = 0.0  # 0: default_delta(num_clients)
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
@@ -98,10 +104,12 @@ class UserLevelDP:
             raise ValueError(f"poisson sampling needs a rate in (0, 1]; got {self.sampling_rate}")
         if self.sampling == "fixed" and not 1 <= self.sample_size <= self.num_clients:
             raise ValueError(f"fixed sampling needs 1 <= sample_size <= {self.num_clients}; got {self.sample_size}")
+        if self.delta < 0 or self.delta >= 1.0 / self.num_clients:
+            raise ValueError(delta_problem(self.delta, self.num_clients))
 
     @property
     def target_delta(self) -> float:
-        return self.delta if self.delta > 0 else 1.0 / self.num_clients
+        return self.delta if self.delta > 0 else default_delta(self.num_clients)
 
     @property
     def noise_std(self) -> float:
@@ -166,6 +174,20 @@ class UserLevelDP:
             "neighbouring": self.neighbouring,
             "noise_generator": NOISE_GENERATOR,
         }
+
+
+def default_delta(num_clients: int) -> float:
+    """min(1e-5, N^-1.1): far below 1 / N for every population size."""
+    return min(MAX_DEFAULT_DELTA, float(num_clients) ** -DEFAULT_DELTA_EXPONENT)
+
+
+def delta_problem(delta: float, num_clients: int) -> str:
+    """Why ``delta`` is no guarantee for ``num_clients`` clients (one line, for the error)."""
+    return (
+        f"user-dp-delta {delta:g} must be below 1/N = {1.0 / num_clients:.3g} (N = {num_clients} clients): at "
+        f"delta >= 1/N publishing one client's data outright would qualify; use 0 for the default "
+        f"min(1e-5, N^-1.1) = {default_delta(num_clients):.3g}"
+    )
 
 
 def calibrate_noise(

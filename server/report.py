@@ -4,8 +4,11 @@
 ``dataset.json``, ``metrics.jsonl``, ``traffic.jsonl``, ``summary.json`` and, when an audit
 ran, ``audit.json``) into one JSON document that validates against ``report.schema.json``;
 ``server.report_html`` renders the same document for people. User-level epsilon is also
-recomputed here with dp-accounting from the recorded parameters, so a reader can see that
-the per-round figures are the accountant's and not a copy of a number in a file.
+recomputed here, independently of the run's own accounting code: this module builds the
+dp-accounting events itself from the recorded parameters (noise multiplier, sampling,
+population, delta, neighbouring relation) and the rounds the run directory shows, so a
+reader can see that the per-round figures are the accountant's and not a copy of a number
+in a file, and a record changed after the run no longer agrees with itself.
 """
 
 from __future__ import annotations
@@ -16,8 +19,10 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
+import dp_accounting
+from dp_accounting import pld, rdp
+
 from common.errors import DataError
-from common.privacy import UserLevelDP
 from server.run_dir import atomic_write_bytes, config_hash
 
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
@@ -95,8 +100,8 @@ def threat_model(protected: dict[str, Any]) -> list[dict[str, str]]:
     server_sees = (
         "only the masked sum of each round's updates (SecAgg+); no single device's update"
         if secagg
-        else "every device's individual update: which item rows it changed and how, which reveals much of what "
-        "the user interacted with"
+        else "every device's individual update: which item rows it changed and how, which names every item the "
+        "user trained on (see the opening of this report)"
     )
     dp_words = []
     if user_dp and secagg:
@@ -146,8 +151,8 @@ def threat_model(protected: dict[str, Any]) -> list[dict[str, str]]:
 def _rounds(metrics: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per round: privacy spent (fit rows) next to utility (evaluate rows)."""
     by_round: dict[int, dict[str, Any]] = {}
-    keep_fit = ("clients_ok", "clients_failed", "clients_rejected", "user_epsilon", "record_epsilon_max",
-                "record_epsilon_mean", "record_dp_declined")
+    keep_fit = ("clients_ok", "clients_failed", "clients_rejected", "user_epsilon", "user_delta", "record_epsilon_max",
+                "record_epsilon_mean", "record_delta", "record_dp_declined")
     keep_eval = {"test_sampled_hr@10": "hr@10", "test_sampled_ndcg@10": "ndcg@10", "test_full_hr@10": "full_hr@10",
                  "test_full_ndcg@10": "full_ndcg@10", "eval_clients": "eval_clients"}
     for row in metrics:
@@ -161,45 +166,68 @@ def _rounds(metrics: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return [by_round[r] for r in sorted(by_round)]
 
 
-def _recompute_user_epsilon(params: dict[str, Any], rounds: int) -> float | None:
-    """The accountant's epsilon for ``rounds`` rounds, from the recorded mechanism alone."""
+NEIGHBOURING = {
+    "add or remove one client": dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE,
+    "replace one client": dp_accounting.NeighboringRelation.REPLACE_ONE,
+}
+
+
+def user_round_event(params: dict[str, Any]) -> dp_accounting.DpEvent:
+    """One round of DP-FedAvg as the recorded parameters describe it.
+
+    Poisson: each client joins with probability q, Gaussian noise of z sensitivities.
+    Fixed: m of N without replacement under replace-one neighbouring, where swapping one
+    client's clipped update moves the sum by up to 2 C, so the noise is z / 2 sensitivities.
+    """
+    gaussian_z = float(params["noise_multiplier"])
+    if params["sampling"] == "poisson":
+        return dp_accounting.PoissonSampledDpEvent(float(params["sampling_rate"]), dp_accounting.GaussianDpEvent(gaussian_z))
+    population, sample = int(params["num_clients"]), int(round(float(params["clients_per_round"])))
+    return dp_accounting.SampledWithoutReplacementDpEvent(population, sample, dp_accounting.GaussianDpEvent(gaussian_z / 2))
+
+
+def recompute_user_epsilon(params: dict[str, Any], rounds: int) -> float | None:
+    """Epsilon of ``rounds`` rounds at the recorded delta, from dp-accounting events built here.
+
+    None when the record does not describe a mechanism dp-accounting can account (a
+    missing or unknown field, an accountant that does not cover the sampling).
+    """
     if rounds <= 0:
         return 0.0
-    common = dict(noise_multiplier=params["noise_multiplier"], clipping_norm=params["clipping_norm"],
-                  num_clients=int(params["num_clients"]), delta=params["delta"])
-    if params["sampling"] == "poisson":
-        dp = UserLevelDP(sampling="poisson", sampling_rate=params["sampling_rate"], **common)
-    else:
-        dp = UserLevelDP(sampling="fixed", sample_size=int(round(params["clients_per_round"])), **common)
-    return dp.epsilon(rounds, params["accountant"])
+    try:
+        relation = NEIGHBOURING[params["neighbouring"]]
+        if params["accountant"] == "rdp":
+            accountant: dp_accounting.PrivacyAccountant = rdp.RdpAccountant(neighboring_relation=relation)
+        elif params["accountant"] == "pld":
+            accountant = pld.PLDAccountant(neighboring_relation=relation)
+        else:
+            return None
+        event = user_round_event(params)
+        if not accountant.supports(event):
+            return None
+        accountant.compose(event, rounds)
+        return float(accountant.get_epsilon(float(params["delta"])))
+    except (KeyError, TypeError, ValueError):
+        return None
 
 
-def guarantees(protected: dict[str, Any], rounds: list[dict[str, Any]], traffic: list[dict[str, Any]]) -> dict:
-    """The (epsilon, delta) statements of this run, as its accountants computed them."""
+def rounds_run(rounds: list[dict[str, Any]], summary: dict[str, Any] | None) -> int:
+    """The last round the run directory shows evidence of (a metrics row or the summary)."""
+    return max([r["round"] for r in rounds] + [int((summary or {}).get("rounds") or 0)], default=0)
+
+
+def guarantees(
+    protected: dict[str, Any], rounds: list[dict[str, Any]], traffic: list[dict[str, Any]], ran: int | None = None
+) -> dict:
+    """The (epsilon, delta) statements of this run: as its accountants computed them, and recomputed here.
+
+    ``ran``: the rounds the run directory shows (default: the last round in ``rounds``).
+    """
     out: dict[str, Any] = {"user_level": None, "record_level": None}
     fit_rounds = [r for r in rounds if "clients_ok" in r]
     user = protected["user_level_dp"]["parameters"]
     if protected["user_level_dp"]["on"] and user:
-        spent = [r for r in fit_rounds if r.get("user_epsilon") is not None]
-        final = spent[-1]["user_epsilon"] if spent else 0.0
-        completed = spent[-1]["round"] if spent else 0
-        recomputed = _recompute_user_epsilon(user, completed)
-        out["user_level"] = {
-            "epsilon": final,
-            "delta": user["delta"],
-            "accountant": user["accountant"],
-            "noise_multiplier": user["noise_multiplier"],
-            "clipping_norm": user["clipping_norm"],
-            "sampling": user["sampling"],
-            "sampling_rate": user["sampling_rate"],
-            "rounds": completed,
-            "neighbouring": user.get("neighbouring"),
-            "epsilon_budget": user.get("epsilon_budget"),
-            "stop_reason": user.get("stop_reason"),
-            "recomputed_epsilon": recomputed,
-            "recomputation_matches": recomputed is not None and math.isclose(recomputed, final, rel_tol=1e-9, abs_tol=1e-12),
-            "noise_generator": user.get("noise_generator"),
-        }
+        out["user_level"] = user_guarantee(user, fit_rounds, rounds_run(rounds, None) if ran is None else ran)
     record = protected["record_level_dp"]["parameters"]
     if protected["record_level_dp"]["on"] and record:
         per_client: dict[str, float] = {}
@@ -229,15 +257,74 @@ def guarantees(protected: dict[str, Any], rounds: list[dict[str, Any]], traffic:
     return out
 
 
+def user_guarantee(user: dict[str, Any], fit_rounds: list[dict[str, Any]], ran: int) -> dict[str, Any]:
+    """The run's own user-level epsilon next to this module's recomputation over the rounds that ran."""
+    spent = [r for r in fit_rounds if r.get("user_epsilon") is not None]
+    final = float(spent[-1]["user_epsilon"]) if spent else 0.0
+    recomputed = recompute_user_epsilon(user, ran)
+    num_clients = int(user.get("num_clients") or 0)
+    return {
+        "epsilon": final,
+        "delta": user["delta"],
+        "accountant": user["accountant"],
+        "noise_multiplier": user["noise_multiplier"],
+        "clipping_norm": user["clipping_norm"],
+        "sampling": user["sampling"],
+        "sampling_rate": user["sampling_rate"],
+        "num_clients": num_clients,
+        "rounds": ran,
+        "epsilon_recorded_after_round": spent[-1]["round"] if spent else 0,
+        "neighbouring": user.get("neighbouring"),
+        "epsilon_budget": user.get("epsilon_budget"),
+        "stop_reason": user.get("stop_reason"),
+        "recomputed_epsilon": recomputed,
+        "recomputation": "dp-accounting events built by the report from privacy.json and the rounds in "
+        "metrics.jsonl / summary.json (not the run's accounting code)",
+        "recomputation_matches": recomputed is not None and math.isclose(recomputed, final, rel_tol=1e-6, abs_tol=1e-9),
+        "delta_below_one_over_n": num_clients > 0 and float(user["delta"]) < 1.0 / num_clients,
+        "noise_generator": user.get("noise_generator"),
+    }
+
+
+def server_could_read(protected: dict[str, Any]) -> str | None:
+    """Without SecAgg+: what the server read in every device's own upload (None with SecAgg+)."""
+    if protected["secure_aggregation"]["on"]:
+        return None
+    user_dp, record_dp = protected["user_level_dp"]["on"], protected["record_level_dp"]["on"]
+    opening = "Without secure aggregation the server read every device's own upload, in the clear. "
+    if record_dp:
+        return opening + (
+            "Each upload is a DP-SGD result (noise on every item row, touched-items vector all ones), so it bounds "
+            "what one training example reveals, not what the user as a whole does; the server also read each "
+            "device's example count and training metrics."
+        )
+    names = (
+        "The upload names the items its user trained on: "
+        + ("the touched-items vector is all ones, but the rows of items the user did not train are exactly zero "
+           "in the clipped update, which the server read before adding its noise"
+           if user_dp else
+           "the touched-items vector is 1 exactly for them, and only their rows are non-zero")
+        + "; that set holds every interaction the user trained on (with the sampled negatives), and the "
+        "direction of each row's change tells the two apart. "
+    )
+    return opening + names + "The server also read each device's example count and training metrics."
+
+
 def headline(protected: dict[str, Any], guaranteed: dict[str, Any]) -> dict[str, Any]:
-    """The sentence at the top of the report: protected or not, and by what."""
+    """The sentence at the top of the report: what the server could read, protected or not, and by what."""
+    read = server_could_read(protected)
+    opening = f"{read} " if read else ""
     parts = []
     if guaranteed["user_level"]:
         g = guaranteed["user_level"]
-        parts.append(f"user-level DP (epsilon {g['epsilon']:.3g}, delta {g['delta']:.3g}, {g['accountant']} accountant)")
+        checked = (f"recomputed by the report: {g['recomputed_epsilon']:.3g}" if g["recomputation_matches"] else
+                   f"UNVERIFIED: the report recomputes {_fmt_number(g['recomputed_epsilon'])} from the recorded "
+                   "parameters")
+        parts.append(f"user-level DP (epsilon {g['epsilon']:.3g} at delta {g['delta']:.3g}, {g['accountant']} "
+                     f"accountant; {checked})")
     if guaranteed["record_level"]:
         g = guaranteed["record_level"]
-        parts.append(f"record-level DP on each device (epsilon up to {g['epsilon_max']:.3g}, delta {g['delta']:.3g})")
+        parts.append(f"record-level DP on each device (epsilon up to {g['epsilon_max']:.3g} at delta {g['delta']:.3g})")
     if protected["secure_aggregation"]["on"]:
         params = protected["secure_aggregation"]["parameters"] or {}
         parts.append(
@@ -247,14 +334,18 @@ def headline(protected: dict[str, Any], guaranteed: dict[str, Any]) -> dict[str,
     if not parts:
         return {
             "protected": False,
-            "text": "This run had NO privacy protection: no differential privacy and no secure aggregation. "
-            "The server could see every device's individual update, and nothing bounds what the trained model "
-            "reveals about any user or interaction.",
+            "server_could_read": read,
+            "text": opening + "This run had NO privacy protection: no differential privacy and no secure "
+            "aggregation. Nothing bounds what the trained model reveals about any user or interaction.",
         }
-    text = "Protections on in this run: " + "; ".join(parts) + "."
+    text = opening + "Protections on in this run: " + "; ".join(parts) + "."
     if not (guaranteed["user_level"] or guaranteed["record_level"]):
         text += " No differential privacy: nothing bounds what the trained model reveals about a user."
-    return {"protected": True, "text": text}
+    return {"protected": True, "server_could_read": read, "text": text}
+
+
+def _fmt_number(value: float | None) -> str:
+    return "nothing (the record does not describe a mechanism dp-accounting covers)" if value is None else f"{value:.3g}"
 
 
 def beyond_accuracy(final: dict[str, Any] | None, run_config: dict[str, Any]) -> dict[str, Any] | None:
@@ -308,7 +399,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
 
     protected = protections(run_config, privacy)
     rounds = _rounds(metrics)
-    guaranteed = guarantees(protected, rounds, traffic)
+    guaranteed = guarantees(protected, rounds, traffic, rounds_run(rounds, summary))
     recomputed_hash = config_hash(run_config)
     final = (summary or {}).get("final_evaluation") or next(
         (r for r in reversed(metrics) if r.get("phase") == "evaluate"), None

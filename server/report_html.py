@@ -86,10 +86,18 @@ def _guarantees(g: dict[str, Any]) -> str:
     out = ""
     if g["user_level"]:
         u = g["user_level"]
-        out += "<h3>User-level (one user's whole data; server-side DP-FedAvg)</h3>" + _pairs(u)
+        out += "<h3>User-level (one user's whole data; server-side DP-FedAvg)</h3>"
+        out += (f"<p>Epsilon {escape(_fmt(u['epsilon']))} at delta {escape(_fmt(u['delta']))} as the run's accountant "
+                f"recorded it; {escape(_fmt(u['recomputed_epsilon']))} as this report recomputes it over "
+                f"{escape(_fmt(u['rounds']))} rounds with dp-accounting events of its own.</p>")
+        out += _pairs(u)
         if not u["recomputation_matches"]:
-            out += '<p class="warn">The recorded per-round epsilon does not match a recomputation from the recorded ' \
-                   "parameters: treat this run's privacy figures as unverified.</p>"
+            out += '<p class="warn">The recorded epsilon does not match the report\'s own recomputation from the ' \
+                   "recorded parameters and rounds: the record was changed or the run's accounting is wrong; treat " \
+                   "this run's privacy figures as unverified.</p>"
+        if not u.get("delta_below_one_over_n", True):
+            out += '<p class="warn">Delta is not below 1/N: at such a delta, publishing one user\'s data outright ' \
+                   "would satisfy the guarantee.</p>"
     if g["record_level"]:
         out += ("<h3>Record-level (one training example; Opacus DP-SGD on each device)</h3>"
                 "<p>One example is an interaction or one of its sampled negatives (mse: one interaction). No "
@@ -102,8 +110,8 @@ def _guarantees(g: dict[str, Any]) -> str:
 
 
 def _rounds_table(rounds: list[dict[str, Any]]) -> str:
-    columns = ["round", "clients_ok", "user_epsilon", "record_epsilon_max", "record_epsilon_mean",
-               "record_dp_declined", "hr@10", "ndcg@10", "full_hr@10", "eval_population"]
+    columns = ["round", "clients_ok", "user_epsilon", "user_delta", "record_epsilon_max", "record_epsilon_mean",
+               "record_delta", "record_dp_declined", "hr@10", "ndcg@10", "full_hr@10", "eval_population"]
     present = [c for c in columns if any(c in r for r in rounds)]
     return _table(([r.get(c) for c in present] for r in rounds), [c.replace("_", " ") for c in present])
 
@@ -121,19 +129,20 @@ def _audits(audit: dict[str, Any] | None) -> str:
         for name, r in found["interaction-inference"]["settings"].items():
             attack, rand = r["projection"], r["random_guess"]
             rows.append((name, r["view"], attack["auc"], attack["precision"], attack["recall"], attack["f1"],
-                         rand["precision"], rand["f1"], r.get("user_epsilon")))
+                         rand["precision"], rand["f1"], r.get("user_epsilon"), r.get("user_delta")))
         out += ("<h3>Interaction inference by a curious server (from what it receives)</h3>"
                 + _table(rows, ("setting", "what the server sees", "AUC", "precision", "recall", "F1",
-                                "random: precision", "random: F1", "user-level epsilon")))
+                                "random: precision", "random: F1", "user-level epsilon", "delta")))
     if "membership" in found:
         rows = []
         for name, r in found["membership"]["settings"].items():
             eps = r.get("user_epsilon", r.get("record_epsilon_max"))
+            delta = r.get("user_delta", r.get("record_delta"))
             rows.append((name, r["members"], r["non_members"], r["score"]["auc"], r["score"]["tpr@1%fpr"],
-                         r["random_guess"]["tpr@1%fpr"], eps))
+                         r["random_guess"]["tpr@1%fpr"], eps, delta))
         out += ("<h3>Membership inference on the final model (score threshold)</h3>"
                 + _table(rows, ("setting", "members", "non-members", "AUC", "TPR at 1% FPR", "random: TPR",
-                                "epsilon")))
+                                "epsilon", "delta")))
     if "canary" in found:
         rows = []
         for unit, r in found["canary"].items():
@@ -196,7 +205,7 @@ def render_html(report: dict[str, Any]) -> str:
                  _table(threat_rows, ("adversary", "can", "what it sees", "protection in this run"))),
         _section("Guarantees (computed by the accountants)", "guarantees", _guarantees(g)),
         _section("Privacy spent per round", "epsilon-per-round",
-                 eps_svg or "<p>No differential privacy: no epsilon was spent or bounded.</p>"),
+                 (_deltas(g) + eps_svg) if eps_svg else "<p>No differential privacy: no epsilon was spent or bounded.</p>"),
         _section("Utility per round", "utility-per-round",
                  (util_svg or "<p>No evaluation rounds recorded.</p>") + "<h3>Final evaluation</h3>"
                  + _pairs(report["utility"])),
@@ -211,17 +220,33 @@ def render_html(report: dict[str, Any]) -> str:
                  f"<pre>{escape(json.dumps(config['run_config'], indent=2, sort_keys=True))}</pre>"),
     ]
     banner_class = "protected" if head["protected"] else "unprotected"
+    read = head.get("server_could_read")
+    text = head["text"]
+    opening = ""
+    if read:  # without SecAgg+ the page opens with what the server read, then the rest of the headline
+        opening = f'<p class="banner unprotected" id="server-could-read">{escape(read)}</p>'
+        text = text[len(read):].strip() if text.startswith(read) else text
     return (
         "<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\">"
         "<meta name=\"viewport\" content=\"width=device-width,initial-scale=1\">"
         f"<title>fedrec privacy report</title><style>{STYLE}</style></head><body>"
         f"<h1>fedrec privacy audit report</h1>"
-        f'<p class="banner {banner_class}" id="headline">{escape(head["text"])}</p>'
+        f'{opening}<p class="banner {banner_class}" id="headline">{escape(text)}</p>'
         f"{finished}<p>Run directory <code>{escape(report['run_dir'])}</code>; generated {escape(report['generated_at'])}; "
         "every figure below is read from that directory.</p>"
         + "".join(sections)
         + "</body></html>"
     )
+
+
+def _deltas(g: dict[str, Any]) -> str:
+    """The delta every epsilon in the plot below is stated at."""
+    parts = []
+    if g["user_level"]:
+        parts.append(f"user-level epsilon at delta {_fmt(g['user_level']['delta'])}")
+    if g["record_level"]:
+        parts.append(f"record-level epsilon at delta {_fmt(g['record_level']['delta'])}")
+    return f"<p>{escape('; '.join(parts))}.</p>" if parts else ""
 
 
 def _client_budgets(g: dict[str, Any]) -> str:
@@ -235,9 +260,11 @@ def _client_budgets(g: dict[str, Any]) -> str:
             ("per-device budget", record["epsilon_budget_per_device"]),
             ("largest epsilon of any device", record["epsilon_max"]),
             ("median epsilon over devices", record["epsilon_median"]),
+            ("delta of every record-level epsilon", record["delta"]),
         ]))
     user = g["user_level"]
     if user:
         stop = user.get("stop_reason") or "the run was not stopped by its budget"
-        parts.append(f"<p>User-level budget {escape(_fmt(user.get('epsilon_budget')))}: {escape(stop)}.</p>")
+        parts.append(f"<p>User-level budget {escape(_fmt(user.get('epsilon_budget')))} at delta "
+                     f"{escape(_fmt(user['delta']))}: {escape(stop)}.</p>")
     return "".join(parts) or "<p>No privacy budget applies: no differential privacy in this run.</p>"

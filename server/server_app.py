@@ -22,7 +22,7 @@ from flwr.serverapp import ServerApp
 from common.config import ConfigError, FedRecConfig, check_against_data, parse_run_config
 from common.federation import PreparedData, prepare_cached, slicer_cached
 from common.models import build_model
-from common.privacy import RECORD_NOISE_GENERATOR, UserLevelDP
+from common.privacy import RECORD_NOISE_GENERATOR, UserLevelDP, delta_problem
 from common.secagg import (
     check_distributed_noise,
     device_clipping_norm,
@@ -51,10 +51,53 @@ def fit_workflow(config: FedRecConfig) -> SecAggPlusWorkflow | Callable:
     return secagg_workflow(config)
 
 
+def check_deployment(config: FedRecConfig, simulated: bool) -> None:
+    """The settings a deployment (a real SuperLink) refuses before any device is asked anything.
+
+    In simulation the whole fleet is there (the strategy waits for it) and nobody reads the
+    uploads but the researcher. In a deployment the server belongs to someone else: plain
+    uploads name each user's items, and a round samples from whoever happens to be connected.
+    """
+    if simulated:
+        return
+    if not config.secure_aggregation and not config.allow_plain_uploads:
+        raise ConfigError(
+            "a deployment runs with secure-aggregation = true: without SecAgg+ the server reads every device's "
+            "upload, whose touched-items vector and non-zero rows name the items its user trained on; set "
+            "allow-plain-uploads = true to run without it knowingly"
+        )
+    if not config.user_dp:
+        return
+    if config.client_sampling != "poisson":
+        raise ConfigError(
+            "user-dp in a deployment needs client-sampling = 'poisson': fixed-size sampling picks m of the devices "
+            "that happen to be connected, so a device's chance exceeds the m/N the accountant assumes"
+        )
+    if config.user_dp_population <= 0:
+        raise ConfigError(
+            "user-dp in a deployment needs user-dp-population = N, the number of devices registered with the "
+            "SuperLink: the accountant's population and the noisy mean's denominator q N are defined over them"
+        )
+
+
+def dp_population(config: FedRecConfig, simulated: bool, num_partitions: int) -> int:
+    """N of the user-level mechanism: the simulated clients, or the registered devices of a deployment."""
+    if not simulated:
+        return config.user_dp_population
+    if config.user_dp and config.user_dp_population not in (0, num_partitions):
+        raise ConfigError(
+            f"user-dp-population {config.user_dp_population} differs from the {num_partitions} clients this "
+            "simulation runs; leave it at 0 in simulation (the population is every simulated client)"
+        )
+    return num_partitions
+
+
 def user_level_dp(config: FedRecConfig, num_clients: int) -> UserLevelDP | None:
     """The DP-FedAvg mechanism this run will really execute (None when user-dp is off)."""
     if not config.user_dp:
         return None
+    if config.user_dp_delta >= 1.0 / num_clients:
+        raise ConfigError(delta_problem(config.user_dp_delta, num_clients))
     common = dict(
         noise_multiplier=config.user_dp_noise_multiplier,
         clipping_norm=config.user_dp_clipping_norm,
@@ -197,6 +240,9 @@ def main(grid: Grid, context: Context) -> None:
     """Train for ``num-server-rounds`` and leave a complete run directory behind."""
     use_threads()  # under `flwr run` this process was not started by fedrec's CLI
     config = parse_run_config(context.run_config)
+    transport = transport_facts(grid)
+    simulated = transport["engine"] == "simulation"
+    check_deployment(config, simulated)
     prepared = prepare_cached(config)
     check_against_data(config, prepared.num_items)
     model = build_model(config.model_config, 0, prepared.num_items, seed=config.seed)
@@ -204,9 +250,8 @@ def main(grid: Grid, context: Context) -> None:
     layout = UpdateLayout.from_state(shared, model.item_row_parameter_names(), prepared.num_items)
     num_coordinates = sum(int(np.size(value)) for value in shared.values())
     check_distributed_noise(config, num_coordinates)
+    dp = user_level_dp(config, dp_population(config, simulated, len(slicer_cached(config))))
     resumed = load_server_state(config.run_dir) if config.resume else None
-    transport = transport_facts(grid)
-    simulated = transport["engine"] == "simulation"
     if resumed is not None and config.record_dp and simulated:
         # Each device's record-level accountant lives in its Context, which died with the
         # simulation: resuming would restart every device's epsilon at zero.
@@ -219,7 +264,6 @@ def main(grid: Grid, context: Context) -> None:
     recorder = RunRecorder(
         config.run_dir, context.run_config, config.checkpoint_every, resume_after=resumed.server_round if resumed else 0
     )
-    dp = user_level_dp(config, len(slicer_cached(config)))
     rounds, stop_reason = plan_rounds(config, dp)
     recorder.write_json("privacy.json", {**privacy_plan(config, dp, rounds, stop_reason, num_coordinates), "transport": transport})
     recorder.write_json("dataset.json", dataset_facts(config, prepared, len(slicer_cached(config))))

@@ -213,7 +213,10 @@ def progress_line(server_round: int, num_rounds: int, summary: dict[str, Scalar]
     if np.isfinite(float(summary.get("train_loss", float("nan")))):
         parts.append(f"loss {float(summary['train_loss']):.4f}")
     if "user_epsilon" in summary:
-        parts.append(f"user eps {float(summary['user_epsilon']):.3g}")
+        parts.append(f"user eps {float(summary['user_epsilon']):.3g} (delta {float(summary['user_delta']):.3g})")
+    if "record_epsilon_max" in summary:
+        parts.append(f"record eps max {float(summary['record_epsilon_max']):.3g} "
+                     f"(delta {float(summary['record_delta']):.3g})")
     parts.append(f"{seconds:.1f} s")
     remaining = num_rounds - server_round
     if remaining > 0 and per_round > 0:
@@ -456,6 +459,9 @@ class FedRecStrategy(Strategy):
     def _record_round(self, server_round: int, summary: dict[str, Scalar], client_metrics: list[dict[str, Scalar]]) -> None:
         """A finished round (trained or skipped): metrics, checkpoint, server state, progress line."""
         seconds = time.perf_counter() - self._round_started
+        if self.user_dp is not None and "user_epsilon" not in summary:
+            # A skipped round sampled devices as well: the accountant counts it, and so does its record.
+            summary.update(self._user_privacy(server_round))
         self.recorder.round_trained(server_round, summary, client_metrics, seconds)
         self.recorder.maybe_checkpoint(server_round, self.layout.names, self.current, final=self._is_last(server_round))
         save_server_state(self.recorder.path, self.server_state(server_round))
@@ -558,16 +564,14 @@ class FedRecStrategy(Strategy):
 
     def _privacy_summary(self, server_round: int, client_metrics: list[dict[str, Scalar]]) -> dict[str, Scalar]:
         """Per-round privacy spend: user-level from the accountant, record-level from the devices."""
-        summary: dict[str, Scalar] = {}
+        summary: dict[str, Scalar] = self._user_privacy(server_round) if self.user_dp is not None else {}
         if self.user_dp is not None:
-            summary["user_epsilon"] = self.user_dp.epsilon(server_round, self.config.user_dp_accountant)
-            summary["user_delta"] = self.user_dp.target_delta
-            summary["user_accountant"] = self.config.user_dp_accountant
             summary.update(self._noise_record(len(client_metrics)))
         if self.config.record_dp:
             spent = [float(m["record_epsilon"]) for m in client_metrics if "record_epsilon" in m]
             summary["record_epsilon_max"] = max(spent) if spent else 0.0
             summary["record_epsilon_mean"] = float(np.mean(spent)) if spent else 0.0
+            summary["record_delta"] = self.config.record_dp_delta
             summary["record_dp_declined"] = int(sum(float(m.get("record_dp_declined", 0)) for m in client_metrics))
         return summary
 
@@ -583,6 +587,15 @@ class FedRecStrategy(Strategy):
                     "noise_multiplier_present": noise_multiplier_present(self.config, survivors)}
         return {"user_noise_added_by": "server", "server_noise_std": self.user_dp.noise_std,
                 "noise_multiplier_present": self.user_dp.noise_multiplier}
+
+    def _user_privacy(self, server_round: int) -> dict[str, Scalar]:
+        """User-level epsilon after ``server_round`` rounds, with its delta and accountant."""
+        assert self.user_dp is not None
+        return {
+            "user_epsilon": self.user_dp.epsilon(server_round, self.config.user_dp_accountant),
+            "user_delta": self.user_dp.target_delta,
+            "user_accountant": self.config.user_dp_accountant,
+        }
 
     @staticmethod
     def _fit_summary(client_metrics: list[dict[str, Scalar]], mean_touched: np.ndarray) -> dict[str, Scalar]:

@@ -114,6 +114,7 @@ def cmd_baseline(args: argparse.Namespace) -> int:
 def cmd_simulate(args: argparse.Namespace) -> int:
     from common.config import check_against_data
     from common.federation import slicer_cached
+    from server.server_app import dp_population, user_level_dp
     from simulations.engine import run_in_process
 
     from simulations.scenario import load_scenario
@@ -128,6 +129,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     slicer = slicer_cached(config)
     num_clients = len(slicer)
     check_against_data(config, slicer.prepared.num_items)
+    user_level_dp(config, dp_population(config, True, num_clients))  # a bad delta: one line before any round
     print(
         f"fedrec simulate: {config.model} on {config.dataset}, {num_clients} clients, "
         f"{config.num_server_rounds} rounds -> {config.run_dir}",

@@ -51,6 +51,7 @@ def run_point(name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]
         "user_delta": _last(rows, "user_delta"),
         "user_noise_multiplier": overrides.get("user-dp-noise-multiplier") if overrides.get("user-dp") else None,
         "record_epsilon_max": _last(rows, "record_epsilon_max"),
+        "record_delta": _last(rows, "record_delta"),
         "record_noise_multiplier": overrides.get("record-dp-noise-multiplier") if overrides.get("record-dp") else None,
         "hr@10": final.get("test_sampled_hr@10"),
         "ndcg@10": final.get("test_sampled_ndcg@10"),
@@ -66,12 +67,13 @@ def markdown(table: list[dict[str, Any]]) -> str:
         return "–" if value is None else f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
     lines = [
-        "| point | user-level ε (δ) | record-level ε max | HR@10 | NDCG@10 | full HR@10 | full NDCG@10 | min |",
+        "| point | user-level ε (δ) | record-level ε max (δ) | HR@10 | NDCG@10 | full HR@10 | full NDCG@10 | min |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in table:
         user = "–" if r["user_epsilon"] is None else f"{r['user_epsilon']:.2f} ({r['user_delta']:.2g}), z={r['user_noise_multiplier']:.3f}"
-        record = "–" if r["record_epsilon_max"] is None else f"{r['record_epsilon_max']:.2f}, z={r['record_noise_multiplier']}"
+        record = "–" if r["record_epsilon_max"] is None else \
+            f"{r['record_epsilon_max']:.2f} ({r['record_delta']:.2g}), z={r['record_noise_multiplier']}"
         lines.append(
             f"| {r['point']} | {user} | {record} | {fmt(r['hr@10'])} | {fmt(r['ndcg@10'])} | "
             f"{fmt(r['full_hr@10'])} | {fmt(r['full_ndcg@10'])} | {r['minutes']:.0f} |"

@@ -104,7 +104,7 @@ def test_protected_run_reports_each_guarantee_as_its_accountant_computed_it(prot
     # an independent dp-accounting composition of the same mechanism, by hand
     accountant = rdp.RdpAccountant(neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
     accountant.compose(dp_accounting.PoissonSampledDpEvent(Q, dp_accounting.GaussianDpEvent(Z)), 3)
-    assert user["epsilon"] == pytest.approx(accountant.get_epsilon(1 / 12), rel=1e-9)
+    assert user["epsilon"] == pytest.approx(accountant.get_epsilon(1e-5), rel=1e-9) and user["delta"] == 1e-5
     assert user["recomputation_matches"] and user["epsilon"] <= USER_BUDGET
     assert (user["noise_multiplier"], user["clipping_norm"], user["sampling_rate"]) == (Z, C, Q)
     secagg = report["protections"]["secure_aggregation"]
@@ -271,3 +271,71 @@ def test_optional_pdf_is_printed_by_chromium(plain_run, tmp_path):
     assert fedrec(["report", str(plain_run), "--out", str(tmp_path), "--pdf"]) == 0
     pdf = (tmp_path / "report.pdf").read_bytes()
     assert pdf.startswith(b"%PDF-") and len(pdf) > 20_000
+
+
+# --- what the server could read; delta beside every epsilon; the report's own recomputation ----
+def test_a_run_without_secagg_opens_with_what_the_server_could_read(plain_run, protected_run):
+    report = json.loads((plain_run / "report.json").read_text())
+    read = report["headline"]["server_could_read"]
+    assert report["headline"]["text"].startswith(read)
+    assert read.startswith("Without secure aggregation the server read every device's own upload")
+    assert "touched-items vector is 1 exactly for them, and only their rows are non-zero" in read
+    html = (plain_run / "report.html").read_text()
+    assert html.index('id="server-could-read"') < html.index('id="headline"') < html.index("<section")
+    protected = json.loads((protected_run / "report.json").read_text())
+    assert protected["headline"]["server_could_read"] is None  # SecAgg+: no single upload was read
+    assert 'id="server-could-read"' not in (protected_run / "report.html").read_text()
+
+
+def test_every_epsilon_of_a_run_comes_with_its_delta(protected_run):
+    from server.strategy import progress_line
+
+    fits = [r for r in _lines(protected_run / "metrics.jsonl") if r["phase"] == "fit"]
+    assert fits and all(r["user_delta"] == 1e-5 and r["record_delta"] == 1e-5 for r in fits)
+    recorded = {key: value for key, value in fits[-1].items() if value is not None}  # JSON wrote NaN as null
+    line = progress_line(fits[-1]["round"], 4, recorded, 1.0, 1.0)
+    assert f"user eps {fits[-1]['user_epsilon']:.3g} (delta 1e-05)" in line and "record eps max" in line
+    privacy = json.loads((protected_run / "privacy.json").read_text())
+    assert privacy["user_level"]["delta"] == 1e-5 and privacy["record_level"]["delta"] == 1e-5
+    report = json.loads((protected_run / "report.json").read_text())
+    assert all(r["user_delta"] == 1e-5 and r["record_delta"] == 1e-5 for r in report["rounds"] if "clients_ok" in r)
+    assert "epsilon" in report["headline"]["text"] and report["headline"]["text"].count("at delta 1e-05") == 2
+    html = (protected_run / "report.html").read_text()
+    assert "user-level epsilon at delta 1e-05; record-level epsilon at delta 1e-05" in html
+
+
+def test_the_report_recomputes_user_epsilon_without_the_runs_accounting_code(protected_run, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the report must not use the run's own accountant")
+
+    monkeypatch.setattr(UserLevelDP, "epsilon", refuse)
+    report = build_report(protected_run)
+    user = report["guarantees"]["user_level"]
+    recorded = [r for r in _lines(protected_run / "metrics.jsonl") if r["phase"] == "fit"][-1]["user_epsilon"]
+    assert user["epsilon"] == recorded and user["rounds"] == 3
+    assert user["recomputed_epsilon"] == pytest.approx(recorded, rel=1e-9) and user["recomputation_matches"]
+    assert user["delta_below_one_over_n"] and "UNVERIFIED" not in report["headline"]["text"]
+
+
+@pytest.mark.parametrize("tamper", ["rounds", "noise", "epsilon"])
+def test_a_tampered_privacy_record_is_flagged(protected_run, tmp_path, tamper):
+    copy_dir = tmp_path / "tampered"
+    shutil.copytree(protected_run, copy_dir)
+    if tamper == "rounds":  # the record claims more rounds ran than its epsilon covers
+        summary = json.loads((copy_dir / "summary.json").read_text())
+        (copy_dir / "summary.json").write_text(json.dumps({**summary, "rounds": summary["rounds"] + 2}))
+    elif tamper == "noise":
+        privacy = json.loads((copy_dir / "privacy.json").read_text())
+        privacy["user_level"]["noise_multiplier"] *= 2
+        (copy_dir / "privacy.json").write_text(json.dumps(privacy))
+    else:  # the last round's epsilon replaced by the first round's
+        rows = _lines(copy_dir / "metrics.jsonl")
+        fits = [r for r in rows if r["phase"] == "fit"]
+        fits[-1]["user_epsilon"] = fits[0]["user_epsilon"]
+        (copy_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    paths = write_report(copy_dir)
+    report = json.loads(paths["json"].read_text())
+    user = report["guarantees"]["user_level"]
+    assert not user["recomputation_matches"] and user["recomputed_epsilon"] != pytest.approx(user["epsilon"])
+    assert "UNVERIFIED" in report["headline"]["text"]
+    assert "does not match the report's own recomputation" in paths["html"].read_text()
