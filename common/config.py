@@ -24,6 +24,9 @@ AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan"
 TOO_FEW_CLIENTS = ("skip", "retry")
 TRANSPORT_DTYPES = ("float32", "float16")
 CLIENT_WEIGHTS = ("examples", "uniform")
+# Which interaction of a user is held out: "time" the latest, "random" a seeded random one,
+# "auto" by time when the data has timestamps (MovieLens, synthetic, csv-timestamp-col), else random.
+SPLITS = ("auto", "time", "random")
 # Replies a simulated fleet device refuses (client.fleet) start with this; the server counts them by kind.
 FLEET_FAILURE_PREFIX = "fleet:"
 ROUND_ATTEMPT_KEY = "round-attempt"  # fit config of a retried round: 1, 2, ... (absent on the first attempt)
@@ -60,6 +63,7 @@ class FedRecConfig:
     new_items: float
     seed: int
     eval_negatives: int
+    split: str
     partitioning: str
     users_per_client: int
     model: str
@@ -229,6 +233,7 @@ _CHOICES = {
     "too_few_clients": TOO_FEW_CLIENTS,
     "transport_dtype": TRANSPORT_DTYPES,
     "client_weight": CLIENT_WEIGHTS,
+    "split": SPLITS,
 }
 _POSITIVE = {
     "synthetic_users", "synthetic_items", "synthetic_mean_interactions", "users_per_client", "embedding_dim",
@@ -291,6 +296,11 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
     for name in _PROBABILITIES:
         if not 0.0 <= values[name] <= 1.0:
             raise ConfigError(f"{name.replace('_', '-')} must be in [0, 1]; got {values[name]!r}")
+    if values["data_path"] and values["dataset"] == "synthetic":
+        raise ConfigError(
+            f"data-path {values['data_path']!r} is set but dataset is 'synthetic', which reads no file; "
+            "name the dataset too (--dataset / dataset = movielens-100k, movielens-1m, ..., csv or parquet)"
+        )
     if values["local_epochs_min"] > values["local_epochs"]:
         raise ConfigError(
             f"local-epochs-min ({values['local_epochs_min']}) must not exceed local-epochs ({values['local_epochs']})"
@@ -355,10 +365,18 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
     return FedRecConfig(**values)
 
 
-def check_against_data(config: FedRecConfig, num_items: int) -> None:
-    """The checks that need the loaded dataset (run before the first round)."""
+def check_against_data(config: FedRecConfig, num_items: int, num_clients: int = 0) -> None:
+    """The checks that need the loaded dataset (run before the first round); ``num_clients`` 0: unknown."""
     if config.exposure_item >= num_items:
         raise ConfigError(f"exposure-item {config.exposure_item} is not an item of this dataset (0..{num_items - 1})")
+    if num_clients <= 0:
+        return
+    for key in ("clients_per_round", "min_train_clients", "min_available_clients"):
+        if getattr(config, key) > num_clients:
+            raise ConfigError(
+                f"{key.replace('_', '-')} = {getattr(config, key)} but this dataset makes only {num_clients} clients "
+                f"({config.partitioning} partitioning); use at most {num_clients}"
+            )
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:
