@@ -163,13 +163,14 @@ def main(grid: Grid, context: Context) -> None:
     """Train for ``num-server-rounds`` and leave a complete run directory behind."""
     config = parse_run_config(context.run_config)
     prepared = prepare_cached(config)
-    check_against_data(config, prepared.num_items)
     model = build_model(config.model_config, 0, prepared.num_items, seed=config.seed)
     shared = model.shared_state()
     layout = UpdateLayout.from_state(shared, model.item_row_parameter_names(), prepared.num_items)
     resumed = load_server_state(config.run_dir) if config.resume else None
     transport = transport_facts(grid)
     simulated = transport["engine"] == "simulation"
+    # In simulation every client the data makes is a SuperNode, so a round plan can be checked against them.
+    check_against_data(config, prepared.num_items, len(slicer_cached(config)) if simulated else 0)
     if resumed is not None and config.record_dp and simulated:
         # Each device's record-level accountant lives in its Context, which died with the
         # simulation: resuming would restart every device's epsilon at zero.

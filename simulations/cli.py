@@ -15,7 +15,7 @@ import shlex
 import sys
 import tomllib
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -65,7 +65,7 @@ def _config_value(key: str, text: str, default: Any) -> Any:
     raise ConfigError(f"-c {key}={text}: {key} takes {kind} (default {json.dumps(default)}); got {text!r}")
 
 
-def parse_overrides(texts: Sequence[str]) -> dict[str, Any]:
+def parse_overrides(texts: Sequence[str], more_defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """``-c`` arguments as a run-config dict; one clear line (ConfigError) for anything unreadable.
 
     The same syntax as ``flwr run --run-config`` (space-separated KEY=VALUE, TOML values,
@@ -82,7 +82,7 @@ def parse_overrides(texts: Sequence[str]) -> dict[str, Any]:
                 return flatten_dict(tomllib.load(handle))
         except (OSError, tomllib.TOMLDecodeError) as err:
             raise ConfigError(f"-c {texts[0]}: not a readable TOML file ({err})") from None
-    defaults = _run_config_defaults()
+    defaults = {**_run_config_defaults(), **(more_defaults or {})}
     overrides: dict[str, Any] = {}
     for text in texts:
         leftover = _PAIR.sub("", text).strip()
@@ -93,8 +93,10 @@ def parse_overrides(texts: Sequence[str]) -> dict[str, Any]:
     return overrides
 
 
-def _overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
-    overrides: dict[str, Any] = parse_overrides(args.run_config) if args.run_config else {}
+def _overrides(
+    args: argparse.Namespace, extra: dict[str, Any], more_defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    overrides: dict[str, Any] = parse_overrides(args.run_config, more_defaults) if args.run_config else {}
     for key in ("dataset", "data_path", "seed"):
         if getattr(args, key, None) is not None:
             overrides[key.replace("_", "-")] = getattr(args, key)
@@ -483,13 +485,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from simulations.audits import run_audits
+    from simulations.audits.run import AUDIT_DEFAULTS
 
     run_dir = Path(args.run_dir)
     base: dict[str, Any] = {}
     if (run_dir / "config.json").exists():
         base = dict(json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["run_config"])
         print(f"fedrec audit: auditing the setting of the run in {run_dir}", file=sys.stderr)
-    overrides = {**base, **_overrides(args, {"model": args.model})}
+    overrides = {**base, **_overrides(args, {"model": args.model}, AUDIT_DEFAULTS)}
     run_audits(args.scenario, overrides, run_dir)
     if (run_dir / "privacy.json").exists():
         from server.report import write_report
