@@ -61,6 +61,8 @@ def _config_value(key: str, text: str, default: Any) -> Any:
 
     if default is None:
         raise ConfigError(f"-c {key}={text}: cannot read {text!r} as a value; quote strings, e.g. {key}=\"{text}\"")
+    if isinstance(default, str):
+        raise ConfigError(f"-c {key}={text}: unbalanced quotes; write {key}=value or {key}=\"value\"")
     kind = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
     raise ConfigError(f"-c {key}={text}: {key} takes {kind} (default {json.dumps(default)}); got {text!r}")
 

@@ -59,8 +59,9 @@ def test_an_unquoted_word_for_a_number_key_says_what_the_key_takes(tmp_path, cap
     assert tree(tmp_path) == {}
 
 
-def test_a_pair_without_a_value_is_named(capsys):
+def test_a_pair_without_a_value_or_with_a_stray_quote_is_named(capsys):
     fails_in_one_line(["baseline", "--model", "itempop", "-c", f"{SMALL} learning-rate"], capsys, "is not KEY=VALUE")
+    fails_in_one_line(["baseline", "--model", "itempop", "-c", 'model="gmf'], capsys, "unbalanced quotes")
 
 
 def test_string_keys_take_their_value_unquoted(tmp_path, capsys):
