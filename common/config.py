@@ -32,6 +32,9 @@ AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan"
 TOO_FEW_CLIENTS = ("skip", "retry")
 TRANSPORT_DTYPES = ("float32", "float16")
 CLIENT_WEIGHTS = ("examples", "uniform")
+# Which interaction of a user is held out: "time" the latest, "random" a seeded random one,
+# "auto" by time when the data has timestamps (MovieLens, synthetic, csv-timestamp-col), else random.
+SPLITS = ("auto", "time", "random")
 # Replies a simulated fleet device refuses (client.fleet) start with this; the server counts them by kind.
 FLEET_FAILURE_PREFIX = "fleet:"
 ROUND_ATTEMPT_KEY = "round-attempt"  # fit config of a retried round: 1, 2, ... (absent on the first attempt)
@@ -80,6 +83,8 @@ class FedRecConfig:
                     section="Evaluation and partitioning")
     eval_negatives: int = key(99, "Sampled negatives each held-out item is ranked against (HR@10, NDCG@10).",
                               range=POSITIVE)
+    split: str = key("auto", "Held-out item per user: time (the latest), random (seeded by seed), auto (time when the "
+                     "data has timestamps: MovieLens, synthetic, csv-timestamp-col; else random).", choices=SPLITS)
     partitioning: str = key("user", "user: a phone per user; group: a kiosk serving users-per-client users.",
                             choices=PARTITIONINGS)
     users_per_client: int = key(10, "partitioning = group: users per kiosk.", range=POSITIVE)
@@ -337,6 +342,11 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
         values[spec.attr] = _coerce(spec.name, run_config[spec.name], spec.type.__name__)
     for spec in RUN_CONFIG_KEYS:  # choices and ranges of single keys; the rules across keys follow
         spec.check(values[spec.attr])
+    if values["data_path"] and values["dataset"] == "synthetic":
+        raise ConfigError(
+            f"data-path {values['data_path']!r} is set but dataset is 'synthetic', which reads no file; "
+            "name the dataset too (--dataset / dataset = movielens-100k, movielens-1m, ..., csv or parquet)"
+        )
     if values["local_epochs_min"] > values["local_epochs"]:
         raise ConfigError(
             f"local-epochs-min ({values['local_epochs_min']}) must not exceed local-epochs ({values['local_epochs']})"
@@ -390,10 +400,18 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
     return FedRecConfig(**values)
 
 
-def check_against_data(config: FedRecConfig, num_items: int) -> None:
-    """The checks that need the loaded dataset (run before the first round)."""
+def check_against_data(config: FedRecConfig, num_items: int, num_clients: int = 0) -> None:
+    """The checks that need the loaded dataset (run before the first round); ``num_clients`` 0: unknown."""
     if config.exposure_item >= num_items:
         raise ConfigError(f"exposure-item {config.exposure_item} is not an item of this dataset (0..{num_items - 1})")
+    if num_clients <= 0:
+        return
+    for name in ("clients_per_round", "min_train_clients", "min_available_clients"):
+        if getattr(config, name) > num_clients:
+            raise ConfigError(
+                f"{name.replace('_', '-')} = {getattr(config, name)} but this dataset makes only {num_clients} clients "
+                f"({config.partitioning} partitioning); use at most {num_clients}"
+            )
 
 
 def _coerce(key: str, value: Any, annotation: Any) -> Any:

@@ -21,7 +21,7 @@ from common.item_features import ItemFeatures, catalogue
 from common.loaders import find_movielens_file
 from common.negatives import sample_negatives
 from common.partition import ClientPartition, fixed_size_groups, index_rows_by_user, one_user_per_client
-from common.splits import Split, hold_out_items, leave_one_out
+from common.splits import Split, hold_out_items, leave_one_out, random_leave_one_out
 from common.user_groups import movielens_user_groups
 
 
@@ -57,6 +57,7 @@ class PreparedData:
     new_item_features: np.ndarray | None = None  # [held-out items, F]
     catalogue: np.ndarray | None = None  # the item features whether or not the model reads them (diversity)
     user_groups: dict[str, np.ndarray] = field(default_factory=dict)  # dimension -> label per user (private)
+    split_kind: str = "time"  # "time" or "random": how each user's held-out items were chosen
 
     @property
     def num_users(self) -> int:
@@ -116,8 +117,31 @@ def _eval_data(part: Interactions, known, num_negatives: int, seed: int) -> Eval
     return EvalData(users=users, items=items, negatives=negatives)
 
 
+def has_timestamps(config: FedRecConfig) -> bool:
+    """Whether the dataset records when each interaction happened (else row order stands in)."""
+    if config.dataset in ("csv", "parquet"):
+        return bool(config.csv_timestamp_col)
+    return True  # MovieLens ratings files and the synthetic generator carry timestamps
+
+
+def split_kind(config: FedRecConfig) -> str:
+    """The ``split`` run-config resolved: "time" or "random"."""
+    if config.split != "auto":
+        return config.split
+    return "time" if has_timestamps(config) else "random"
+
+
+def describe_split(kind: str, config: FedRecConfig) -> str:
+    """How held-out items were chosen, for the console and reports."""
+    if kind == "random":
+        return f"leave-one-out split: a random interaction per user (seed {config.seed})"
+    if has_timestamps(config):
+        return "leave-one-out split: each user's latest interaction"
+    return "leave-one-out split: each user's last row in the file (no timestamp column)"
+
+
 def prepare(config: FedRecConfig) -> PreparedData:
-    """Load, split (leave-one-out by time) and sample evaluation negatives."""
+    """Load, split (leave-one-out, see ``split``) and sample evaluation negatives."""
     options: dict = {}
     if config.dataset == "synthetic":
         options["mean_interactions"] = config.synthetic_mean_interactions
@@ -148,7 +172,8 @@ def prepare(config: FedRecConfig) -> PreparedData:
         if catalogue is not None:  # a pure collaborative model has nothing to rank new items by
             new_features = catalogue.values[held_out.new_items]
             catalogue = ItemFeatures(catalogue.values[held_out.known_items], catalogue.names, catalogue.undescribed)
-    split = leave_one_out(data)
+    kind = split_kind(config)
+    split = leave_one_out(data) if kind == "time" else random_leave_one_out(data, seed=config.seed)
     known = data.to_csr()
     if config.new_items > 0:
         new_items = _new_item_eval(held_out.new, split.train, config.eval_negatives, config.seed + 2)
@@ -163,6 +188,7 @@ def prepare(config: FedRecConfig) -> PreparedData:
         new_item_features=new_features if config.item_features else None,
         catalogue=None if catalogue is None else catalogue.values,
         user_groups=groups,
+        split_kind=kind,
     )
 
 

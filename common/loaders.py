@@ -119,6 +119,16 @@ def _field_problem(text: str, kind: Kind) -> str | None:
     return None
 
 
+ID_ROLES = ("user id", "item id")
+
+
+def _id_problem(text: str, role: str) -> str | None:
+    """Why a parsed integer is no valid id (ids are >= 0: they name devices' users and exported items)."""
+    if role in ID_ROLES and int(text) < 0:
+        return f"{text.strip()!r} is negative (ids must be integers >= 0)"
+    return None
+
+
 def _scan_for_error(
     path: Path,
     delimiter: str,
@@ -146,7 +156,7 @@ def _scan_for_error(
             if len(parts) != num_fields:
                 return _field_count_error(line, parts, num_fields, delimiter, lineno, path)
             for f in fields:
-                problem = _field_problem(parts[f.index], f.kind)
+                problem = _field_problem(parts[f.index], f.kind) or _id_problem(parts[f.index], f.role)
                 if problem is not None:
                     return DataError(f"{f.role} {problem}", path=path, line=lineno)
     # The fast parser rejected something the line check accepts (should not
@@ -230,12 +240,17 @@ def _read_table(
         for role, chunks in parts.items()
     }
     for f in fields:
-        finite = np.isfinite(columns[f.role]) if f.kind == "float" else None
-        if finite is not None and not finite.all():
-            bad_row = int(np.argmin(finite))
+        if f.kind == "float":
+            valid = np.isfinite(columns[f.role])
+        elif f.role in ID_ROLES:
+            valid = columns[f.role] >= 0
+        else:
+            continue
+        if not valid.all():
+            bad_row = int(np.argmin(valid))
             ends = np.cumsum([rows for _, _, rows in blocks])
             offset, first_line, _ = blocks[int(np.searchsorted(ends, bad_row, side="right"))]
-            raise fail(f"non-finite {f.role}", offset, first_line)
+            raise fail(f"invalid {f.role}", offset, first_line)
     n = sum(rows for _, _, rows in blocks)
     return columns, n
 
@@ -442,6 +457,9 @@ def _parquet_column(table, name: str, role: str, kind: Kind, path: Path) -> np.n
         if not np.all(np.isfinite(values)):
             bad = int(np.flatnonzero(~np.isfinite(values))[0])
             raise DataError(f"{role} in row {bad} is not finite ({values[bad]})", path=path)
+    if kind == "int" and role in ID_ROLES and len(values) and values.min() < 0:
+        bad = int(np.argmin(values))
+        raise DataError(f"{role} in row {bad} is negative ({values[bad]}; ids must be integers >= 0)", path=path)
     return values.astype(np.int64, copy=False) if kind == "int" else values
 
 

@@ -13,7 +13,9 @@ import numpy as np
 
 from common.interactions import Interactions
 
-__all__ = ["NewItemSplit", "Split", "hold_out_items", "leave_one_out", "temporal_split", "random_split"]
+__all__ = [
+    "NewItemSplit", "Split", "hold_out_items", "leave_one_out", "random_leave_one_out", "temporal_split", "random_split",
+]
 
 _TRAIN, _VALIDATION, _TEST = 0, 1, 2
 
@@ -72,6 +74,20 @@ def leave_one_out(data: Interactions, *, validation: bool = True) -> Split:
     n_test = (counts >= 2).astype(np.int64)
     n_val = ((counts >= 3) & validation).astype(np.int64)
     return _assemble(data, _chronological_order(data), n_test, n_val)
+
+
+def random_leave_one_out(data: Interactions, *, seed: int, validation: bool = True) -> Split:
+    """A seeded random interaction of each user -> test, another -> validation.
+
+    For data without time: there, the latest row is only the last in the file, and a file
+    sorted by item id would hold out every user's highest item id. Same per-user counts
+    as :func:`leave_one_out`.
+    """
+    counts = data.user_counts()
+    n_test = (counts >= 2).astype(np.int64)
+    n_val = ((counts >= 3) & validation).astype(np.int64)
+    shuffle = np.random.default_rng(seed).permutation(len(data))
+    return _assemble(data, np.lexsort((shuffle, data.users)), n_test, n_val)
 
 
 def _ratio_counts(counts: np.ndarray, test_ratio: float, validation_ratio: float) -> tuple[np.ndarray, np.ndarray]:

@@ -31,11 +31,14 @@ import json
 import math
 import os
 import time
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
+
+from common.errors import DataError
 
 
 def config_hash(run_config: Mapping[str, Any]) -> str:
@@ -76,7 +79,10 @@ def keep_previous_run(path: Path) -> Path | None:
 
 
 SERVER_STATE_FILE = "server-state.npz"
-RESUME_KEY = "resume"  # the one run-config key a resumed run may change
+RESUME_KEY = "resume"
+# What a resumed run may change: whether it resumes, and where the directory is (written
+# relative or absolute, or moved since).
+MAY_CHANGE_ON_RESUME = (RESUME_KEY, "run-dir")
 
 
 @dataclass
@@ -105,12 +111,34 @@ def load_server_state(run_dir: str | os.PathLike) -> ServerState | None:
         with np.load(path) as archive:
             arrays = {k: archive[k] for k in archive.files if k not in ("__round__", "__facts__")}
             return ServerState(int(archive["__round__"]), arrays, json.loads(str(archive["__facts__"])))
-    except (OSError, ValueError, KeyError) as err:
-        raise ValueError(f"{path}: not a fedrec server state ({err})") from None
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as err:
+        reason = " ".join(str(err).split()) or type(err).__name__
+        raise DataError(
+            f"not a readable fedrec server state ({reason}); the file is empty or truncated: "
+            "restore it, or start again in a new run-dir", path
+        ) from None
 
 
 def _without_resume(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in run_config.items() if k != RESUME_KEY}
+    return {k: v for k, v in run_config.items() if k not in MAY_CHANGE_ON_RESUME}
+
+
+def check_resume_config(run_dir: str | os.PathLike, run_config: Mapping[str, Any]) -> None:
+    """A run may only go on with the settings it started with (ValueError naming what changed)."""
+    path = Path(run_dir) / "config.json"
+    try:
+        written = json.loads(path.read_text(encoding="utf-8"))["run_config"]
+    except (OSError, ValueError, KeyError) as err:
+        raise DataError(f"cannot resume: no readable run-config of the interrupted run ({type(err).__name__})", path) from None
+    if _without_resume(written) != _without_resume(run_config):
+        changed = sorted(
+            k for k in set(written) | set(run_config)
+            if k not in MAY_CHANGE_ON_RESUME and written.get(k) != run_config.get(k)
+        )
+        raise ValueError(
+            f"{Path(run_dir)}: cannot resume with a different run-config (changed: {', '.join(changed)}); "
+            "resume with the interrupted run's settings or use a new run-dir"
+        )
 
 
 class RunRecorder:
@@ -141,14 +169,8 @@ class RunRecorder:
             (self.path / name).write_text("")
 
     def _keep_rows_up_to(self, server_round: int, run_config: Mapping[str, Any]) -> None:
-        """Resume: the same run-config (but ``resume``), and only rows of completed rounds."""
-        written = json.loads((self.path / "config.json").read_text())["run_config"]
-        if _without_resume(written) != _without_resume(run_config):
-            changed = sorted(k for k in set(written) | set(run_config) if k != RESUME_KEY and written.get(k) != run_config.get(k))
-            raise ValueError(
-                f"{self.path}: cannot resume with a different run-config (changed: {', '.join(changed)}); "
-                "resume with the interrupted run's settings or use a new run-dir"
-            )
+        """Resume: the same run-config (but ``resume`` and ``run-dir``), and only rows of completed rounds."""
+        check_resume_config(self.path, run_config)
         for name in ("metrics.jsonl", "traffic.jsonl"):
             lines = (self.path / name).read_text().splitlines() if (self.path / name).exists() else []
             kept = [line for line in lines if line.strip() and json.loads(line).get("round", 0) <= server_round]

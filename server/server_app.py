@@ -16,11 +16,11 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.server import Grid, LegacyContext, ServerConfig
 from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
-from flwr.server.workflow.default_workflows import default_fit_workflow
+from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
 from flwr.serverapp import ServerApp
 
 from common.config import ConfigError, FedRecConfig, check_against_data, parse_run_config
-from common.federation import PreparedData, prepare_cached, slicer_cached
+from common.federation import PreparedData, describe_split, prepare_cached, slicer_cached
 from common.models import build_model
 from common.privacy import RECORD_NOISE_GENERATOR, UserLevelDP, delta_problem
 from common.secagg import (
@@ -36,6 +36,7 @@ from common.secagg import (
 from common.threads import use_threads
 from common.updates import UpdateLayout
 from server.fleet import retrying, with_deadline
+from server.progress import reporting
 from server.run_dir import RunRecorder, load_server_state
 from server.sampling import simulation_partitions
 from server.secure_aggregation import secagg_workflow
@@ -244,7 +245,6 @@ def main(grid: Grid, context: Context) -> None:
     simulated = transport["engine"] == "simulation"
     check_deployment(config, simulated)
     prepared = prepare_cached(config)
-    check_against_data(config, prepared.num_items)
     model = build_model(config.model_config, 0, prepared.num_items, seed=config.seed)
     shared = model.shared_state()
     layout = UpdateLayout.from_state(shared, model.item_row_parameter_names(), prepared.num_items)
@@ -252,6 +252,8 @@ def main(grid: Grid, context: Context) -> None:
     check_distributed_noise(config, num_coordinates)
     dp = user_level_dp(config, dp_population(config, simulated, len(slicer_cached(config))))
     resumed = load_server_state(config.run_dir) if config.resume else None
+    # In simulation every client the data makes is a SuperNode, so a round plan can be checked against them.
+    check_against_data(config, prepared.num_items, len(slicer_cached(config)) if simulated else 0)
     if resumed is not None and config.record_dp and simulated:
         # Each device's record-level accountant lives in its Context, which died with the
         # simulation: resuming would restart every device's epsilon at zero.
@@ -288,11 +290,12 @@ def main(grid: Grid, context: Context) -> None:
         log(logging.INFO, "fedrec: resuming %s after round %d of %d", config.run_dir, resumed.server_round, rounds)
     log(
         logging.INFO,
-        "fedrec: %s on %s (%d users, %d items), %s, secure aggregation %s, run dir %s",
+        "fedrec: %s on %s (%d users, %d items; %s), %s, secure aggregation %s, run dir %s",
         config.model,
         config.dataset,
         prepared.num_users,
         prepared.num_items,
+        describe_split(prepared.split_kind, config),
         strategy,
         "SecAgg+" if config.secure_aggregation else "off",
         recorder.path,
@@ -304,7 +307,10 @@ def main(grid: Grid, context: Context) -> None:
         )
         retries = config.round_retries if config.too_few_clients == "retry" else 0
         fit = retrying(fit_workflow(config), strategy, retries)
-        DefaultWorkflow(fit_workflow=fit)(with_deadline(grid, config, transport["engine"]), legacy_context)
+        evaluate = reporting(default_evaluate_workflow, strategy.finish_round)
+        DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate)(
+            with_deadline(grid, config, transport["engine"]), legacy_context
+        )
     extra: dict = {"stop_reason": stop_reason} if stop_reason else {}
     if resumed is not None:
         extra.update(resumed_after_round=resumed.server_round, wall_seconds_before_resume=strategy.elapsed_before)
@@ -314,9 +320,10 @@ def main(grid: Grid, context: Context) -> None:
     final = summary.get("final_evaluation", {})
     log(
         logging.INFO,
-        "fedrec: done in %.1fs; test HR@10 %.4f NDCG@10 %.4f (sampled, %s users)",
+        "fedrec: done in %.1f s; test HR@10 %.4f NDCG@10 %.4f (sampled, %.0f users); results in %s",
         summary["wall_seconds"],
         final.get("test_sampled_hr@10", float("nan")),
         final.get("test_sampled_ndcg@10", float("nan")),
         final.get("test_count", 0),
+        config.run_dir,
     )

@@ -51,6 +51,7 @@ from common.updates import (
     validate_upload,
 )
 from server.list_metrics import catalogue_summary, group_summary
+from server.progress import RoundProgress, progress_line  # noqa: F401 - progress_line: re-exported
 from server.robust import robust_mean
 from server.sampling import EVALUATE, FIT, partition_order, seeded_sample
 from server.run_dir import RunRecorder, ServerState, save_server_state
@@ -202,29 +203,6 @@ def failure_kinds(failures: list[tuple[ClientProxy, FitRes] | BaseException]) ->
     return {"clients_unavailable": absent, "clients_late": late} if failures else {}
 
 
-def progress_line(server_round: int, num_rounds: int, summary: dict[str, Scalar], seconds: float, per_round: float) -> str:
-    """One line per round for the console: where the run is, what came back, how long is left."""
-    parts = [f"fedrec: round {server_round}/{num_rounds}",
-             f"{summary.get('clients_ok', 0)}/{summary.get('clients_sampled', 0)} updates"]
-    problems = [f"{summary[key]} {key.split('_', 1)[1].replace('_', ' ')}"
-                for key in ("clients_failed", "clients_no_reply", "clients_rejected") if summary.get(key)]
-    if problems:
-        parts[-1] += f" ({', '.join(problems)})"
-    if np.isfinite(float(summary.get("train_loss", float("nan")))):
-        parts.append(f"loss {float(summary['train_loss']):.4f}")
-    if "user_epsilon" in summary:
-        parts.append(f"user eps {float(summary['user_epsilon']):.3g} (delta {float(summary['user_delta']):.3g})")
-    if "record_epsilon_max" in summary:
-        parts.append(f"record eps max {float(summary['record_epsilon_max']):.3g} "
-                     f"(delta {float(summary['record_delta']):.3g})")
-    parts.append(f"{seconds:.1f} s")
-    remaining = num_rounds - server_round
-    if remaining > 0 and per_round > 0:
-        eta = int(per_round * remaining)
-        parts.append(f"ETA {eta // 60} min {eta % 60:02d} s")
-    return " | ".join(parts)
-
-
 def split_prefixed(metrics: list[dict[str, Scalar]], prefix: str) -> list[dict[str, float]]:
     """Per-client sums under ``prefix_`` with the prefix removed (for :func:`merge_sums`)."""
     parts = []
@@ -281,6 +259,7 @@ class FedRecStrategy(Strategy):
         self.uploads_are_aggregated = uploads_are_aggregated
         self._round_started = time.perf_counter()
         self._created = time.perf_counter()
+        self.progress = RoundProgress(self.num_rounds)
         # Example-weighted sum of every round's touched vector: the popularity fallback.
         # Under either DP (or whole-table averaging) the touched vector is all ones and
         # says nothing, so nothing is published.
@@ -343,6 +322,7 @@ class FedRecStrategy(Strategy):
         self.excluded = {int(n) for n in state.facts.get("excluded", [])}
         self.elapsed_before = float(state.facts.get("elapsed_seconds", 0.0))
         self.start_round = state.server_round
+        self.progress.elapsed_before = self.elapsed_before
 
     # --- setup ---------------------------------------------------------------------
     def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
@@ -393,6 +373,7 @@ class FedRecStrategy(Strategy):
     ) -> list[tuple[ClientProxy, FitIns]]:
         server_round += self.start_round
         self._round_started = time.perf_counter()
+        self.progress.round_started()
         if self.config.client_sampling == "poisson" and self.user_dp is not None:
             clients = self._sample_poisson(client_manager)
         else:
@@ -466,12 +447,13 @@ class FedRecStrategy(Strategy):
         self.recorder.maybe_checkpoint(server_round, self.layout.names, self.current, final=self._is_last(server_round))
         save_server_state(self.recorder.path, self.server_state(server_round))
         self.round_complete = True
-        log(INFO, "%s", progress_line(server_round, self.num_rounds, summary, seconds, self._seconds_per_round(server_round)))
+        self.progress.trained(server_round, summary, seconds)
 
-    def _seconds_per_round(self, server_round: int) -> float:
-        """Mean wall time of this process's rounds so far, evaluations included (for the ETA)."""
-        done = server_round - self.start_round
-        return (time.perf_counter() - self._created) / done if done > 0 else 0.0
+    def finish_round(self) -> None:
+        """The round is over (trained and, if due, evaluated): its progress line goes to the log."""
+        line = self.progress.round_finished()
+        if line is not None:
+            log(INFO, "%s", line)
 
     def record_skipped_round(self) -> None:
         """The configured round never reached aggregation (no clients, or SecAgg+ gave up): record it as skipped."""
@@ -651,6 +633,7 @@ class FedRecStrategy(Strategy):
         if self._is_last(server_round) and self.config.final_full_evaluation:
             summary["eval_population"] = "all"
         self.recorder.round_evaluated(server_round, summary)
+        self.progress.evaluated(summary)
         loss = summary.get("test_loss")
         return (float(loss) if loss is not None else None), summary
 

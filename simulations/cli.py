@@ -10,10 +10,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shlex
 import sys
+import tomllib
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
@@ -29,10 +31,74 @@ def _common_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _overrides(args: argparse.Namespace, extra: dict[str, Any]) -> dict[str, Any]:
-    from flwr.common.config import parse_config_args
+# KEY=VALUE pairs as `flwr run --run-config` reads them: a quoted value, or one without spaces.
+_PAIR = re.compile(r"""(\S+?)=('[^']*'|"[^"]*"|\S+)""")
 
-    overrides: dict[str, Any] = dict(parse_config_args(args.run_config)) if args.run_config else {}
+
+def _run_config_defaults() -> dict[str, Any]:
+    from simulations.engine import fused_run_config
+
+    return fused_run_config({})
+
+
+def _toml_value(text: str) -> Any:
+    """``text`` read as one TOML value (``0.02``, ``true``, ``"gmf"``); ValueError if it is none."""
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError:
+        raise ValueError(text) from None
+
+
+def _config_value(key: str, text: str, default: Any) -> Any:
+    """One ``-c`` value: TOML, except that a string key also takes its value unquoted."""
+    if isinstance(default, str) and not text.startswith(("'", '"')):
+        return text  # csv-rating-col=rating, data-path=/data/ratings.csv, mlp-layers=64,32
+    try:
+        return _toml_value(text)
+    except ValueError:
+        pass
+    from common.config import ConfigError
+
+    if default is None:
+        raise ConfigError(f"-c {key}={text}: cannot read {text!r} as a value; quote strings, e.g. {key}=\"{text}\"")
+    if isinstance(default, str):
+        raise ConfigError(f"-c {key}={text}: unbalanced quotes; write {key}=value or {key}=\"value\"")
+    kind = {bool: "true or false", int: "an integer", float: "a number"}[type(default)]
+    raise ConfigError(f"-c {key}={text}: {key} takes {kind} (default {json.dumps(default)}); got {text!r}")
+
+
+def parse_overrides(texts: Sequence[str], more_defaults: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """``-c`` arguments as a run-config dict; one clear line (ConfigError) for anything unreadable.
+
+    The same syntax as ``flwr run --run-config`` (space-separated KEY=VALUE, TOML values,
+    or a .toml file), except that string keys also accept unquoted values, since shells
+    eat the quotes of ``-c key="value"``.
+    """
+    from common.config import ConfigError
+
+    if len(texts) == 1 and texts[0].endswith(".toml"):
+        from flwr.common.config import flatten_dict
+
+        try:
+            with open(os.path.expanduser(texts[0]), "rb") as handle:
+                return flatten_dict(tomllib.load(handle))
+        except (OSError, tomllib.TOMLDecodeError) as err:
+            raise ConfigError(f"-c {texts[0]}: not a readable TOML file ({err})") from None
+    defaults = {**_run_config_defaults(), **(more_defaults or {})}
+    overrides: dict[str, Any] = {}
+    for text in texts:
+        leftover = _PAIR.sub("", text).strip()
+        if leftover:
+            raise ConfigError(f"-c {text!r}: {leftover.split()[0]!r} is not KEY=VALUE (pairs are separated by spaces)")
+        for key, value in _PAIR.findall(text):
+            overrides[key] = _config_value(key, value, defaults.get(key))
+    return overrides
+
+
+def _overrides(
+    args: argparse.Namespace, extra: dict[str, Any], more_defaults: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    overrides: dict[str, Any] = parse_overrides(args.run_config, more_defaults) if args.run_config else {}
     for key in ("dataset", "data_path", "seed"):
         if getattr(args, key, None) is not None:
             overrides[key.replace("_", "-")] = getattr(args, key)
@@ -66,15 +132,33 @@ def _yardstick_options(args: argparse.Namespace) -> tuple[dict[str, float], dict
     return {k: v for k, v in options.items() if k == "lam"}, {k: v for k, v in options.items() if k != "lam"}
 
 
+def check_baseline_flags(args: argparse.Namespace) -> None:
+    """Training flags in range, before any data is loaded."""
+    from common.config import ConfigError
+
+    for flag, value in (("--epochs", args.epochs), ("--batch-size", args.batch_size)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be an integer >= 1; got {value}")
+    if not args.lr > 0:
+        raise ConfigError(f"--lr must be a learning rate > 0; got {args.lr}")
+    if args.negatives < 0 or (args.negatives < 1 and args.loss != "mse"):
+        raise ConfigError(f"--negatives must be >= 1 (sampled negatives per positive for bce/bpr); got {args.negatives}")
+    if args.weight_decay < 0:
+        raise ConfigError(f"--weight-decay must be >= 0; got {args.weight_decay}")
+    if args.dim is not None and args.dim < 1:
+        raise ConfigError(f"--dim must be an integer >= 1; got {args.dim}")
+
+
 def cmd_baseline(args: argparse.Namespace) -> int:
     from common.config import ConfigError
-    from common.federation import prepare
+    from common.federation import describe_split, prepare
     from common.training import TrainConfig
     from simulations.baselines import (
         BASELINES, TORCH_MODELS, run_als, run_ease, run_itempop, run_random, run_trained, stderr_progress,
     )
     from simulations.report import baseline_table
 
+    check_baseline_flags(args)
     model = args.model or "gmf"
     models = list(BASELINES) if model == "all" else [model]
     if any(m not in BASELINES for m in models):
@@ -82,8 +166,9 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     trainable = next((m for m in models if m in TORCH_MODELS), "gmf")
     ease_options, als_options = _yardstick_options(args)
     config = _config(_overrides(args, {"model": trainable, "embedding-dim": args.dim}))
-    print(f"fedrec baseline: preparing {config.dataset} (leave-one-out, {config.eval_negatives} negatives)", file=sys.stderr)
     prepared = prepare(config)
+    print(f"fedrec baseline: {config.dataset}, {prepared.num_users} users, {prepared.num_items} items; "
+          f"{describe_split(prepared.split_kind, config)}; {config.eval_negatives} evaluation negatives", file=sys.stderr)
     train_config = TrainConfig(
         epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr, num_negatives=args.negatives,
         loss=args.loss or config.loss, optimizer=config.local_optimizer, weight_decay=args.weight_decay,
@@ -111,12 +196,59 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_simulate(args: argparse.Namespace) -> int:
-    from common.config import check_against_data
-    from common.federation import slicer_cached
-    from server.server_app import dp_population, user_level_dp
-    from simulations.engine import run_in_process
+# Packages of the full install that the client-only install (client/requirements.txt) leaves out.
+SERVER_PACKAGES = {"ray": "flwr[simulation]", "matplotlib": "matplotlib", "jsonschema": "jsonschema"}
 
+
+def require_server_packages(command: str, modules: Sequence[str], hint: str = "") -> None:
+    """One line naming what to install when ``command`` runs on a client-only install."""
+    import importlib.util
+
+    from common.config import ConfigError
+
+    def missing(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except (ImportError, ValueError):
+            return True
+
+    absent = [module for module in modules if missing(module)]
+    if absent:
+        specs = " ".join(f"'{SERVER_PACKAGES[m]}'" for m in absent)
+        raise ConfigError(
+            f"{command} needs {', '.join(absent)}, which the client-only install (client/requirements.txt) leaves out; "
+            f"install them with `pip install {specs}` (or install fedrec with all its dependencies){hint}"
+        )
+
+
+def check_resume(config, overrides: dict[str, Any]) -> None:  # type: ignore[no-untyped-def]
+    """A resume that the server would refuse, refused before anything starts or is written."""
+    from common.config import ConfigError
+    from server.run_dir import check_resume_config, load_server_state
+    from simulations.engine import fused_run_config
+
+    if not config.resume or load_server_state(config.run_dir) is None:  # a truncated state: DataError
+        return
+    if config.record_dp:
+        raise ConfigError(
+            "resume with record-dp in simulation would restart every device's record-level epsilon at zero "
+            "(their accountants lived in the killed process); start a new run-dir instead"
+        )
+    try:
+        check_resume_config(config.run_dir, fused_run_config(overrides))
+    except ConfigError:
+        raise
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def cmd_simulate(args: argparse.Namespace) -> int:
+    require_server_packages("fedrec simulate", ["ray"])
+    from common.config import check_against_data
+    from common.federation import describe_split, slicer_cached
+    from server.server_app import dp_population, user_level_dp
+    from simulations.console import console
+    from simulations.engine import run_in_process
     from simulations.scenario import load_scenario
 
     overrides = _overrides(
@@ -126,16 +258,20 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if args.scenario:
         overrides = {**load_scenario(args.scenario), **overrides}
     config = _config(overrides)
+    if config.report:
+        require_server_packages("fedrec simulate", ["matplotlib", "jsonschema"], hint=", or run with -c report=false")
     slicer = slicer_cached(config)
     num_clients = len(slicer)
-    check_against_data(config, slicer.prepared.num_items)
+    check_against_data(config, slicer.prepared.num_items, num_clients)
     user_level_dp(config, dp_population(config, True, num_clients))  # a bad delta: one line before any round
+    check_resume(config, overrides)
     print(
         f"fedrec simulate: {config.model} on {config.dataset}, {num_clients} clients, "
-        f"{config.num_server_rounds} rounds -> {config.run_dir}",
+        f"{config.num_server_rounds} rounds, {describe_split(slicer.prepared.split_kind, config)} -> {config.run_dir}",
         file=sys.stderr,
     )
-    run_in_process(overrides, num_clients, verbose=args.verbose)
+    with console(args.verbose):
+        run_in_process(overrides, num_clients, verbose=args.verbose)
     summary_path = os.path.join(config.run_dir, "summary.json")
     with open(summary_path, encoding="utf-8") as handle:
         summary = json.load(handle)
@@ -154,6 +290,9 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     if final.get("new_count"):
         print(f"new items ({final['new_count']:.0f} users, never trained on): HR@10 {final['new_sampled_hr@10']:.4f}  "
               f"NDCG@10 {final['new_sampled_ndcg@10']:.4f}")
+    report = os.path.join(config.run_dir, "report.html")
+    print(f"results: {config.run_dir}/ (summary.json, metrics.csv, checkpoints/)"
+          + (f"; report {report}" if os.path.exists(report) else ""))
     return 0
 
 
@@ -264,6 +403,7 @@ def cmd_supernode(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    require_server_packages("fedrec report", ["matplotlib", "jsonschema"])
     import jsonschema
 
     from server.report import write_report
@@ -294,11 +434,15 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         raise ConfigError(f"--extra-seen must be comma-separated item ids like '3,17'; got {args.extra_seen!r}") from None
     if args.k < 1:
         raise ConfigError(f"--k must be >= 1; got {args.k}")
+    if args.user is not None and args.user < 0:
+        raise ConfigError(f"--user must be a global user id >= 0; got {args.user}")
     if args.state_dir is not None:
         from client.recommend import recommend_on_device
 
         if args.user is None:
             raise ConfigError("fedrec recommend --state-dir needs --user (a global user id on this device)")
+        if not Path(args.state_dir).is_dir():  # checked here: the device's lock would create it
+            raise ConfigError(f"--state-dir {args.state_dir}: no such directory (a SuperNode's --state-dir)")
         answer = recommend_on_device(args.state_dir, args.user, args.k, extra_seen=extra_seen, num_threads=args.threads)
         what = "the server's popular items (no interactions yet)" if answer.source == "popular" else "the user's model"
         print(f"# user {args.user}: {what}, global model of round {answer.model_round}", file=sys.stderr)
@@ -308,7 +452,11 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such exported model (written by client.export.export_for_client)")
         torch.set_num_threads(args.threads)
-        model = torch.jit.load(str(path))
+        try:
+            model = torch.jit.load(str(path))
+        except (RuntimeError, ValueError) as err:
+            reason = " ".join(str(err).split(".")[0].split())
+            raise ConfigError(f"{path}: not an exported TorchScript model (client/export.py writes them; {reason})") from None
         try:
             top_items, top_scores = model(torch.tensor(extra_seen, dtype=torch.long), args.k)
         except torch.jit.Error as err:  # the module's own checks (ids out of range)
@@ -330,6 +478,8 @@ def cmd_device(args: argparse.Namespace) -> int:
         except ValueError:
             raise ConfigError(f"{what} must be comma-separated numbers like '3,17'; got {text!r}") from None
 
+    if args.user is not None and args.user < 0:
+        raise ConfigError(f"--user must be a global user id >= 0; got {args.user}")
     if args.action == "create" and args.num_items is None:
         raise ConfigError("fedrec device create needs --num-items (the catalogue size of the federation)")
     if args.action in ("add-user", "add-interactions", "forget-user") and args.user is None:
@@ -366,13 +516,14 @@ def cmd_audit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from simulations.audits import run_audits
+    from simulations.audits.run import AUDIT_DEFAULTS
 
     run_dir = Path(args.run_dir)
     base: dict[str, Any] = {}
     if (run_dir / "config.json").exists():
         base = dict(json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["run_config"])
         print(f"fedrec audit: auditing the setting of the run in {run_dir}", file=sys.stderr)
-    overrides = {**base, **_overrides(args, {"model": args.model})}
+    overrides = {**base, **_overrides(args, {"model": args.model}, AUDIT_DEFAULTS)}
     result = run_audits(args.scenario, overrides, run_dir)
     if (run_dir / "privacy.json").exists():
         from server.report import write_report
@@ -389,8 +540,15 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a bad command line is one line (what is wrong, where to look) and exit code 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fedrec", description="Federated, privacy-preserving recommendation on Flower.")
+    parser = OneLineParser(prog="fedrec", description="Federated, privacy-preserving recommendation on Flower.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     baseline = sub.add_parser("baseline", help="train centrally on the federated split and print metrics")
@@ -509,7 +667,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, or a bad command line (one line already printed)
+        return int(done.code or 0)
     from common.config import ConfigError
     from common.errors import DataError
     from common.threads import use_threads
