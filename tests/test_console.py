@@ -49,8 +49,13 @@ def _record(pathname: str, level: int, message: str) -> logging.LogRecord:
 
 
 @pytest.mark.parametrize("verbose", [False, True])
-def test_flower_stage_logs_only_with_verbose_and_every_line_once(verbose, capfd):
+def test_flower_stage_logs_only_with_verbose_and_every_line_once(verbose, capfd, monkeypatch):
     import server.strategy
+
+    # Flower's handler keeps the stream it was created with, which an earlier test's capture may have replaced.
+    for handler in logging.getLogger("flwr").handlers:
+        if isinstance(handler, logging.StreamHandler):
+            monkeypatch.setattr(handler, "stream", sys.stderr)
 
     ours = server.strategy.__file__
     flower = logging.__file__  # any file outside fedrec
