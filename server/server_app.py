@@ -24,7 +24,10 @@ from common.federation import PreparedData, prepare_cached, slicer_cached
 from common.models import build_model
 from common.privacy import UserLevelDP
 from common.updates import UpdateLayout
+from common.private_eval import layout_for
+from server.disclosure import DisclosureGrid
 from server.fleet import retrying, with_deadline
+from server.private_eval import secure_evaluate_workflow
 from server.run_dir import RunRecorder, load_server_state
 from server.sampling import simulation_partitions
 from server.strategy import FedRecStrategy
@@ -43,6 +46,14 @@ def fit_workflow(config: FedRecConfig) -> SecAggPlusWorkflow | Callable:
         clipping_range=config.secagg_clipping_range,
         quantization_range=config.secagg_quantization_range,
     )
+
+
+def evaluate_workflow(config: FedRecConfig, strategy: FedRecStrategy, prepared: PreparedData) -> Callable | None:
+    """Under secure aggregation, evaluation sums travel through SecAgg+ too; else Flower's default."""
+    if not config.secure_aggregation:
+        return None
+    layout = layout_for(config, has_catalogue=prepared.catalogue is not None, num_items=prepared.num_items)
+    return secure_evaluate_workflow(config, strategy, layout)
 
 
 def user_level_dp(config: FedRecConfig, num_clients: int) -> UserLevelDP | None:
@@ -222,7 +233,8 @@ def main(grid: Grid, context: Context) -> None:
         )
         retries = config.round_retries if config.too_few_clients == "retry" else 0
         fit = retrying(fit_workflow(config), strategy, retries)
-        DefaultWorkflow(fit_workflow=fit)(with_deadline(grid, config, transport["engine"]), legacy_context)
+        workflow = DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate_workflow(config, strategy, prepared))
+        workflow(DisclosureGrid(with_deadline(grid, config, transport["engine"]), recorder.path), legacy_context)
     extra: dict = {"stop_reason": stop_reason} if stop_reason else {}
     if resumed is not None:
         extra.update(resumed_after_round=resumed.server_round, wall_seconds_before_resume=strategy.elapsed_before)
