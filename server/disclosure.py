@@ -68,7 +68,8 @@ def reply_fields(message: Message) -> list[tuple[str, str, str, str]]:
     fields = []
     for name, record in content.array_records.items():
         for key, array in record.items():
-            fields.append(("arrays", name, key, f"{array.dtype} {list(array.shape)}"))
+            value = array.numpy()  # a legacy reply's Array carries no dtype/shape of its own
+            fields.append(("arrays", name, key, f"{value.dtype} {list(value.shape)}"))
     for name, record in content.config_records.items():
         fields.extend(("config", name, key, value_type(value)) for key, value in record.items())
     for name, record in content.metric_records.items():

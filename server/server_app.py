@@ -30,7 +30,7 @@ from server.fleet import retrying, with_deadline
 from server.private_eval import secure_evaluate_workflow
 from server.run_dir import RunRecorder, load_server_state
 from server.sampling import simulation_partitions
-from server.strategy import FedRecStrategy
+from server.strategy import FedRecStrategy, check_secagg_capacity
 
 app = ServerApp()
 
@@ -48,10 +48,17 @@ def fit_workflow(config: FedRecConfig) -> SecAggPlusWorkflow | Callable:
     )
 
 
-def evaluate_workflow(config: FedRecConfig, strategy: FedRecStrategy, prepared: PreparedData) -> Callable | None:
-    """Under secure aggregation, evaluation sums travel through SecAgg+ too; else Flower's default."""
+def evaluate_workflow(
+    config: FedRecConfig, strategy: FedRecStrategy, prepared: PreparedData, num_clients: int
+) -> Callable | None:
+    """Under secure aggregation, evaluation sums travel through SecAgg+ too; else Flower's default.
+
+    The final evaluation asks every device at once: checked before the first round, not after the last.
+    """
     if not config.secure_aggregation:
         return None
+    if config.final_full_evaluation:
+        check_secagg_capacity(num_clients, config.secagg_quantization_range)
     layout = layout_for(config, has_catalogue=prepared.catalogue is not None, num_items=prepared.num_items)
     return secure_evaluate_workflow(config, strategy, layout)
 
@@ -233,7 +240,7 @@ def main(grid: Grid, context: Context) -> None:
         )
         retries = config.round_retries if config.too_few_clients == "retry" else 0
         fit = retrying(fit_workflow(config), strategy, retries)
-        workflow = DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate_workflow(config, strategy, prepared))
+        workflow = DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate_workflow(config, strategy, prepared, len(slicer_cached(config))))
         workflow(DisclosureGrid(with_deadline(grid, config, transport["engine"]), recorder.path), legacy_context)
     extra: dict = {"stop_reason": stop_reason} if stop_reason else {}
     if resumed is not None:
