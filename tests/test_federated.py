@@ -222,11 +222,13 @@ def test_secure_aggregation_hides_updates_and_matches_the_plain_mean(tmp_path):
     plain, _ = simulate(plain_dir, base)
     secure, replies = simulate(secure_dir, {**base, "secure-aggregation": True})
     train = _fit_replies(replies)
-    # Four SecAgg+ stages per round; only the masked-vector stage carries the update.
-    assert len(train) == 2 * 12 * 4
+    # Four SecAgg+ stages per round, two training rounds and the final evaluation (its sums go
+    # through SecAgg+ too); only the masked-vector stage carries the update or the sums.
+    assert len(train) == 3 * 12 * 4
+    assert not [r for r in replies if r["type"] == "evaluate"], "no evaluation reply in the clear"
     assert all(not any(r["arrays"].values()) for r in train), "no update travels as plain arrays"
     masked = [r for r in train if any("masked" in str(k) for rec in r["configs"].values() for k in rec)]
-    assert len(masked) == 2 * 12
+    assert len(masked) == 3 * 12
     _, plain_model = load_checkpoint(Path(plain["run-dir"]) / "checkpoints" / "final.npz")
     _, secure_model = load_checkpoint(Path(secure["run-dir"]) / "checkpoints" / "final.npz")
     for name, value in plain_model.items():
@@ -250,7 +252,8 @@ def plain_upload_recorder(out_dir: Path):
 
     def mod(msg, context, call_next):
         reply = call_next(msg, context)
-        if msg.metadata.message_type == MessageType.TRAIN:
+        fit_config = msg.content.config_records.get("fitins.config")
+        if msg.metadata.message_type == MessageType.TRAIN and not (fit_config and fit_config.get(EVALUATE_ONLY_KEY)):
             fitres = recorddict_to_fitres(reply.content, keep_input=True)
             record = (fitres.num_examples, parameters_to_ndarrays(fitres.parameters))
             (out_dir / f"{context.node_config['partition-id']}.pkl").write_bytes(pickle.dumps(record))
