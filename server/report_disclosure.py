@@ -19,6 +19,15 @@ from server.disclosure import EVALUATION_STAGE_SUFFIX, RECEIVED_FILE
 __all__ = ["disclosure", "explain"]
 
 PROTOCOL_STAGES = ("setup", "share_keys", "unmask")
+TRAINING_STATISTICS = {
+    "items_touched": "how many item rows this device's update changed: its user's interactions plus sampled negatives",
+    "train_loss": "the device's training loss on its user's interactions",
+    "train_seconds": "how long the device trained",
+    "upload_bytes": "the size of the device's upload",
+    "download_bytes": "the size of the model the device received",
+    "record_epsilon": "the record-level epsilon this device has spent so far",
+    "record_dp_declined": "whether the device declined to train because its record-level budget is spent",
+}
 
 
 def _update_words(run_config: dict[str, Any]) -> str:
@@ -55,7 +64,7 @@ def explain(row: dict[str, Any], run_config: dict[str, Any]) -> tuple[str, str]:
         return "clear", ("the device's aggregation weight: 1 in an evaluation round, under user-level DP and with "
                          "client-weight uniform; else its number of training interactions")
     if record == "fitres.metrics":
-        return "clear", f"a training statistic of this device ({key})"
+        return "clear", TRAINING_STATISTICS.get(key, f"a training statistic of this device ({key})")
     if record == "evaluateres.loss":
         return "clear", "a constant placeholder (0.0)"
     if record == "evaluateres.num_examples":
