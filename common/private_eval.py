@@ -23,7 +23,12 @@ from typing import Mapping
 import numpy as np
 
 from common.config import FedRecConfig
-from common.evaluation import GROUP_METRICS, GROUP_PREFIX, RECOMMENDED_ITEMS_KEY, ListMetrics
+from common.evaluation import (
+    GROUP_METRICS,
+    GROUP_PREFIX,
+    RECOMMENDED_ITEMS_KEY,
+    ListMetrics,
+)
 from common.metrics import full_ranking_metrics, sampled_metrics
 from common.updates import decode_item_list
 from common.user_groups import activity_labels, age_band

@@ -17,8 +17,12 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Message
+from flwr.common.secure_aggregation.secaggplus_constants import (
+    RECORD_KEY_CONFIGS,
+    Key,
+    Stage,
+)
 from flwr.server import Grid
-from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 
 from common.private_eval import EVALUATE_ONLY_KEY
 from server.run_dir import atomic_write_bytes

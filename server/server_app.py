@@ -23,8 +23,8 @@ from common.config import ConfigError, FedRecConfig, check_against_data, parse_r
 from common.federation import PreparedData, prepare_cached, slicer_cached
 from common.models import build_model
 from common.privacy import UserLevelDP
-from common.updates import UpdateLayout
 from common.private_eval import layout_for
+from common.updates import UpdateLayout
 from server.disclosure import DisclosureGrid
 from server.fleet import retrying, with_deadline
 from server.private_eval import secure_evaluate_workflow
@@ -240,7 +240,8 @@ def main(grid: Grid, context: Context) -> None:
         )
         retries = config.round_retries if config.too_few_clients == "retry" else 0
         fit = retrying(fit_workflow(config), strategy, retries)
-        workflow = DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate_workflow(config, strategy, prepared, len(slicer_cached(config))))
+        evaluate = evaluate_workflow(config, strategy, prepared, len(slicer_cached(config)))
+        workflow = DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate)
         workflow(DisclosureGrid(with_deadline(grid, config, transport["engine"]), recorder.path), legacy_context)
     extra: dict = {"stop_reason": stop_reason} if stop_reason else {}
     if resumed is not None:

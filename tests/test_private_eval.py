@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 
+from common.config import parse_run_config
 from common.evaluation import ListMetrics
 from common.private_eval import EvalVectorLayout, layout_for, private_metrics
-from common.config import parse_run_config
 from simulations.engine import fused_run_config
 
 CLIP, LEVELS = 8.0, 2**22
