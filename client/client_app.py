@@ -40,6 +40,7 @@ from common.federation import ClientData, catalogue_features, slicer_cached
 from common.privacy import SecureGaussian
 from common.secagg import device_clipping_norm, distributed_noise, noise_share_std
 from common.threads import use_threads
+from common.private_eval import EVALUATE_ONLY_KEY, is_private, layout_for, private_lists, private_metrics
 from common.updates import POPULAR_ITEMS_KEY, decode_item_list, for_transport
 
 LOCAL_STATE_KEY = "fedrec.user-local"
@@ -242,6 +243,10 @@ class FedRecClient(NumPyClient):
         )
 
     def fit(self, parameters, config):  # type: ignore[override]
+        if config.get(EVALUATE_ONLY_KEY):
+            if not self.config.secure_aggregation:
+                raise RuntimeError("an evaluate-only training request needs secure-aggregation = true")
+            return self._evaluate_for_secure_aggregation(parameters, config)
         if self.state_dir is None:
             assert self.data is not None
             local_state, history = load_local_state(self.context), load_record_history(self.context)
@@ -269,12 +274,10 @@ class FedRecClient(NumPyClient):
 
     def list_metrics(self) -> ListMetrics:
         """Beyond-accuracy measures; under DP no device sends the items of its lists (nothing accounts for them)."""
-        options = self.config.list_metrics
-        if self.config.user_dp or self.config.record_dp:
-            options = replace(options, catalogue_metrics=False)
-        return options
+        return private_lists(self.config)
 
-    def evaluate(self, parameters, config):  # type: ignore[override]
+    def _evaluation_sums(self, parameters, config) -> tuple[ClientData, dict[str, float | bytes]]:
+        """This device's evaluation sums (lists and per-group sums included), computed on the device."""
         if self.state_dir is None:
             data, local_state = self.data, load_local_state(self.context)
         else:
@@ -294,10 +297,26 @@ class FedRecClient(NumPyClient):
             exposure_item=self.config.exposure_item,
             lists=self.list_metrics(),
         )
+        return data, metrics
+
+    def evaluate(self, parameters, config):  # type: ignore[override]
+        _, metrics = self._evaluation_sums(parameters, config)
         num_users = int(metrics.get("test_count", 0))
+        if is_private(self.config):
+            metrics = private_metrics(metrics)  # no top-k list, no group label leaves the device
         # The legacy API wants a loss; fedrec's evaluation is the ranking metrics above,
         # so 0.0 is a placeholder the server ignores (FedRecStrategy reads the metrics).
         return 0.0, num_users, metrics
+
+    def _evaluate_for_secure_aggregation(self, parameters, config):
+        """The evaluation sums as one vector for SecAgg+ to mask: the server only ever sees their sum.
+
+        Weight 1 (SecAgg+ averages; the server multiplies back by the number of devices) and
+        no metrics: nothing of this reply travels in the clear.
+        """
+        data, metrics = self._evaluation_sums(parameters, config)
+        layout = layout_for(self.config, has_catalogue=data.catalogue is not None, num_items=data.num_items)
+        return [layout.encode(metrics)], 1, {}
 
 
 def client_fn(context: Context):
@@ -308,8 +327,9 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
     """Flower's ``secaggplus_mod`` when the run has ``secure-aggregation = true``.
 
     The same ClientApp serves both modes. With SecAgg+ on, a training request that does not
-    carry the protocol's stage is refused, so a server cannot quietly downgrade a client to
-    sending its update in the clear.
+    carry the protocol's stage is refused, and so is a plain evaluation request (evaluation
+    runs as a SecAgg+ round too), so a server cannot quietly downgrade a client to sending
+    its update or its evaluation sums in the clear.
     """
     if not parse_run_config(context.run_config).secure_aggregation:
         return call_next(msg, context)
@@ -317,6 +337,11 @@ def secure_aggregation_mod(msg: Message, context: Context, call_next: ClientAppC
         raise RuntimeError(
             "this run has secure-aggregation = true but the server sent a plain training request; "
             "refusing to upload an unmasked update"
+        )
+    if msg.metadata.message_type == MessageType.EVALUATE:
+        raise RuntimeError(
+            "this run has secure-aggregation = true but the server sent a plain evaluation request; "
+            "evaluation sums travel only through SecAgg+"
         )
     return secaggplus_mod(msg, context, call_next)
 

@@ -31,6 +31,7 @@ from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from common.config import FLEET_FAILURE_PREFIX, ROUND_ATTEMPT_KEY, FedRecConfig, parse_run_config
+from common.private_eval import EVALUATE_ONLY_KEY
 
 FIT_CONFIG_KEY = "fitins.config"  # where Flower's legacy FitIns keeps its config (recorddict_compat)
 LOCAL_EPOCHS_KEY = "local-epochs"  # per-request override of the run-config's local-epochs
@@ -111,7 +112,7 @@ def fleet_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> M
     if msg.metadata.message_type != MessageType.TRAIN:
         return call_next(msg, context)
     request = msg.content.config_records.get(FIT_CONFIG_KEY)
-    if request is None:  # a SecAgg+ key-exchange stage: no training in it
+    if request is None or request.get(EVALUATE_ONLY_KEY):  # a SecAgg+ key exchange, or evaluation: no training
         return call_next(msg, context)
     config = parse_run_config(context.run_config)
     if not simulates_fleet(config):

@@ -18,7 +18,7 @@ from common.evaluation import GROUP_PREFIX, RECOMMENDED_ITEMS_KEY
 from common.metrics import coverage_from_counts, merge_sums, novelty_from_counts
 from common.updates import decode_item_list
 
-__all__ = ["catalogue_summary", "group_summary"]
+__all__ = ["catalogue_summary", "counts_from_replies", "group_summary"]
 
 
 def group_summary(metrics: list[Mapping[str, Scalar]], min_users: int) -> dict[str, float]:
@@ -48,15 +48,10 @@ def group_summary(metrics: list[Mapping[str, Scalar]], min_users: int) -> dict[s
     return out
 
 
-def catalogue_summary(
-    metrics: list[Mapping[str, Scalar]], num_items: int, popularity: np.ndarray | None, num_users: int, k: int = 10
-) -> dict[str, float]:
-    """Catalogue coverage and novelty of every list the devices would show (empty if none sent them).
-
-    Novelty is the mean self-information of the recommended items, ``-log2(users who
-    interacted with the item / users)``, against the training popularity the server holds.
-    """
+def counts_from_replies(metrics: list[Mapping[str, Scalar]], num_items: int) -> np.ndarray | None:
+    """How often each item is in the lists the devices sent (None if none sent any)."""
     counts = np.zeros(num_items, np.int64)
+    sent = False
     for m in metrics:
         blob = m.get(RECOMMENDED_ITEMS_KEY)
         if blob is None:
@@ -68,6 +63,18 @@ def catalogue_summary(
         if items.size and (items.min() < 0 or items.max() >= num_items):
             continue
         counts += np.bincount(items, minlength=num_items)
+        sent = True
+    return counts if sent else None
+
+
+def catalogue_summary(counts: np.ndarray, popularity: np.ndarray | None, num_users: int, k: int = 10) -> dict[str, float]:
+    """Catalogue coverage and novelty of every list the devices would show (empty if the lists were empty).
+
+    ``counts``: how often each item is in the lists, summed over the devices (from their
+    lists in the clear, or from SecAgg+'s sum of their count vectors). Novelty is the mean
+    self-information of the recommended items, ``-log2(users who interacted with the item
+    / users)``, against the training popularity the server holds.
+    """
     if counts.sum() == 0:
         return {}
     out = {f"coverage@{k}": coverage_from_counts(counts)}

@@ -23,6 +23,7 @@ import dp_accounting
 from dp_accounting import pld, rdp
 
 from common.errors import DataError
+from server.report_disclosure import disclosure
 from server.run_dir import atomic_write_bytes, config_hash
 
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
@@ -118,7 +119,8 @@ def threat_model(protected: dict[str, Any]) -> list[dict[str, str]]:
         {
             "adversary": "honest-but-curious server",
             "can": "follows the protocol but studies everything it receives to learn about users",
-            "sees": server_sees + ". User embeddings and raw interactions never leave a device.",
+            "sees": server_sees + ". User embeddings and raw interaction lists never leave a device; what did "
+            "leave is listed field by field under \"What the server received\".",
             "protection": "; ".join(dp_words + (["SecAgg+ hides individual updates"] if secagg else []))
             or "none: no differential privacy and no secure aggregation",
         },
@@ -375,7 +377,9 @@ def beyond_accuracy(final: dict[str, Any] | None, run_config: dict[str, Any]) ->
         "groups": sorted(groups, key=lambda g: (g["dimension"], g["label"])),
         "groups_suppressed": int(final.get("groups_suppressed", 0)),
         "group_min_users": run_config.get("group-min-users"),
-        "devices_sent_lists": final.get("coverage@10") is not None,
+        # Under SecAgg+ the lists' item counts came summed, never as one device's list.
+        "devices_sent_lists": final.get("coverage@10") is not None and not _on(run_config, "secure-aggregation"),
+        "group_sums_in_clear": not any(_on(run_config, k) for k in ("secure-aggregation", "user-dp", "record-dp")),
     }
 
 
@@ -426,6 +430,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
                     if isinstance(v, (int, float, str)) and k != "phase" and not k.startswith("group/")},
         "beyond_accuracy": beyond_accuracy(final, run_config),
         "audits": audit,
+        "disclosure": disclosure(path, run_config),
         "configuration": {
             "sha256": config.get("config_sha256"),
             "sha256_recomputed": recomputed_hash,

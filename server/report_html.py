@@ -166,8 +166,14 @@ def _beyond_accuracy(ba: dict[str, Any] | None) -> str:
              if ba[k] is not None}
     rows = ((g["dimension"], g["label"], g["users"], g["hr@10"], g["ndcg@10"], g["full_hr@10"], g["full_ndcg@10"])
             for g in ba["groups"])
-    note = (f"<p>Group membership never left the devices: each sent its sums per group, and the server published a "
-            f"group only if at least {_fmt(ba['group_min_users'])} users were in it; "
+    if ba.get("group_sums_in_clear", True):
+        where = ('<p class="warn">Each device sent its sums per group keyed by the group\'s name, in the clear: the '
+                 "server learnt which groups each device's users are in. ")
+    else:
+        where = ("<p>No group label left a device: under secure aggregation the per-group sums of every possible "
+                 "group travelled inside each device's masked evaluation vector, so the server saw only their sum "
+                 "(in other private modes no device sent any). ")
+    note = (where + f"The server published a group only if at least {_fmt(ba['group_min_users'])} users were in it; "
             f"{ba['groups_suppressed']} group(s) were suppressed.</p>")
     if ba["devices_sent_lists"]:
         note += ('<p class="warn">For coverage and novelty every evaluated device sent the items of its users\' '
@@ -175,6 +181,18 @@ def _beyond_accuracy(ba: dict[str, Any] | None) -> str:
                  "with the device's hit count, that one of those items is one the user interacted with.</p>")
     return (_pairs(lists) + note
             + _table(rows, ("group", "label", "users", "HR@10", "NDCG@10", "full HR@10", "full NDCG@10")))
+
+
+def _disclosure(d: dict[str, Any]) -> str:
+    """Every reply field the server received, with whether it could read it and what it tells."""
+    if not d["recorded"]:
+        return f"<p>{escape(d['note'])}.</p>"
+    rows = ((f["message_type"], f["stage"] or "-", f"{f['record']} / {f['key']}", f["type"], f["replies"],
+             f["visibility"], f["reveals"]) for f in d["fields"])
+    return (f"<p>{escape(d['note'])}. <em>clear</em>: the server reads the value; <em>masked</em>: only the SecAgg+ "
+            "sum over the round's devices can be recovered; <em>protocol</em>: SecAgg+ key material.</p>"
+            + _table(rows, ("message", "SecAgg+ stage", "record / field", "type", "replies", "server sees",
+                            "what it reveals")))
 
 
 def render_html(report: dict[str, Any]) -> str:
@@ -211,6 +229,7 @@ def render_html(report: dict[str, Any]) -> str:
                  + _pairs(report["utility"])),
         _section("Beyond accuracy: diversity, coverage, novelty, groups", "beyond-accuracy",
                  _beyond_accuracy(report["beyond_accuracy"])),
+        _section("What the server received", "disclosure", _disclosure(report["disclosure"])),
         _section("Per-round record", "rounds", _rounds_table(rounds)),
         _section("Per-client budget status", "client-budgets", _client_budgets(g)),
         _section("Empirical audits", "audits", _audits(report["audits"])),

@@ -34,13 +34,16 @@ from common.secagg import (
     secagg_max_weight,
 )
 from common.threads import use_threads
+from common.private_eval import layout_for
 from common.updates import UpdateLayout
+from server.disclosure import DisclosureGrid
 from server.fleet import retrying, with_deadline
+from server.private_eval import secure_evaluate_workflow
 from server.progress import reporting
 from server.run_dir import RunRecorder, load_server_state
 from server.sampling import simulation_partitions
 from server.secure_aggregation import secagg_workflow
-from server.strategy import FedRecStrategy
+from server.strategy import FedRecStrategy, check_secagg_capacity
 
 app = ServerApp()
 
@@ -91,6 +94,21 @@ def dp_population(config: FedRecConfig, simulated: bool, num_partitions: int) ->
             "simulation runs; leave it at 0 in simulation (the population is every simulated client)"
         )
     return num_partitions
+
+
+def evaluate_workflow(
+    config: FedRecConfig, strategy: FedRecStrategy, prepared: PreparedData, num_clients: int
+) -> Callable | None:
+    """Under secure aggregation, evaluation sums travel through SecAgg+ too; else Flower's default.
+
+    The final evaluation asks every device at once: checked before the first round, not after the last.
+    """
+    if not config.secure_aggregation:
+        return None
+    if config.final_full_evaluation:
+        check_secagg_capacity(num_clients, config.secagg_quantization_range)
+    layout = layout_for(config, has_catalogue=prepared.catalogue is not None, num_items=prepared.num_items)
+    return secure_evaluate_workflow(config, strategy, layout)
 
 
 def user_level_dp(config: FedRecConfig, num_clients: int) -> UserLevelDP | None:
@@ -307,10 +325,10 @@ def main(grid: Grid, context: Context) -> None:
         )
         retries = config.round_retries if config.too_few_clients == "retry" else 0
         fit = retrying(fit_workflow(config), strategy, retries)
-        evaluate = reporting(default_evaluate_workflow, strategy.finish_round)
-        DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate)(
-            with_deadline(grid, config, transport["engine"]), legacy_context
-        )
+        evaluate = reporting(evaluate_workflow(config, strategy, prepared, len(slicer_cached(config)))
+                             or default_evaluate_workflow, strategy.finish_round)
+        workflow = DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate)
+        workflow(DisclosureGrid(with_deadline(grid, config, transport["engine"]), recorder.path), legacy_context)
     extra: dict = {"stop_reason": stop_reason} if stop_reason else {}
     if resumed is not None:
         extra.update(resumed_after_round=resumed.server_round, wall_seconds_before_resume=strategy.elapsed_before)

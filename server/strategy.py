@@ -50,7 +50,8 @@ from common.updates import (
     popular_items,
     validate_upload,
 )
-from server.list_metrics import catalogue_summary, group_summary
+from common.private_eval import CATALOGUE_COUNTS_KEY
+from server.list_metrics import catalogue_summary, counts_from_replies, group_summary
 from server.progress import RoundProgress, progress_line  # noqa: F401 - progress_line: re-exported
 from server.robust import robust_mean
 from server.sampling import EVALUATE, FIT, partition_order, seeded_sample
@@ -598,13 +599,18 @@ class FedRecStrategy(Strategy):
     def _is_last(self, server_round: int) -> bool:
         return server_round == self.num_rounds
 
+    def evaluates(self, server_round: int) -> bool:
+        """Whether Flower's round ``server_round`` of this process has an evaluation."""
+        server_round += self.start_round
+        return self._is_last(server_round) or server_round % self.config.evaluate_every == 0
+
     def configure_evaluate(
         self, server_round: int, parameters: Parameters, client_manager: ClientManager
     ) -> list[tuple[ClientProxy, EvaluateIns]]:
+        if not self.evaluates(server_round):
+            return []
         server_round += self.start_round
         last = self._is_last(server_round)
-        if not last and server_round % self.config.evaluate_every != 0:
-            return []
         if last and self.config.final_full_evaluation:
             self._wait_for_fleet(client_manager)
             clients = client_manager.sample(num_clients=client_manager.num_available())
@@ -623,11 +629,34 @@ class FedRecStrategy(Strategy):
         if failures:
             log(WARNING, "round %s: %s evaluation failures, first: %s", server_round, len(failures), describe_failure(failures[0]))
         metrics_list = [dict(res.metrics) for _, res in results]
-        summary: dict[str, Scalar] = {"eval_clients": len(results), "eval_failures": len(failures)}
+        counts = counts_from_replies(metrics_list, self.layout.num_items)
+        return self._evaluation_summary(server_round, metrics_list, counts, len(results), len(failures))
+
+    def aggregate_secure_evaluate(
+        self, server_round: int, sums: dict[str, float | np.ndarray] | None, devices: int, failures: int
+    ) -> dict[str, Scalar]:
+        """A round's evaluation from SecAgg+'s sum of the devices' evaluation vectors (None: no sum came).
+
+        The sum has the keys of one device's reply, so it goes the same way as the plain
+        replies; the catalogue counts arrive already summed.
+        """
+        server_round += self.start_round
+        sums = dict(sums or {})
+        counts = sums.pop(CATALOGUE_COUNTS_KEY, None)
+        metrics_list = [sums] if sums else []
+        _, summary = self._evaluation_summary(server_round, metrics_list, counts, devices, failures)  # type: ignore[arg-type]
+        return summary
+
+    def _evaluation_summary(
+        self, server_round: int, metrics_list: list[dict[str, Scalar]], counts: np.ndarray | None, devices: int,
+        failures: int,
+    ) -> tuple[float | None, dict[str, Scalar]]:
+        summary: dict[str, Scalar] = {"eval_clients": devices, "eval_failures": failures}
         for prefix in ("test", "val", "new", "exposure"):
             merged = merge_sums(split_prefixed(metrics_list, prefix))
             summary.update({f"{prefix}_{k}": v for k, v in merged.items()})
-        summary.update(catalogue_summary(metrics_list, self.layout.num_items, self.item_popularity, self.num_users))
+        if counts is not None:
+            summary.update(catalogue_summary(counts, self.item_popularity, self.num_users))
         if self.config.group_min_users > 0:
             summary.update(group_summary(metrics_list, self.config.group_min_users))
         if self._is_last(server_round) and self.config.final_full_evaluation:

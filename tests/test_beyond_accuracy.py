@@ -11,7 +11,7 @@ from common.evaluation import GROUP_PREFIX, RECOMMENDED_ITEMS_KEY, ListMetrics
 from common.federation import slicer_cached
 from common.updates import decode_item_list
 from common.user_groups import activity_labels, age_band, movielens_user_groups
-from server.list_metrics import catalogue_summary, group_summary
+from server.list_metrics import catalogue_summary, counts_from_replies, group_summary
 from server.report import beyond_accuracy
 from simulations.engine import fused_run_config
 
@@ -44,7 +44,7 @@ def test_coverage_and_novelty_from_summed_counts_equal_the_list_versions():
     assert M.coverage_from_counts(counts) == pytest.approx(M.catalogue_coverage(lists, 30))
     assert M.novelty_from_counts(counts, popularity, 40) == pytest.approx(M.novelty(lists, popularity, 40))
     blobs = [{RECOMMENDED_ITEMS_KEY: np.asarray(part, "<i4").tobytes()} for part in (lists[:7], lists[7:])]
-    summary = catalogue_summary([*blobs, {RECOMMENDED_ITEMS_KEY: b"bad"}, {}], 30, popularity, 40, k=5)
+    summary = catalogue_summary(counts_from_replies([*blobs, {RECOMMENDED_ITEMS_KEY: b"bad"}, {}], 30), popularity, 40, k=5)
     assert summary == pytest.approx({"coverage@5": M.catalogue_coverage(lists, 30),
                                      "novelty@5": M.novelty(lists, popularity, 40)})
 

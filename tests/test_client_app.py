@@ -41,8 +41,16 @@ def test_with_secure_aggregation_a_plain_training_request_is_refused():
         secure_aggregation_mod(_message(MessageType.TRAIN), _context(True), train)
 
 
-def test_with_secure_aggregation_evaluation_still_runs():
-    reply = secure_aggregation_mod(_message(MessageType.EVALUATE), _context(True), lambda m, c: "metrics")
+def test_with_secure_aggregation_a_plain_evaluation_request_is_refused():
+    def evaluate(m, c):
+        raise AssertionError("the client must not send its evaluation sums in the clear")
+
+    with pytest.raises(RuntimeError, match="evaluation sums travel only through SecAgg"):
+        secure_aggregation_mod(_message(MessageType.EVALUATE), _context(True), evaluate)
+
+
+def test_without_secure_aggregation_evaluation_passes_through():
+    reply = secure_aggregation_mod(_message(MessageType.EVALUATE), _context(False), lambda m, c: "metrics")
     assert reply == "metrics"
 
 

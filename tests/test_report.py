@@ -131,7 +131,7 @@ def test_per_client_budget_status_counts_the_devices_that_declined(protected_run
 def test_html_has_every_section_and_nothing_to_fetch(protected_run):
     html = (protected_run / "report.html").read_text()
     for anchor in ("data", "protections", "threat-model", "guarantees", "epsilon-per-round", "utility-per-round",
-                   "client-budgets", "audits", "configuration"):
+                   "client-budgets", "audits", "disclosure", "configuration"):
         assert f'id="{anchor}"' in html
     assert html.count("<svg") == 2  # epsilon per round and utility per round, inline
     for adversary in ("honest-but-curious server", "malicious clients", "network attacker"):
