@@ -347,6 +347,12 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
             f"data-path {values['data_path']!r} is set but dataset is 'synthetic', which reads no file; "
             "name the dataset too (--dataset / dataset = movielens-100k, movielens-1m, ..., csv or parquet)"
         )
+    if values["user_dp"] and values["too_few_clients"] == "retry":
+        raise ConfigError(
+            "too-few-clients = 'retry' with user-dp: a short round would be sampled again, so a device drawn in a "
+            "discarded attempt could be drawn again and its chance per round would exceed the rate the accountant "
+            "assumes; use too-few-clients = 'skip'"
+        )
     if values["local_epochs_min"] > values["local_epochs"]:
         raise ConfigError(
             f"local-epochs-min ({values['local_epochs_min']}) must not exceed local-epochs ({values['local_epochs']})"

@@ -55,6 +55,14 @@ def test_a_delta_at_or_above_one_over_n_is_refused_in_one_line(tmp_path, capsys)
     assert not run_dir.exists(), "refused before any round"
 
 
+def test_retrying_short_rounds_under_user_dp_is_refused():
+    """A retried round samples again: a device drawn in a discarded attempt could be drawn twice in one round."""
+    with pytest.raises(ConfigError, match="too-few-clients = 'retry' with user-dp"):
+        _config(**{"user-dp": True, "too-few-clients": "retry"})
+    assert _config(**{"user-dp": False, "too-few-clients": "retry"}).too_few_clients == "retry"
+    assert _config(**{"user-dp": True, "too-few-clients": "skip"}).user_dp
+
+
 def test_console_line_shows_the_delta_of_every_epsilon():
     line = progress_line(3, 10, {"clients_ok": 5, "clients_sampled": 5, "user_epsilon": 1.234, "user_delta": 1e-5,
                                  "record_epsilon_max": 4.5, "record_delta": 1e-6}, 1.0, 1.0)
