@@ -1,4 +1,4 @@
-"""Beyond accuracy (issue 11): diversity, MMR re-ranking, coverage, novelty, quality per group."""
+"""Beyond accuracy: diversity, MMR re-ranking, coverage, novelty, quality per group."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Device state on disk (issue 9): kiosks add and forget users, state survives restarts.
+"""Device state on disk: kiosks add and forget users, state survives restarts.
 
 The ClientApp is driven message by message (Flower's own ``ClientApp.__call__`` with legacy
 fit messages, mods included) rather than through a Ray simulation, so each round takes

@@ -1,4 +1,4 @@
-"""Hybrid models and new items (issue 11): item content features, the content tower, held-out items."""
+"""Hybrid models and new items: item content features, the content tower, held-out items."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Empirical privacy audits of fedrec in simulation (issue 7): interaction inference by a
+"""Empirical privacy audits of fedrec in simulation: interaction inference by a
 curious server, membership inference on the final model, and one-run canary audits."""
 
 from simulations.audits.run import SCENARIOS, run_audits
