@@ -31,16 +31,16 @@ from client import store
 from client.coldstart import device_rows
 from client.fleet import LOCAL_EPOCHS_KEY, fleet_mod
 from client.local import RoundResult, evaluate_client, train_round
-from client.recommend import DeviceRecommendation, recommend_for_client, recommend_for_state, recommend_on_device
 from client.private_training import History, RecordDPConfig
+from client.recommend import DeviceRecommendation, recommend_for_client, recommend_for_state, recommend_on_device
 from common.config import FedRecConfig, parse_run_config
 from common.errors import DataError, plain_message
 from common.evaluation import ListMetrics
 from common.federation import ClientData, catalogue_features, slicer_cached
 from common.privacy import SecureGaussian
+from common.private_eval import EVALUATE_ONLY_KEY, is_private, layout_for, private_lists, private_metrics
 from common.secagg import device_clipping_norm, distributed_noise, noise_share_std
 from common.threads import use_threads
-from common.private_eval import EVALUATE_ONLY_KEY, is_private, layout_for, private_lists, private_metrics
 from common.updates import POPULAR_ITEMS_KEY, decode_item_list, for_transport
 
 LOCAL_STATE_KEY = "fedrec.user-local"
@@ -73,7 +73,7 @@ def load_record_history(context: Context) -> History:
     record = context.state.config_records.get(RECORD_DP_HISTORY_KEY)
     if record is None:
         return []
-    return list(zip(record["noise"], record["rate"], record["steps"]))  # type: ignore[arg-type]
+    return list(zip(record["noise"], record["rate"], record["steps"], strict=True))  # type: ignore[arg-type]
 
 
 def save_record_history(context: Context, history: History) -> None:

@@ -14,15 +14,21 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from client.private_training import History, RecordDPConfig, private_local_epochs
 from common.evaluation import (
-    ListMetrics, evaluate_new_items, evaluate_ranking, exposure_hits, list_sums, model_scorers, scored_once,
+    ListMetrics,
+    evaluate_new_items,
+    evaluate_ranking,
+    exposure_hits,
+    list_sums,
+    model_scorers,
+    scored_once,
 )
 from common.federation import ClientData
 from common.metrics import sums
 from common.models import ModelConfig, RecModel, build_model, empty_model
 from common.training import Examples, PositiveSet, TrainConfig, build_examples, make_optimizer, train_epoch
 from common.updates import UpdateLayout, clip_deltas, encode_update
-from client.private_training import History, RecordDPConfig, private_local_epochs
 
 
 @dataclass
@@ -65,7 +71,7 @@ def build_local_model(
     names = model.shared_parameter_names()
     if len(shared) != len(names):
         raise ValueError(f"received {len(shared)} shared arrays, the {model_config.name} model has {len(names)}")
-    arrays = dict(zip(names, shared))
+    arrays = dict(zip(names, shared, strict=True))
     if item_rows is not None:
         tables = set(model.item_row_parameter_names())
         for name in tables:
@@ -208,7 +214,7 @@ def train_round(
     )
     model = build_local_model(model_config, data, shared, local_state, user_seed(seed, data), item_rows=item_rows)
     before = OrderedDict(
-        (name, np.asarray(value, dtype=np.float32)) for name, value in zip(model.shared_parameter_names(), shared)
+        (name, np.asarray(value, dtype=np.float32)) for name, value in zip(model.shared_parameter_names(), shared, strict=True)
     )
     layout = UpdateLayout.from_state(before, model.item_row_parameter_names(), data.num_items)
     reference = (

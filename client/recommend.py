@@ -72,7 +72,7 @@ def device_model(
     missing = sorted(set(local_names) - set(local_state))
     if missing:
         raise ValueError(f"local_state lacks {', '.join(missing)}: this device has no trained user rows yet")
-    shared_by_name = dict(zip(shared_names, shared))
+    shared_by_name = dict(zip(shared_names, shared, strict=True))
     num_items = int(shared_by_name[probe.item_row_parameter_names()[0]].shape[0])
     num_users = int(local_state[local_names[0]].shape[0])
     model = build_model(model_config, num_users, num_items, seed=0)  # every value is overwritten below

@@ -397,7 +397,7 @@ class DeviceState:
             validation=evals[1],
             row_users=row_users,
             rows=rows,
-            record_history=[(float(z), float(q), int(n)) for z, q, n in zip(noise, rate, steps)],
+            record_history=[(float(z), float(q), int(n)) for z, q, n in zip(noise, rate, steps, strict=True)],
             partition_id=int(ints("partition_id", 0)),
         )
 

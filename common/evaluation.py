@@ -14,7 +14,13 @@ import numpy as np
 import torch
 
 from common.metrics import (
-    full_ranking_metrics, hit_at_k, intra_list_diversity, mmr_rerank, ndcg_at_k, sampled_metrics, top_k_items,
+    full_ranking_metrics,
+    hit_at_k,
+    intra_list_diversity,
+    mmr_rerank,
+    ndcg_at_k,
+    sampled_metrics,
+    top_k_items,
 )
 from common.models import RecModel
 from common.user_groups import activity_labels
@@ -82,7 +88,7 @@ def scored_once(score_all: AllScorer) -> AllScorer:
     def score(users: np.ndarray) -> np.ndarray:
         missing = np.array([u for u in dict.fromkeys(users.tolist()) if u not in rows], dtype=np.int64)
         if len(missing):
-            rows.update(zip(missing.tolist(), score_all(missing)))
+            rows.update(zip(missing.tolist(), score_all(missing), strict=True))
         return np.stack([rows[u] for u in users.tolist()]) if len(users) else score_all(users)
 
     return score
@@ -123,7 +129,7 @@ def exposure_hits(
         return {}
     scores = score_all(np.asarray(eligible)).astype(np.float64)
     hits = 0
-    for row, user in zip(scores, eligible):
+    for row, user in zip(scores, eligible, strict=True):
         row[interacted[user]] = -np.inf
         threshold = np.partition(row, -k)[-k] if len(row) > k else -np.inf
         hits += int(row[item] >= threshold and np.isfinite(row[item]))

@@ -150,7 +150,7 @@ class EvalVectorLayout:
             raise ValueError(f"expected a private evaluation vector of {self.length} values, got shape {mean.shape}")
         total = mean.astype(np.float64) * devices / self.scale
         out: dict[str, float | np.ndarray] = {}
-        for name, value in zip(self.names, total[: len(self.names)]):
+        for name, value in zip(self.names, total[: len(self.names)], strict=True):
             out[name] = float(round(value)) if name.endswith("count") else float(value)
         if self.num_items:
             out[CATALOGUE_COUNTS_KEY] = np.rint(total[len(self.names):]).clip(min=0).astype(np.int64)

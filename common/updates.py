@@ -86,7 +86,7 @@ def decode_mean_update(
     touched = mean_upload[-1].astype(np.float64)
     safe = np.where(touched > 0, touched, 1.0)
     new = []
-    for name, value, delta in zip(layout.names, current, mean_upload[:-1]):
+    for name, value, delta in zip(layout.names, current, mean_upload[:-1], strict=True):
         step = delta.astype(np.float64)
         if name in layout.item_rows:
             step = step / safe.reshape(-1, *([1] * (step.ndim - 1)))
@@ -116,7 +116,7 @@ def validate_upload(layout: UpdateLayout, upload: list[np.ndarray], *, one_clien
     expected = layout.upload_shapes()
     if len(upload) != len(expected):
         raise UpdateRejected("arrays", f"update has {len(upload)} arrays, expected {len(expected)}")
-    for index, (array, shape) in enumerate(zip(upload, expected)):
+    for index, (array, shape) in enumerate(zip(upload, expected, strict=True)):
         name = layout.names[index] if index < len(layout.names) else TOUCHED_KEY
         if tuple(array.shape) != shape:
             raise UpdateRejected("shape", f"update array {name} has shape {tuple(array.shape)}, expected {shape}")

@@ -33,7 +33,7 @@ def age_band(age: int) -> str:
 def activity_labels(counts: np.ndarray, bands: tuple[int, ...]) -> np.ndarray:
     """``<=50`` / ``51-150`` / ``>150`` style labels from training interactions per user."""
     edges = [0, *bands]
-    names = [f"<={bands[0]}"] + [f"{lo + 1}-{hi}" for lo, hi in zip(edges[1:-1], edges[2:])] + [f">{bands[-1]}"]
+    names = [f"<={bands[0]}"] + [f"{lo + 1}-{hi}" for lo, hi in zip(edges[1:-1], edges[2:], strict=True)] + [f">{bands[-1]}"]
     return np.array(names, dtype=object)[np.searchsorted(np.asarray(bands), np.asarray(counts), side="left")]
 
 

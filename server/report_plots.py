@@ -34,7 +34,7 @@ def _per_round_figure(rounds: list[dict[str, Any]], series: dict[str, str], ylab
     for label, key in series.items():
         points = [(r["round"], r[key]) for r in rounds if r.get(key) is not None]
         if points:
-            axes.plot(*zip(*points), marker="o", markersize=3, label=label)
+            axes.plot(*zip(*points, strict=True), marker="o", markersize=3, label=label)
             drawn = True
     if not drawn:
         plt.close(figure)

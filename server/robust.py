@@ -44,7 +44,7 @@ def bound_norm(upload: list[np.ndarray], bound: float) -> list[np.ndarray]:
 
 def robust_mean(config: FedRecConfig, uploads: list[list[np.ndarray]], weights: list[int]) -> list[np.ndarray]:
     """The aggregate that stands in for the weighted mean of ``uploads`` under ``config.aggregation``."""
-    results = [(bound_norm(u, config.norm_bound), w) for u, w in zip(uploads, weights)]
+    results = [(bound_norm(u, config.norm_bound), w) for u, w in zip(uploads, weights, strict=True)]
     rule = config.aggregation
     if rule == "mean":
         return aggregate(results)

@@ -224,7 +224,7 @@ class RunRecorder:
             targets.append("final.npz")
         for target in targets:
             buffer = io.BytesIO()
-            np.savez(buffer, __round__=np.array(server_round), **dict(zip(names, arrays)))
+            np.savez(buffer, __round__=np.array(server_round), **dict(zip(names, arrays, strict=True)))
             atomic_write_bytes(self.path / "checkpoints" / target, buffer.getvalue())
 
     def write_json(self, name: str, payload: Mapping[str, Any]) -> None:

@@ -31,7 +31,7 @@ def simulation_partitions(context: Context) -> dict[int, int]:
     if record is None:
         return {}
     nodes, partitions = record["node-ids"].numpy(), record["partition-ids"].numpy()
-    return {int(node): int(partition) for node, partition in zip(nodes, partitions)}
+    return {int(node): int(partition) for node, partition in zip(nodes, partitions, strict=True)}
 
 
 def partition_order(

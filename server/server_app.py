@@ -23,6 +23,7 @@ from common.config import ConfigError, FedRecConfig, check_against_data, parse_r
 from common.federation import PreparedData, describe_split, prepare_cached, slicer_cached
 from common.models import build_model
 from common.privacy import RECORD_NOISE_GENERATOR, UserLevelDP, delta_problem
+from common.private_eval import layout_for
 from common.secagg import (
     check_distributed_noise,
     device_clipping_norm,
@@ -34,7 +35,6 @@ from common.secagg import (
     secagg_max_weight,
 )
 from common.threads import use_threads
-from common.private_eval import layout_for
 from common.updates import UpdateLayout
 from server.disclosure import DisclosureGrid
 from server.fleet import retrying, with_deadline

@@ -37,6 +37,7 @@ from flwr.supercore.differential_privacy import get_norm
 from common.config import FLEET_FAILURE_PREFIX, ROUND_ATTEMPT_KEY, FedRecConfig
 from common.metrics import merge_sums
 from common.privacy import SecureGaussian, UserLevelDP
+from common.private_eval import CATALOGUE_COUNTS_KEY
 from common.secagg import distributed_noise, noise_multiplier_present
 from common.updates import (
     POPULAR_ITEMS_KEY,
@@ -50,12 +51,11 @@ from common.updates import (
     popular_items,
     validate_upload,
 )
-from common.private_eval import CATALOGUE_COUNTS_KEY
 from server.list_metrics import catalogue_summary, counts_from_replies, group_summary
 from server.progress import RoundProgress, progress_line  # noqa: F401 - progress_line: re-exported
 from server.robust import robust_mean
-from server.sampling import EVALUATE, FIT, partition_order, seeded_sample
 from server.run_dir import RunRecorder, ServerState, save_server_state
+from server.sampling import EVALUATE, FIT, partition_order, seeded_sample
 
 
 def build_inner_strategy(config: FedRecConfig, initial: Parameters) -> Strategy:
@@ -98,7 +98,7 @@ def weighted_mean(results: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]
         if mean is None:
             mean = [a.astype(np.float64) * weight for a in arrays]
         else:
-            for acc, a in zip(mean, arrays):
+            for acc, a in zip(mean, arrays, strict=True):
                 acc += a * weight
     assert mean is not None
     return mean
@@ -288,7 +288,7 @@ class FedRecStrategy(Strategy):
     # --- resuming ------------------------------------------------------------------
     def server_state(self, server_round: int) -> ServerState:
         """Everything :meth:`restore` needs to go on after ``server_round``."""
-        arrays = {f"shared/{name}": value for name, value in zip(self.layout.names, self.current)}
+        arrays = {f"shared/{name}": value for name, value in zip(self.layout.names, self.current, strict=True)}
         for slot in ("m_t", "v_t"):  # FedAdam / FedYogi's moments (absent for FedAvg / FedProx)
             for index, value in enumerate(getattr(self.inner, slot, None) or []):
                 arrays[f"inner/{slot}/{index}"] = np.asarray(value)
@@ -335,7 +335,7 @@ class FedRecStrategy(Strategy):
         self._wait_for_fleet(client_manager)
         clients = sorted(client_manager.all().values(), key=lambda proxy: proxy.cid)
         chosen = self.sampling_rng.random(len(clients)) < self.user_dp.sampling_rate
-        return [client for client, keep in zip(clients, chosen) if keep and client.node_id not in self.excluded]
+        return [client for client, keep in zip(clients, chosen, strict=True) if keep and client.node_id not in self.excluded]
 
     def _wait_for_fleet(self, client_manager: ClientManager) -> None:
         """Wait until the devices a round may sample from have connected.
@@ -524,7 +524,7 @@ class FedRecStrategy(Strategy):
             sound.append((proxy, res))
             norms.append(delta_norm(upload))
         valid = []
-        for (proxy, res), why in zip(sound, check_norms(norms, self.config.max_update_norm, self.config.reject_norm_factor)):
+        for (proxy, res), why in zip(sound, check_norms(norms, self.config.max_update_norm, self.config.reject_norm_factor), strict=True):
             if why is None:
                 valid.append((proxy, res))
             else:

@@ -32,7 +32,12 @@ from common.interactions import Interactions
 from common.metrics import mae, rmse, summarize
 from common.models import ModelConfig, RecModel, build_model
 from common.training import (
-    PositiveSet, TrainConfig, build_examples, dense_embedding_gradients, make_optimizer, make_sparse_row_optimizer,
+    PositiveSet,
+    TrainConfig,
+    build_examples,
+    dense_embedding_gradients,
+    make_optimizer,
+    make_sparse_row_optimizer,
     train_epoch,
 )
 from simulations import yardsticks

@@ -26,6 +26,7 @@ import argparse
 import statistics
 import sys
 import time
+from itertools import pairwise
 
 from common.config import parse_run_config
 from common.federation import prepare
@@ -46,8 +47,8 @@ def epoch_seconds(prepared, model: str, train_config: TrainConfig, dense: bool, 
     marks: list[tuple[float, float]] = []
     baselines.run_trained(prepared, ModelConfig(name=model), train_config, seed=seed, lazy_adam=not dense,
                           progress=lambda _: marks.append((time.perf_counter(), time.process_time())))
-    wall = statistics.median(b[0] - a[0] for a, b in zip(marks, marks[1:]))
-    cpu = statistics.median(b[1] - a[1] for a, b in zip(marks, marks[1:]))
+    wall = statistics.median(b[0] - a[0] for a, b in pairwise(marks))
+    cpu = statistics.median(b[1] - a[1] for a, b in pairwise(marks))
     return wall, cpu
 
 

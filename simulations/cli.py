@@ -154,7 +154,14 @@ def cmd_baseline(args: argparse.Namespace) -> int:
     from common.federation import describe_split, prepare
     from common.training import TrainConfig
     from simulations.baselines import (
-        BASELINES, TORCH_MODELS, run_als, run_ease, run_itempop, run_random, run_trained, stderr_progress,
+        BASELINES,
+        TORCH_MODELS,
+        run_als,
+        run_ease,
+        run_itempop,
+        run_random,
+        run_trained,
+        stderr_progress,
     )
     from simulations.report import baseline_table
 
@@ -462,7 +469,7 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         except torch.jit.Error as err:  # the module's own checks (ids out of range)
             raise ConfigError(str(err).strip().splitlines()[-1]) from None
         items, scores = top_items.tolist(), top_scores.tolist()
-    for rank, (item, score) in enumerate(zip(items, scores), start=1):
+    for rank, (item, score) in enumerate(zip(items, scores, strict=True), start=1):
         print(f"{rank}\t{item}\t{score:.6f}")
     return 0
 

@@ -22,7 +22,12 @@ from common.config import fused_run_config, parse_run_config
 from common.evaluation import shown_lists
 from common.federation import prepare, seen_items
 from common.metrics import (
-    catalogue_coverage, hit_at_k, intra_list_diversity, ndcg_at_k, novelty, sampled_metrics,
+    catalogue_coverage,
+    hit_at_k,
+    intra_list_diversity,
+    ndcg_at_k,
+    novelty,
+    sampled_metrics,
 )
 from common.models import RecModel
 from common.training import TrainConfig

@@ -31,15 +31,14 @@ import numpy as np  # noqa: E402
 from flwr.app import Array, ArrayRecord, Context, Message, RecordDict  # noqa: E402
 from flwr.clientapp import ClientApp  # noqa: E402
 from flwr.common.constant import RUN_ID_NUM_BYTES, SUPERLINK_NODE_ID, TASK_ID_NUM_BYTES  # noqa: E402
+from flwr.server.superlink.fleet.vce import vce_api  # noqa: E402
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState  # noqa: E402
 from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes  # noqa: E402
 from flwr.simulation.run_simulation import NOOP_FEDERATION_ID, _run_simulation  # noqa: E402
+from flwr.supercore.date import now  # noqa: E402
 from flwr.supercore.run import Run  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 from flwr.supercore.telemetry import EventType  # noqa: E402
-
-from flwr.server.superlink.fleet.vce import vce_api  # noqa: E402
-from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState  # noqa: E402
-from flwr.supercore.date import now  # noqa: E402
 from flwr.superlink.grid import InMemoryGrid  # noqa: E402
 
 from common.config import SIMULATION_PARTITIONS_KEY, default_run_config, fused_run_config  # noqa: E402

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -15,8 +16,16 @@ from scipy import stats
 from common.config import parse_run_config
 from common.federation import slicer_cached
 from common.privacy import UserLevelDP
-from simulations.audits.bound import (audit_from_scores, canaries_needed, ceiling, epsilon_lower_bound, guess_counts,
-                                      one_run_guesses, p_value, verdict)
+from simulations.audits.bound import (
+    audit_from_scores,
+    canaries_needed,
+    ceiling,
+    epsilon_lower_bound,
+    guess_counts,
+    one_run_guesses,
+    p_value,
+    verdict,
+)
 from simulations.audits.canary import record_level_canaries, user_level_canaries
 from simulations.audits.interaction import interaction_inference
 from simulations.audits.membership import hold_out
@@ -51,7 +60,7 @@ def test_random_guesses_give_no_bound():
 
 def test_bound_grows_with_correct_guesses_and_shrinks_with_delta():
     bounds = [epsilon_lower_bound(100, 50, v, 1e-5) for v in range(25, 51)]
-    assert all(b2 >= b1 for b1, b2 in zip(bounds, bounds[1:]))
+    assert all(b2 >= b1 for b1, b2 in pairwise(bounds))
     assert bounds[0] == 0.0 and bounds[-1] > 2.5
     assert epsilon_lower_bound(100, 50, 45, 1e-3) < epsilon_lower_bound(100, 50, 45, 0.0)
 

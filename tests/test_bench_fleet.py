@@ -5,9 +5,9 @@ import os
 import numpy as np
 
 from client.local import train_round
+from common.config import parse_run_config
 from common.federation import slicer_cached
 from common.models import build_model
-from common.config import parse_run_config
 from common.updates import for_transport
 from simulations.bench_fleet import NoopClient, _tree_memory_bytes
 from simulations.engine import fused_run_config

@@ -208,7 +208,7 @@ def test_data_without_timestamps_gets_a_random_held_out_item_and_says_so(tmp_pat
         raw = {"dataset": "csv", "data-path": "plays.csv", "eval-negatives": 20, "split": split}
         prepared = prepare(parse_run_config(engine.fused_run_config(raw)))
         train = prepared.split.train
-        highest = [train.items[train.users == u].max() < i for u, i in zip(prepared.test.users, prepared.test.items)]
+        highest = [train.items[train.users == u].max() < i for u, i in zip(prepared.test.users, prepared.test.items, strict=True)]
         return float(np.mean(highest))
 
     assert held_out_is_highest("time") == 1.0  # file order: every user's highest item id is held out

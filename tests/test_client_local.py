@@ -2,11 +2,16 @@
 
 import numpy as np
 import pytest
-
 import torch
 
 from client.local import (
-    build_local_model, client_key, evaluate_client, local_epochs, refit_user_rows, train_round, user_seed,
+    build_local_model,
+    client_key,
+    evaluate_client,
+    local_epochs,
+    refit_user_rows,
+    train_round,
+    user_seed,
 )
 from common.federation import ClientData, EvalData
 from common.models import ModelConfig, build_model
@@ -97,7 +102,7 @@ def test_same_seed_same_round_is_bit_for_bit_reproducible():
     shared = list(build_model(config, 0, NUM_ITEMS, seed=1).shared_state().values())
     a = train_round(config, TrainConfig(), _client(), shared, None, seed=5, server_round=2)
     b = train_round(config, TrainConfig(), _client(), shared, None, seed=5, server_round=2)
-    for x, y in zip(a.upload, b.upload):
+    for x, y in zip(a.upload, b.upload, strict=True):
         np.testing.assert_array_equal(x, y)
 
 
@@ -109,16 +114,16 @@ def test_a_returning_device_rebuilds_exactly_the_model_it_kept(name):
     kept = train_round(config, TrainConfig(), _client(), shared, None, seed=5, server_round=1).local_state
     rebuilt = build_local_model(config, _client(), shared, kept, seed=5)
     reference = build_model(config, 1, NUM_ITEMS, seed=123)
-    reference.load_arrays(dict(zip(reference.shared_parameter_names(), shared)))
+    reference.load_arrays(dict(zip(reference.shared_parameter_names(), shared, strict=True)))
     reference.load_arrays(kept)
-    for (name_a, a), (name_b, b) in zip(rebuilt.named_parameters(), reference.named_parameters()):
+    for (name_a, a), (name_b, b) in zip(rebuilt.named_parameters(), reference.named_parameters(), strict=True):
         assert name_a == name_b
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     fresh = build_local_model(config, _client(), shared, None, seed=5)
     assert all(torch.isfinite(p).all() for p in fresh.parameters()), "a new device still gets initialised rows"
     second = train_round(config, TrainConfig(), _client(), shared, kept, seed=5, server_round=2)
     again = train_round(config, TrainConfig(), _client(), shared, kept, seed=5, server_round=2)
-    for x, y in zip(second.upload, again.upload):
+    for x, y in zip(second.upload, again.upload, strict=True):
         np.testing.assert_array_equal(x, y)
 
 
@@ -139,7 +144,7 @@ def test_training_only_the_rows_a_round_touches_gives_the_full_tables_result(nam
         before = full.shared_state()
         full_loss, touched = local_epochs(full, data, train, [3, server_round, client_key(data)])
         assert len(np.unique(touched)) < NUM_ITEMS, "the round must train a subset of the rows for this to test anything"
-        for got, want in zip(result.upload, encode_update(layout, before, full.shared_state(), touched)):
+        for got, want in zip(result.upload, encode_update(layout, before, full.shared_state(), touched), strict=True):
             np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
         for key, want in full.local_state().items():
             np.testing.assert_allclose(result.local_state[key], want, rtol=0, atol=1e-6)

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from common.config import RUN_CONFIG_KEYS, ConfigError, FedRecConfig, default_run_config, fused_run_config, parse_run_config
+from common.config import (
+    RUN_CONFIG_KEYS,
+    ConfigError,
+    FedRecConfig,
+    default_run_config,
+    fused_run_config,
+    parse_run_config,
+)
 from common.config_keys import to_markdown
 
 ROOT = Path(__file__).resolve().parent.parent

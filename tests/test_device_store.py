@@ -7,7 +7,6 @@ milliseconds and the test controls exactly what global model every kiosk receive
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -18,9 +17,9 @@ import numpy as np
 import pytest
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.app.message_type import MessageType
 from flwr.common import EvaluateIns, FitIns, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common.constant import ErrorCode
 from flwr.compat.common.recorddict_compat import (
     evaluateins_to_recorddict,
     fitins_to_recorddict,
@@ -104,7 +103,7 @@ def evaluate(ctx: Context, server_round: int) -> dict:
 
 def assert_same_upload(a: list[np.ndarray], b: list[np.ndarray]) -> None:
     assert len(a) == len(b)
-    for x, y in zip(a, b):
+    for x, y in zip(a, b, strict=True):
         assert x.dtype == y.dtype and x.tobytes() == y.tobytes()
 
 
@@ -177,7 +176,7 @@ def test_after_forgetting_a_user_the_kiosk_uploads_what_a_kiosk_without_them_upl
     # Control: had the kiosk kept the user, its upload would differ (the check can fail).
     store.save(tmp_path / "kept", trained)
     upload_kept, _ = fit(context(config, tmp_path / "kept"), 2)
-    assert any(a.tobytes() != b.tobytes() for a, b in zip(upload_kept, upload_never))
+    assert any(a.tobytes() != b.tobytes() for a, b in zip(upload_kept, upload_never, strict=True))
 
 
 def test_a_forgotten_users_former_interactions_have_no_influence(tmp_path):
@@ -214,7 +213,7 @@ def test_an_added_user_trains_from_a_fresh_row_that_depends_only_on_that_user(tm
     states = [store.load(tmp_path / name) for name in ("a", "b")]
     fresh = [s.local_state(cfg.model_config, cfg.seed) for s in states]
     expected = store.fresh_user_rows(cfg.model_config, cfg.synthetic_items, cfg.seed, 500)
-    for state, local in zip(states, fresh):
+    for state, local in zip(states, fresh, strict=True):
         assert state.users[-1] == 500 and 500 not in state.row_users
         for name, value in expected.items():
             # The same row on two kiosks with different users, and the kept users' rows unchanged.
@@ -258,7 +257,7 @@ def test_state_survives_a_supernode_restart_and_embeddings_continue(tmp_path, mo
     reinitialised = train_round(cfg.model_config, cfg.train_config, data, shared, None, **kwargs)
     assert_same_upload(upload, continued.upload)
     assert examples == continued.num_examples
-    assert any(a.tobytes() != b.tobytes() for a, b in zip(upload, reinitialised.upload))
+    assert any(a.tobytes() != b.tobytes() for a, b in zip(upload, reinitialised.upload, strict=True))
     after = store.load(tmp_path)
     for name, value in continued.local_state.items():
         assert after.rows[name].tobytes() == value.tobytes()

@@ -283,7 +283,7 @@ def test_secure_aggregation_survives_dropouts_and_aggregates_the_survivors(tmp_p
     expected = decode_mean_update(layout, list(model.shared_state().values()), mean,
                                   server_learning_rate=config.server_learning_rate)
     _, secure_model = load_checkpoint(run / "checkpoints" / "final.npz")
-    for name, value in zip(layout.names, expected):
+    for name, value in zip(layout.names, expected, strict=True):
         np.testing.assert_allclose(secure_model[name], value, atol=2e-3, err_msg=name)
 
 
@@ -348,7 +348,7 @@ def received_fields(replies) -> dict[tuple, int]:
     counts: dict[tuple, int] = {}
     for r in replies:
         rows = [("arrays", name, key, f"{a.dtype} {list(a.shape)}")
-                for name in r["arrays"] for key, a in zip(r["array_keys"][name], r["arrays"][name])]
+                for name in r["arrays"] for key, a in zip(r["array_keys"][name], r["arrays"][name], strict=True)]
         rows += [("config", name, key, _type_name(v)) for name, rec in r["configs"].items() for key, v in rec.items()]
         rows += [("metrics", name, key, _type_name(v)) for name, rec in r["metrics"].items() for key, v in rec.items()]
         for row in rows:

@@ -238,7 +238,7 @@ def test_the_engine_delivers_each_nodes_next_message_once_in_one_pass():
                             _check_stored_messages=lambda ids: checked.append(set(ids)))
     nodes = {1: 0, 2: 1, 3: 2}  # node 99 is not a simulated SuperNode
     first = undelivered_one_per_node(state, nodes)
-    assert [m is store[k] for m, k in zip(first, ["m0", "m1", "m3"])] == [True, True, True]
+    assert [m is store[k] for m, k in zip(first, ["m0", "m1", "m3"], strict=True)] == [True, True, True]
     assert all(m.metadata.delivered_at for m in first) and checked == [set(store)]
     second = undelivered_one_per_node(state, nodes)
     assert second == [store["m2"]], "a node's second message waits for the next cycle"

@@ -11,7 +11,6 @@ import torch
 from common.config import ConfigError, parse_run_config
 from common.errors import DataError
 from common.federation import prepare, slicer_cached
-from common.interactions import Interactions
 from common.item_features import csv_item_features, movielens_item_features, synthetic_item_features
 from common.models import MODEL_NAMES, ModelConfig, build_model
 from common.splits import hold_out_items
@@ -115,7 +114,7 @@ def test_movielens_100k_catalogue_gives_genres_and_release_period_aligned_to_the
         f"7|Old One (1931)|01-Jan-1931||http://x|{flags(8)}\n"
         f"9|unknown||||{flags(0)}\n", encoding="latin-1")
     features = movielens_item_features(tmp_path / "u.data", np.array([9, 1, 42, 7]))
-    named = lambda row: {n for n, v in zip(features.names, features.values[row]) if v}  # noqa: E731
+    named = lambda row: {n for n, v in zip(features.names, features.values[row], strict=True) if v}  # noqa: E731
     assert named(0) == {"genre:unknown", "year:unknown"}
     assert named(1) == {"genre:Animation", "genre:Children's", "genre:Comedy", "year:1995-1996"}
     assert named(2) == set() and features.undescribed == 1  # item 42 is not in the catalogue
@@ -175,9 +174,9 @@ def test_held_out_items_leave_training_entirely():
     assert np.array_equal(split.new.item_ids, data.item_ids[split.new_items])
     assert np.intersect1d(split.known.item_ids, split.new.item_ids).size == 0
     # Re-indexed rows still name the same raw items.
-    raw = set(zip(data.user_ids[data.users].tolist(), data.item_ids[data.items].tolist()))
+    raw = set(zip(data.user_ids[data.users].tolist(), data.item_ids[data.items].tolist(), strict=True))
     kept = {(int(u), int(i)) for part in (split.known, split.new)
-            for u, i in zip(part.user_ids[part.users], part.item_ids[part.items])}
+            for u, i in zip(part.user_ids[part.users], part.item_ids[part.items], strict=True)}
     assert kept == raw
 
 
@@ -190,7 +189,7 @@ def test_prepare_with_new_items_never_lets_training_or_its_evaluation_see_them()
     n = prepared.new_items
     assert len(n.users) > 0.8 * prepared.num_users
     assert n.negatives.shape == (len(n.users), 49) and n.negatives.max() < len(prepared.new_item_features)
-    assert all(item not in row for item, row in zip(n.items, n.negatives))
+    assert all(item not in row for item, row in zip(n.items, n.negatives, strict=True))
     assert (prepared.split.train.user_counts()[n.users] > 0).all()
     slicer = slicer_cached(config)
     client = slicer.client(3)

@@ -78,7 +78,7 @@ def test_from_raw_keeps_latest_duplicate_and_later_row_on_ties():
     # Kept rows stay in input order: rows 2, 3, 4.
     assert d.ratings.tolist() == [3.0, 4.0, 5.0]
     assert d.timestamps.tolist() == [9, 7, 0]
-    pairs = set(zip(d.user_ids[d.users].tolist(), d.item_ids[d.items].tolist()))
+    pairs = set(zip(d.user_ids[d.users].tolist(), d.item_ids[d.items].tolist(), strict=True))
     assert pairs == {(1, 10), (2, 10), (1, 20)}
 
 

@@ -6,7 +6,12 @@ import torch
 
 from common.models import ModelConfig, build_model
 from common.training import (
-    LazyAdam, TrainConfig, batch_loss, dense_embedding_gradients, make_optimizer, make_sparse_row_optimizer,
+    LazyAdam,
+    TrainConfig,
+    batch_loss,
+    dense_embedding_gradients,
+    make_optimizer,
+    make_sparse_row_optimizer,
 )
 
 
@@ -35,7 +40,7 @@ def test_lazy_adam_equals_dense_adam_when_every_row_is_in_every_batch():
         lazy = build_model(ModelConfig(name=name, embedding_dim=4, mlp_layers=(8, 4)), 3, 4, seed=0)
         _steps(dense, make_optimizer(dense, config), [(users, items, labels)] * 5)
         _steps(lazy, make_sparse_row_optimizer(lazy, config), [(users, items, labels)] * 5)
-        for (key, a), b in zip(dense.state_dict().items(), lazy.state_dict().values()):
+        for (key, a), b in zip(dense.state_dict().items(), lazy.state_dict().values(), strict=True):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=f"{name} {key}")
 
 

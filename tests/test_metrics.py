@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -194,7 +195,7 @@ def test_full_ranking_single_relevant_matches_sampled_metrics():
     neg = np.stack(  # [n_users, n_items - 6]: every other candidate is a negative
         [
             np.delete(scores[u], np.concatenate([r, e]))
-            for u, (r, e) in enumerate(zip(relevant, exclude))
+            for u, (r, e) in enumerate(zip(relevant, exclude, strict=True))
         ]
     )
     sampled = M.sampled_metrics(pos, neg, k=5)
@@ -386,7 +387,7 @@ def test_merge_sums_equals_mean_over_concatenation():
     per_row = M.sampled_metrics(pos, neg, k=10)
     cuts = [0, 3, 40, 40, 100]  # unequal parts, one empty
     parts = [
-        M.sums({key: v[lo:hi] for key, v in per_row.items()}) for lo, hi in zip(cuts, cuts[1:])
+        M.sums({key: v[lo:hi] for key, v in per_row.items()}) for lo, hi in pairwise(cuts)
     ]
     assert M.merge_sums(parts) == pytest.approx(M.summarize(per_row))
 

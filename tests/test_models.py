@@ -58,9 +58,9 @@ def test_score_all_items_matches_pairwise_forward(name):
 def test_seeded_build_is_reproducible_and_seed_sensitive(name):
     cfg = ModelConfig(name=name, **CONFIG)
     a, b, c = build_model(cfg, 3, 5, seed=7), build_model(cfg, 3, 5, seed=7), build_model(cfg, 3, 5, seed=8)
-    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (n, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
         assert torch.equal(pa, pb), n
-    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters()))
+    assert any(not torch.equal(pa, pc) for pa, pc in zip(a.parameters(), c.parameters(), strict=True))
 
 
 def test_shared_state_round_trips_and_rejects_wrong_shapes():

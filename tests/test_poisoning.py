@@ -6,10 +6,15 @@ import pytest
 
 from common.config import parse_run_config
 from common.federation import slicer_cached
-from simulations.engine import fused_run_config, run_in_process
 from common.models import ModelConfig
+from simulations.engine import fused_run_config, run_in_process
 from simulations.poisoning import (
-    DEFENSES, align_target_rows, attack_app, fake_profile, item_table_indices, unpopular_target,
+    DEFENSES,
+    align_target_rows,
+    attack_app,
+    fake_profile,
+    item_table_indices,
+    unpopular_target,
 )
 
 FLEET = {

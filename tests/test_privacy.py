@@ -213,7 +213,7 @@ def test_dp_off_is_the_non_private_path_bit_for_bit_and_dp_on_changes_it(tmp_pat
 
     # Per-round epsilon in the run dir equals the accountant for the same parameters.
     dp = UserLevelDP(1.0, 0.1, num_clients=12, sampling="poisson", sampling_rate=0.5)
-    fits = [json.loads(l) for l in (on_dir / "metrics.jsonl").read_text().splitlines()]
+    fits = [json.loads(line) for line in (on_dir / "metrics.jsonl").read_text().splitlines()]
     fits = [row for row in fits if row["phase"] == "fit"]
     assert fits, "at least one round must have trained"
     for row in fits:
@@ -232,7 +232,7 @@ def test_server_stops_before_the_budget_is_exceeded_and_says_why(tmp_path):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["rounds"] == 2
     assert "stopped after 2 of 3 rounds" in summary["stop_reason"]
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert max(r["round"] for r in rows) == 2
     assert all(r["user_epsilon"] <= budget for r in rows if r["phase"] == "fit")
 
@@ -243,7 +243,7 @@ def test_user_dp_under_secagg_noises_the_masked_sum(tmp_path):
         "user-dp": True, "secure-aggregation": True, "client-sampling": "poisson", "fraction-train": 0.7,
         "user-dp-clipping-norm": 0.1, "num-server-rounds": 2, "evaluate-every": 2, "checkpoint-every": 2,
     })
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     fits = [r for r in rows if r["phase"] == "fit"]
     assert fits and all(r["clients_ok"] >= 3 for r in fits)
     dp = UserLevelDP(1.0, 0.1, num_clients=12, sampling="poisson", sampling_rate=0.7)
@@ -253,7 +253,7 @@ def test_user_dp_under_secagg_noises_the_masked_sum(tmp_path):
 
 
 def _fit_rows(run_dir: Path) -> list[dict]:
-    rows = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r for r in rows if r["phase"] == "fit"]
 
 

@@ -49,12 +49,12 @@ def test_server_state_round_trips_model_server_optimizer_and_exclusions(tmp_path
     resumed, _ = _strategy(tmp_path / "other", strategy="fedadam")
     resumed.restore(state)
     assert resumed.start_round == 3 and resumed.excluded == {42} and resumed.rejections == {42: 3}
-    for a, b in zip(resumed.current, strategy.current):
+    for a, b in zip(resumed.current, strategy.current, strict=True):
         np.testing.assert_array_equal(a, b)
     # The next step continues Adam's moments: identical to the uninterrupted strategy's.
     _fit(strategy, 4, 0.1)
     _fit(resumed, 1, 0.1)  # Flower's workflow counts from 1 again; the strategy adds its offset
-    for a, b in zip(resumed.current, strategy.current):
+    for a, b in zip(resumed.current, strategy.current, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6)
     rows = [json.loads(line) for line in (tmp_path / "other" / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == [4]

@@ -55,7 +55,7 @@ def test_multi_krum_averages_the_honest_uploads_row_wise():
     config = _config(aggregation="multi-krum", **{"num-malicious": 1})
     mean = robust_mean(config, fleet, [1] * len(fleet))
     honest = [np.mean([u[i] for u in fleet[:-1]], axis=0) for i in range(len(fleet[0]))]
-    for got, want in zip(mean, honest):
+    for got, want in zip(mean, honest, strict=True):
         np.testing.assert_allclose(got, want, rtol=1e-6)
 
 

@@ -140,9 +140,9 @@ def test_noisy_upload_minus_its_noise_still_dequantizes_within_the_clip():
     shared = list(build_model(config.model_config, 0, data.num_items, seed=config.seed).shared_state().values())
     upload, _, _ = _device_update(config, 1, clipping_norm_for(config, shared))
     noise = [SecureGaussian().normal(0.0, noise_share_std(config), a.shape) for a in upload[:-1]]
-    noisy = [a + n for a, n in zip(upload[:-1], noise)] + [upload[-1]]
+    noisy = [a + n for a, n in zip(upload[:-1], noise, strict=True)] + [upload[-1]]
     released = _contribution(noisy, _workflow(config))
-    signal = [r - n for r, n in zip(released[:-1], noise)]
+    signal = [r - n for r, n in zip(released[:-1], noise, strict=True)]
     assert get_norm(signal) <= C
     assert np.all(np.abs(released[-1] - 1.0) < quantization_step(config)), "touched ones pass unchanged"
 
@@ -153,11 +153,11 @@ def test_b_uniform_weights_under_secagg_give_the_plain_mean():
     uploads = [[a.astype(np.float32) for a in _device_update(config, p, None)[0]] for p in range(6)]
     weights = [aggregation_weight(config, 10 + p, False) for p in range(6)]
     assert set(weights) == {1}
-    plain = weighted_mean([(None, SimpleNamespace(parameters=_params(u), num_examples=w)) for u, w in zip(uploads, weights)])
+    plain = weighted_mean([(None, SimpleNamespace(parameters=_params(u), num_examples=w)) for u, w in zip(uploads, weights, strict=True)])
 
     def error(wf) -> float:
-        mean = _unmasked_mean([_quantized(u, w, wf) for u, w in zip(uploads, weights)], wf)
-        return max(float(np.max(np.abs(m - p))) for m, p in zip(mean, plain))
+        mean = _unmasked_mean([_quantized(u, w, wf) for u, w in zip(uploads, weights, strict=True)], wf)
+        return max(float(np.max(np.abs(m - p))) for m, p in zip(mean, plain, strict=True))
 
     step = quantization_step(config)
     now, old = error(_workflow(config)), error(_workflow(config, max_weight=config.secagg_max_weight))
@@ -298,7 +298,7 @@ def test_distributed_noise_end_to_end_in_simulation(tmp_path, monkeypatch):
     assert server_draws == [], "the server drew no noise"
     step, t, z = quantization_step(config), 4, 1.0
     deviations = []
-    for row, (mean, k, kwargs) in zip(fits, released):
+    for row, (mean, k, kwargs) in zip(fits, released, strict=True):
         assert kwargs == {"noise_on_devices": True} and row["clients_ok"] == k == 6
         assert row["server_noise_std"] == 0.0 and row["user_noise_added_by"] == "devices"
         assert row["noise_multiplier_present"] == pytest.approx(z * math.sqrt(k / t))
@@ -312,10 +312,10 @@ def test_distributed_noise_end_to_end_in_simulation(tmp_path, monkeypatch):
         noisy_sum = [sum(n[i] for n in noisy) for i in range(half - 1)]
         clean_sum = [sum(c[i] for c in clipped) for i in range(half - 1)]
         # The unmasked sum is the devices' noisy sum up to SecAgg+'s rounding: nothing added on the server.
-        assert all(np.max(np.abs(a - b)) <= k * step for a, b in zip(total, noisy_sum))
+        assert all(np.max(np.abs(a - b)) <= k * step for a, b in zip(total, noisy_sum, strict=True))
         for c in clipped:
             assert get_norm(c[:-1]) <= device_clipping_norm(config, sum(a.size for a in c[:-1])) * (1 + 1e-6)
-        deviations.append(np.concatenate([(a - b).ravel() for a, b in zip(total, clean_sum)]))
+        deviations.append(np.concatenate([(a - b).ravel() for a, b in zip(total, clean_sum, strict=True)]))
     measured = np.concatenate(deviations).std()
     assert measured == pytest.approx(z * C * math.sqrt(6 / t), rel=0.1), measured
 

@@ -216,7 +216,7 @@ def test_the_mean_is_the_same_bit_for_bit_whatever_order_replies_arrive_in():
     first = weighted_mean(results)
     orders = [list(reversed(results)), [results[i] for i in rng.permutation(len(results))]]
     for order in orders:
-        for a, b in zip(first, weighted_mean(order)):
+        for a, b in zip(first, weighted_mean(order), strict=True):
             np.testing.assert_array_equal(a, b)
     # and summing in arrival order would not have been: the test can tell
     total = sum(res.num_examples for _, res in results)

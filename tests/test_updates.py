@@ -15,7 +15,7 @@ def _layout():
 
 def _mean(uploads, weights):
     w = np.asarray(weights, float) / sum(weights)
-    return [sum(wi * u[k] for wi, u in zip(w, uploads)) for k in range(len(uploads[0]))]
+    return [sum(wi * u[k] for wi, u in zip(w, uploads, strict=True)) for k in range(len(uploads[0]))]
 
 
 def test_item_rows_average_only_over_clients_that_touched_them():

@@ -40,10 +40,10 @@ import torch
 from client.local import train_round
 from common.config import ConfigError, FedRecConfig
 from common.federation import ClientData, EvalData
+from server.server_app import user_level_dp
 from simulations.audits.bound import audit_from_scores, canaries_needed, guess_counts, verdict
 from simulations.audits.federation import personal_model, run_federation
 from simulations.audits.interaction import item_rows
-from server.server_app import user_level_dp
 
 
 def _empty_eval(negatives: int) -> EvalData:
@@ -132,7 +132,7 @@ def user_level_canaries(
                       config.eval_negatives)
         for j in range(num_canaries)
     ]
-    population = with_catalogue(clients, num_items) + [c for c, keep in zip(canaries, included) if keep]
+    population = with_catalogue(clients, num_items) + [c for c, keep in zip(canaries, included, strict=True) if keep]
     # The control without DP differs from the DP run only by clipping and noise: every client
     # weighs one, as under DP-FedAvg (example weights would drown a small canary client).
     run_config = dataclasses.replace(config, user_dp=user_dp, record_dp=False, client_weight="uniform",

@@ -132,7 +132,7 @@ def run_federation(
             uploads.append(result.upload)
             weights.append(aggregation_weight(config, result.num_examples, bool(result.declined)))
             participation[cid] += 1
-        fit = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(u), w, {})) for u, w in zip(uploads, weights)]
+        fit = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(u), w, {})) for u, w in zip(uploads, weights, strict=True)]
         mean = weighted_mean(fit)  # type: ignore[arg-type]
         released = privatize(dp, mean, len(chosen), noise) if dp is not None else mean
         if observe is not None:

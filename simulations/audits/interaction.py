@@ -34,7 +34,7 @@ from simulations.audits.metrics import guess_metrics, random_guess_metrics, roc_
 
 def item_rows(layout: UpdateLayout, arrays: list[np.ndarray]) -> np.ndarray:
     """The item-indexed parts of an upload side by side: [num_items, total row width]."""
-    parts = [a.reshape(layout.num_items, -1) for name, a in zip(layout.names, arrays) if name in layout.item_rows]
+    parts = [a.reshape(layout.num_items, -1) for name, a in zip(layout.names, arrays, strict=True) if name in layout.item_rows]
     return np.concatenate(parts, axis=1).astype(np.float64)
 
 
