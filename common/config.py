@@ -22,6 +22,7 @@ ACCOUNTANTS = ("rdp", "pld")
 CLIENT_SAMPLINGS = ("fixed", "poisson")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 TOO_FEW_CLIENTS = ("skip", "retry")
+MISSING_NODES = ("refuse", "report")
 TRANSPORT_DTYPES = ("float32", "float16")
 CLIENT_WEIGHTS = ("examples", "uniform")
 # Replies a simulated fleet device refuses (client.fleet) start with this; the server counts them by kind.
@@ -116,6 +117,8 @@ class FedRecConfig:
     local_epochs_min: int
     too_few_clients: str
     round_retries: int
+    missing_nodes: str
+    node_wait_seconds: float
     run_dir: str
     checkpoint_every: int
     secure_aggregation: bool
@@ -227,6 +230,7 @@ _CHOICES = {
     "client_sampling": CLIENT_SAMPLINGS,
     "aggregation": AGGREGATIONS,
     "too_few_clients": TOO_FEW_CLIENTS,
+    "missing_nodes": MISSING_NODES,
     "transport_dtype": TRANSPORT_DTYPES,
     "client_weight": CLIENT_WEIGHTS,
 }
@@ -244,7 +248,7 @@ _NON_NEGATIVE = {
     "num_malicious", "multi_krum_keep", "norm_bound", "max_update_norm", "reject_norm_factor", "exclude_after_rejections",
     "record_dp_noise_multiplier", "record_dp_target_epsilon", "record_dp_epsilon_budget",
     "user_dp_noise_multiplier", "user_dp_delta", "user_dp_epsilon_budget",
-    "round_deadline", "local_epochs_min", "round_retries",
+    "round_deadline", "local_epochs_min", "round_retries", "node_wait_seconds",
 }
 _PROBABILITIES = {"dropout_probability", "straggler_fraction", "late_join_fraction", "leave_fraction", "rerank_diversity"}
 _FRACTIONS = {"fraction_train", "fraction_evaluate", "server_learning_rate_decay"}

@@ -25,6 +25,7 @@ from common.models import build_model
 from common.privacy import UserLevelDP
 from common.updates import UpdateLayout
 from server.fleet import retrying, with_deadline
+from server.nodes import check_nodes, refuse_if_short
 from server.run_dir import RunRecorder, load_server_state
 from server.sampling import simulation_partitions
 from server.strategy import FedRecStrategy
@@ -183,8 +184,14 @@ def main(grid: Grid, context: Context) -> None:
     )
     dp = user_level_dp(config, len(slicer_cached(config)))
     rounds, stop_reason = plan_rounds(config, dp)
+    nodes = None if simulated else check_nodes(grid, config, len(slicer_cached(config)))
+    if nodes is not None:
+        transport.update(nodes.facts())
     recorder.write_json("privacy.json", {**privacy_plan(config, dp, rounds, stop_reason), "transport": transport})
     recorder.write_json("dataset.json", dataset_facts(config, prepared, len(slicer_cached(config))))
+    if nodes is not None and nodes.missing:
+        log(logging.ERROR, "fedrec: %s", nodes.message())
+        refuse_if_short(nodes)
     if stop_reason:
         log(logging.WARNING, "fedrec: %s", stop_reason)
     strategy = FedRecStrategy(
@@ -224,12 +231,17 @@ def main(grid: Grid, context: Context) -> None:
         fit = retrying(fit_workflow(config), strategy, retries)
         DefaultWorkflow(fit_workflow=fit)(with_deadline(grid, config, transport["engine"]), legacy_context)
     extra: dict = {"stop_reason": stop_reason} if stop_reason else {}
+    if nodes is not None and nodes.missing:  # missing-nodes = "report": the run went ahead short
+        extra.update(nodes.facts())
     if resumed is not None:
         extra.update(resumed_after_round=resumed.server_round, wall_seconds_before_resume=strategy.elapsed_before)
     summary = recorder.finish(extra)
     if config.report:
         write_report_safely(config.run_dir)
     final = summary.get("final_evaluation", {})
+    if nodes is not None and nodes.missing:
+        log(logging.ERROR, "fedrec: this run trained without %d of %d partitions (see summary.json)", nodes.missing,
+            nodes.required)
     log(
         logging.INFO,
         "fedrec: done in %.1fs; test HR@10 %.4f NDCG@10 %.4f (sampled, %s users)",
