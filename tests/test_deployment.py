@@ -344,3 +344,10 @@ def test_a_round_plan_a_node_short_is_refused_and_recorded(federation, tmp_path)
     assert (transport["nodes_required"], transport["nodes_connected"], transport["nodes_missing"]) == (NODES + 1, NODES, 1)
     assert not (run_dir / "summary.json").exists()
     assert (run_dir / "metrics.jsonl").read_text() == ""  # no round ran
+
+
+def test_the_docs_show_the_walkthrough_scripts_steps_verbatim():
+    script = WALKTHROUGH.read_text()
+    docs = (REPO / "docs" / "deployment.md").read_text()
+    shown = docs.split("<!-- walkthrough-steps", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    assert shown == script[script.index("# 0. Credentials"):].rstrip("\n")
