@@ -95,7 +95,7 @@ say "SuperLink ready on 127.0.0.1:$PORT"
 
 # 2. Register the SuperNodes' public keys (only registered keys may connect).
 for i in $(seq "$NODES"); do
-  flwr supernode register "$DEPLOY/keys/supernode-$i.pub" local-tls > "$DEPLOY/register-$i.log" 2>&1 ||
+  timeout "$WAIT" flwr supernode register "$DEPLOY/keys/supernode-$i.pub" local-tls > "$DEPLOY/register-$i.log" 2>&1 ||
     { say "registering supernode-$i.pub failed:"; cat "$DEPLOY/register-$i.log" >&2; exit 1; }
 done
 
