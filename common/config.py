@@ -22,6 +22,7 @@ ACCOUNTANTS = ("rdp", "pld")
 CLIENT_SAMPLINGS = ("fixed", "poisson")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 TOO_FEW_CLIENTS = ("skip", "retry")
+POPULARITY_SOURCES = ("touched", "positives")
 MISSING_NODES = ("refuse", "report")
 TRANSPORT_DTYPES = ("float32", "float16")
 CLIENT_WEIGHTS = ("examples", "uniform")
@@ -104,6 +105,7 @@ class FedRecConfig:
     eval_refit_epochs: int
     exposure_item: int
     popular_items: int
+    popularity: str
     rerank_diversity: float
     catalogue_metrics: bool
     group_min_users: int
@@ -231,6 +233,7 @@ _CHOICES = {
     "aggregation": AGGREGATIONS,
     "too_few_clients": TOO_FEW_CLIENTS,
     "missing_nodes": MISSING_NODES,
+    "popularity": POPULARITY_SOURCES,
     "transport_dtype": TRANSPORT_DTYPES,
     "client_weight": CLIENT_WEIGHTS,
 }
@@ -353,6 +356,12 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
         raise ConfigError(
             f"aggregation '{values['aggregation']}' has a different sensitivity than the clipped sum that "
             "user-dp's accountant assumes; use aggregation = 'mean' with user-dp"
+        )
+    if values["popularity"] == "positives" and (values["user_dp"] or values["record_dp"]):
+        raise ConfigError(
+            "popularity 'positives' is not available under user-dp or record-dp: per-item counts of users would need "
+            "their own noise and a share of the privacy budget, which fedrec does not account; under DP no popular "
+            "list is published"
         )
     if values["record_dp"] and values["record_dp_noise_multiplier"] <= 0 and values["record_dp_target_epsilon"] <= 0:
         raise ConfigError("record-dp needs record-dp-noise-multiplier > 0 or record-dp-target-epsilon > 0")

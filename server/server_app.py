@@ -166,7 +166,8 @@ def main(grid: Grid, context: Context) -> None:
     check_against_data(config, prepared.num_items)
     model = build_model(config.model_config, 0, prepared.num_items, seed=config.seed)
     shared = model.shared_state()
-    layout = UpdateLayout.from_state(shared, model.item_row_parameter_names(), prepared.num_items)
+    layout = UpdateLayout.from_state(shared, model.item_row_parameter_names(), prepared.num_items,
+                                     positives=config.popularity == "positives")
     resumed = load_server_state(config.run_dir) if config.resume else None
     transport = transport_facts(grid)
     simulated = transport["engine"] == "simulation"
