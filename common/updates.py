@@ -127,10 +127,15 @@ class UpdateRejected(ValueError):
         self.reason = reason
 
 
-def validate_upload(layout: UpdateLayout, upload: list[np.ndarray], *, one_client: bool = True) -> None:
+def validate_upload(
+    layout: UpdateLayout, upload: list[np.ndarray], *, one_client: bool = True, positives_per_example: bool = False
+) -> None:
     """Reject an upload that does not match the layout: count, shape, dtype, finiteness, touched flags.
 
     ``one_client=False`` for SecAgg+'s aggregate, whose touched vector is not 0/1 flags.
+    ``positives_per_example``: the device's weight is its example count, and each user's
+    positive on an item is one of its examples, so its counts over its weight sum to at most 1
+    (a device cannot inflate the published popularity beyond its own examples).
 
     Clients send float32 arrays (the wire format halves the bytes of float64) and a touched
     vector of weighted 0/1 flags in [0, 1]; anything else is a broken or hostile client.
@@ -153,6 +158,8 @@ def validate_upload(layout: UpdateLayout, upload: list[np.ndarray], *, one_clien
         raise UpdateRejected("touched", f"{TOUCHED_KEY} must lie in [0, 1], got [{touched.min():.3g}, {touched.max():.3g}]")
     if one_client and layout.positives and upload[-2].size and upload[-2].min() < 0.0:
         raise UpdateRejected("touched", f"{POSITIVES_KEY} must be >= 0, got {upload[-2].min():.3g}")
+    if one_client and layout.positives and positives_per_example and float(np.sum(upload[-2], dtype=np.float64)) > 1.001:
+        raise UpdateRejected("touched", f"{POSITIVES_KEY} sums to {float(np.sum(upload[-2])):.4g} > 1 per example")
 
 
 def delta_norm(upload: list[np.ndarray], layout: UpdateLayout | None = None) -> float:

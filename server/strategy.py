@@ -523,7 +523,7 @@ class FedRecStrategy(Strategy):
                 if res.num_examples <= 0:
                     raise UpdateRejected("no_examples", "reported no training examples")
                 upload = parameters_to_ndarrays(res.parameters)
-                validate_upload(self.layout, upload)
+                validate_upload(self.layout, upload, positives_per_example=self.config.client_weight == "examples")
                 if self.user_dp is not None:
                     check_clipped(upload, self.user_dp.clipping_norm)
             except UpdateRejected as err:
