@@ -240,6 +240,7 @@ class FedRecClient(NumPyClient):
             clipping_norm=clipping_norm_for(self.config, parameters),
             record_dp=record_dp_config(self.config),
             record_history=history,
+            count_positives=self.config.popularity == "positives",
         )
 
     def fit(self, parameters, config):  # type: ignore[override]
@@ -264,13 +265,16 @@ class FedRecClient(NumPyClient):
                 result = self._train(state.client_data(catalogue_features(self.config)), parameters, local_state, state.record_history, config)
                 store.save(self.state_dir, state.with_local_state(result.local_state, result.record_history))
             forget_context_copies(self.context)
+        weight = aggregation_weight(self.config, result.num_examples, bool(result.declined))
+        if self.config.popularity == "positives":  # counts over the weight: the server's weighted mean sums them
+            result.upload[-2] = result.upload[-2] / weight
         upload = for_transport(result.upload, self.config.transport_dtype)
         metrics = {**result.metrics, "upload_bytes": float(sum(a.nbytes for a in upload))}
         if distributed_noise(self.config):
             upload = with_noise_share(self.config, result.upload)
         if self.config.user_dp or self.config.record_dp:
             metrics = {k: v for k, v in metrics.items() if k in DP_SAFE_METRICS}
-        return upload, aggregation_weight(self.config, result.num_examples, bool(result.declined)), metrics
+        return upload, weight, metrics
 
     def list_metrics(self) -> ListMetrics:
         """Beyond-accuracy measures; under DP no device sends the items of its lists (nothing accounts for them)."""

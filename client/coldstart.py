@@ -22,6 +22,7 @@ import numpy as np
 
 from client import store
 from client.local import build_local_model, refit_user_rows, user_seed
+from client.recommend import needs_fold_in
 from client.store import DeviceState
 from common.config import FedRecConfig, parse_run_config
 from common.errors import DataError, plain_message
@@ -64,9 +65,9 @@ def device_rows(config: FedRecConfig, state: DeviceState, shared: list[np.ndarra
     outside DP-SGD, and those rows shape every later upload.
     """
     local_state = state.local_state(config.model_config, config.seed)
-    new_users = state.users_without_rows()
-    if config.record_dp or len(state.row_users) == 0 or not new_users.any():
+    if not needs_fold_in(config, state):
         return local_state
+    new_users = state.users_without_rows()
     train_config = replace(config.train_config, epochs=max(config.local_epochs, config.eval_refit_epochs))
     return fold_in(config.model_config, train_config, state.client_data(catalogue_features(config)), shared, local_state, new_users,
                    seed=config.seed)

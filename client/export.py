@@ -243,3 +243,114 @@ def export_for_client(
         raise IndexError(f"local user {local_user} out of range: this device holds {model.num_users} user(s)")
     trained = data.train_items[data.train_users == local_user]
     return export_torchscript(model, local_user, path, seen_items=trained, lite=lite)
+
+
+# --- from a finished run to one user's file, on the device ------------------------------------
+FINAL_CHECKPOINT = Path("checkpoints") / "final.npz"  # written by the server after the last round
+
+
+def final_global_model(run_dir: str | os.PathLike[str]) -> tuple[dict, list[np.ndarray], int]:
+    """A run's run-config, final shared arrays (in the model's order) and last round.
+
+    The final checkpoint holds the global model every device receives anyway and no user
+    rows: copying it (and ``config.json``) to a device reveals nothing about any user.
+    Bad or missing files are a one-line :class:`DataError`.
+    """
+    from common.config import parse_run_config
+    from common.errors import DataError
+    from common.models import build_model
+
+    run_dir = Path(run_dir)
+    for path in (run_dir / "config.json", run_dir / FINAL_CHECKPOINT):
+        if not path.is_file():
+            raise DataError("not found: a finished `fedrec simulate` or deployed run writes it", path)
+    try:
+        run_config = json.loads((run_dir / "config.json").read_text(encoding="utf-8"))["run_config"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise DataError(f"not a run's config.json ({type(err).__name__}: {err})", run_dir / "config.json") from None
+    config = parse_run_config(run_config)
+    names = build_model(config.model_config, 1, 1, seed=0).shared_parameter_names()
+    try:
+        with np.load(run_dir / FINAL_CHECKPOINT, allow_pickle=False) as npz:
+            missing = [name for name in names if name not in npz.files]
+            if missing:
+                raise DataError(f"lacks {', '.join(missing)}: the checkpoint is not of this run's {config.model} model",
+                                run_dir / FINAL_CHECKPOINT)
+            return run_config, [npz[name] for name in names], int(npz["__round__"])
+    except DataError:
+        raise
+    except Exception as err:  # noqa: BLE001 - zip and npy-header errors all mean a damaged file
+        raise DataError(f"unreadable checkpoint ({type(err).__name__}: {err})", run_dir / FINAL_CHECKPOINT) from None
+
+
+def user_rows(config, state, shared: Sequence[np.ndarray], user: int) -> dict[str, np.ndarray]:
+    """The device's user rows with ``user``'s trained rows, or fitted now if the device has none for them.
+
+    A simulated device's rows died with the simulation, and a user added to a kiosk since its
+    last round has none either: their rows are fitted on the device, against the frozen final
+    model, from their own interactions only (the fold-in of :mod:`client.coldstart`). The rows
+    go into the exported file and nowhere else.
+    """
+    from dataclasses import replace
+
+    from client.coldstart import fold_in
+    from common.federation import catalogue_features
+
+    local_state = state.local_state(config.model_config, config.seed)
+    if np.isin(user, state.row_users):
+        return local_state
+    if not (state.train_users == user).any():
+        raise ValueError(f"user {user} has no interactions on this device: there is nothing to fit their rows to")
+    train_config = replace(config.train_config, epochs=max(config.local_epochs, config.eval_refit_epochs))
+    return fold_in(config.model_config, train_config, state.client_data(catalogue_features(config)), list(shared),
+                   local_state, state.users == user, seed=config.seed)
+
+
+def device_state_for(config, user: int, state_dir: str | None, partition_id: int | None):
+    """The device's state: its ``state-dir``, or the data partition the run gave it (the user's, if not named)."""
+    from client import store
+    from common.federation import slicer_cached
+
+    if state_dir is not None:
+        return store.load(state_dir)
+    slicer = slicer_cached(config)
+    if partition_id is None:
+        holders = [p for p, part in enumerate(slicer.parts) if np.isin(user, part.users)]
+        if not holders:
+            raise KeyError(f"user {user} is in no partition of this run's data ({config.dataset}, "
+                           f"{slicer.prepared.num_users} users)")
+        partition_id = holders[0]
+    return store.DeviceState.from_client_data(slicer.client(partition_id), partition_id)
+
+
+def export_from_run(
+    run_dir: str | os.PathLike[str],
+    user: int,
+    path: str | os.PathLike[str],
+    *,
+    state_dir: str | None = None,
+    partition_id: int | None = None,
+    lite: bool = False,
+) -> tuple[Path, int]:
+    """One user's recommender file from a run's final model and the device's own data; returns (path, round).
+
+    Runs on the device: the final global model comes from the run directory, the user's
+    interactions and rows from the device (its ``state_dir``, or the partition the run gave
+    it). Bad requests are a one-line :class:`DataError`.
+    """
+    from common.config import parse_run_config
+    from common.errors import DataError, plain_message
+    from common.federation import catalogue_features
+
+    run_config, shared, server_round = final_global_model(run_dir)
+    config = parse_run_config(run_config)
+    try:
+        state = device_state_for(config, user, state_dir, partition_id)
+        if not state.has_user(user):
+            raise KeyError(f"user {user} is not on this device")
+        local_state = user_rows(config, state, shared, user)
+        local_user = int(np.flatnonzero(state.users == user)[0])
+        data = state.client_data(catalogue_features(config))
+        return export_for_client(config.model_config, data, shared, local_state, local_user, path, lite=lite), server_round
+    except (KeyError, ValueError, IndexError) as err:
+        raise DataError(plain_message(err), state_dir) from None

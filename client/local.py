@@ -28,7 +28,7 @@ from common.federation import ClientData
 from common.metrics import sums
 from common.models import ModelConfig, RecModel, build_model, empty_model
 from common.training import Examples, PositiveSet, TrainConfig, build_examples, make_optimizer, train_epoch
-from common.updates import UpdateLayout, clip_deltas, encode_update
+from common.updates import UpdateLayout, clip_deltas, encode_update, positive_counts
 
 
 @dataclass
@@ -194,8 +194,13 @@ def train_round(
     clipping_norm: float | None = None,
     record_dp: RecordDPConfig | None = None,
     record_history: History | None = None,
+    count_positives: bool = False,
 ) -> RoundResult:
     """Train locally for ``train_config.epochs`` and encode the shared update.
+
+    ``count_positives`` (popularity = "positives", never under DP): the upload also carries,
+    per item, how many of the device's users have a positive on it (the ClientApp divides it
+    by the device's aggregation weight, so the server's weighted mean sums to counts).
 
     With ``clipping_norm`` (user-level DP) the deltas are clipped to that L2 norm and the
     touched vector is all ones, so nothing in the upload depends on the data beyond the
@@ -216,7 +221,7 @@ def train_round(
     before = OrderedDict(
         (name, np.asarray(value, dtype=np.float32)) for name, value in zip(model.shared_parameter_names(), shared, strict=True)
     )
-    layout = UpdateLayout.from_state(before, model.item_row_parameter_names(), data.num_items)
+    layout = UpdateLayout.from_state(before, model.item_row_parameter_names(), data.num_items, positives=count_positives)
     reference = (
         {name: torch.from_numpy(value.copy()) for name, value in before.items()} if train_config.proximal_mu > 0 else None
     )
@@ -239,6 +244,7 @@ def train_round(
     upload = encode_update(
         layout, before, after, touched,
         rowwise=rowwise and clipping_norm is None and record_dp is None,
+        positives=positive_counts(data.train_users, data.train_items, data.num_items) if count_positives else None,
     )
     if private is not None and private.declined:
         # Nothing was trained: a zero update that moves no row (touched ones only where the

@@ -177,6 +177,28 @@ class DeviceRecommendation:
     model_round: int  # the round of the global model (or of the published list) used
 
 
+def needs_fold_in(config: FedRecConfig, state: DeviceState) -> bool:
+    """Whether users added since the device last trained must be fitted before they are served.
+
+    Never under record-level DP (rows move only by DP-SGD) and never on a device that has not
+    trained yet (everyone starts from fresh rows, as in a round).
+    """
+    return not config.record_dp and len(state.row_users) > 0 and bool(state.users_without_rows().any())
+
+
+def serving_rows(config: FedRecConfig, state: DeviceState, shared: list[np.ndarray]) -> dict[str, np.ndarray]:
+    """The user rows to rank with; training code is imported only when a newcomer must be folded in.
+
+    Serving a list from stored rows needs torch and the model, not the training loop, Opacus
+    or Flower: keeping those out halves the resident memory of ``fedrec recommend``.
+    """
+    if not needs_fold_in(config, state):
+        return state.local_state(config.model_config, config.seed)
+    from client.coldstart import device_rows  # a training step (fold-in): imports training code
+
+    return device_rows(config, state, shared)
+
+
 def recommend_for_state(
     config: FedRecConfig,
     state: DeviceState,
@@ -195,8 +217,6 @@ def recommend_for_state(
     embedding. Under record-level DP a newcomer has no rows until their first round (no
     fold-in outside DP-SGD), and that is an error.
     """
-    from client.coldstart import device_rows  # training code: imported only when needed
-
     if not state.has_user(user):
         raise KeyError(f"user {user} is not on this device")
     if k < 1:
@@ -216,7 +236,7 @@ def recommend_for_state(
             f"user {user} has no trained rows yet (no fold-in under record-level DP): they get them in their first round"
         )
     local_user = int(np.flatnonzero(state.users == user)[0])
-    local_state = device_rows(config, state, list(model.shared))
+    local_state = serving_rows(config, state, list(model.shared))
     items, scores = recommend_for_client(config.model_config, state.client_data(catalogue_features(config)), model.shared, local_state,
                                          local_user, k, extra_seen=extra_seen, num_threads=num_threads)
     return DeviceRecommendation(items, scores, "model", model.server_round)

@@ -30,6 +30,8 @@ ACCOUNTANTS = ("rdp", "pld")
 CLIENT_SAMPLINGS = ("fixed", "poisson")
 AGGREGATIONS = ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan")
 TOO_FEW_CLIENTS = ("skip", "retry")
+POPULARITY_SOURCES = ("touched", "positives")
+MISSING_NODES = ("refuse", "report")
 TRANSPORT_DTYPES = ("float32", "float16")
 CLIENT_WEIGHTS = ("examples", "uniform")
 # Which interaction of a user is held out: "time" the latest, "random" a seeded random one,
@@ -150,6 +152,9 @@ class FedRecConfig:
                              "audits); -1: none.", range=Range(-1))
     popular_items: int = key(100, "The server publishes this many popular items (fallback for users with no "
                              "interactions); 0: none.", range=NON_NEGATIVE)
+    popularity: str = key("touched", "What ranks the published popular items: the summed touched vectors, or the "
+                          "number of users with a positive per item (sent in the summed upload; not under DP).",
+                          choices=POPULARITY_SOURCES)
     rerank_diversity: float = key(0.0, "> 0: devices re-rank their top-10 by MMR with this weight on diversity.",
                                   range=PROBABILITY, section="Beyond accuracy")
     catalogue_metrics: bool = key(True, "Devices send how often each item is in their top-10 (coverage, novelty); "
@@ -175,6 +180,10 @@ class FedRecConfig:
                                "again.", choices=TOO_FEW_CLIENTS)
     round_retries: int = key(3, "too-few-clients = retry: a short round is run again up to this many times, then "
                              "skipped.", range=NON_NEGATIVE)
+    missing_nodes: str = key("refuse", "Deployments: refuse the round plan, or run and report it, when fewer SuperNodes "
+                             "are connected than the data has clients.", choices=MISSING_NODES)
+    node_wait_seconds: float = key(120.0, "Deployments: how long the server waits for that many SuperNodes before "
+                                   "round 1.", range=NON_NEGATIVE)
     run_dir: str = key("runs/latest", "Where metrics, checkpoints, the summary and the report go.", section="Outputs")
     checkpoint_every: int = key(5, "Write a server checkpoint every N rounds.", range=POSITIVE)
     resume: bool = key(False, "true: continue the run in run-dir after its last completed round (server-state.npz).")
@@ -400,6 +409,12 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
         raise ConfigError(
             f"aggregation '{values['aggregation']}' has a different sensitivity than the clipped sum that "
             "user-dp's accountant assumes; use aggregation = 'mean' with user-dp"
+        )
+    if values["popularity"] == "positives" and (values["user_dp"] or values["record_dp"]):
+        raise ConfigError(
+            "popularity 'positives' is not available under user-dp or record-dp: per-item counts of users would need "
+            "their own noise and a share of the privacy budget, which fedrec does not account; under DP no popular "
+            "list is published"
         )
     if values["record_dp"] and values["record_dp_noise_multiplier"] <= 0 and values["record_dp_target_epsilon"] <= 0:
         raise ConfigError("record-dp needs record-dp-noise-multiplier > 0 or record-dp-target-epsilon > 0")

@@ -20,6 +20,7 @@ import numpy as np
 from flwr.supercore.differential_privacy import clip_inputs_inplace, get_norm
 
 TOUCHED_KEY = "item_touched"
+POSITIVES_KEY = "item_positives"  # popularity = "positives": users with a positive per item, over the device's weight
 POPULAR_ITEMS_KEY = "fedrec.popular-items"  # fit/evaluate config: the published fallback list (int32 bytes)
 
 
@@ -31,14 +32,23 @@ class UpdateLayout:
     shapes: tuple[tuple[int, ...], ...]
     item_rows: frozenset[str]
     num_items: int
+    positives: bool = False  # popularity = "positives": a per-item count travels before the touched vector
 
     @classmethod
-    def from_state(cls, shared: "OrderedDict[str, np.ndarray]", item_rows: list[str], num_items: int) -> "UpdateLayout":
-        return cls(tuple(shared), tuple(tuple(a.shape) for a in shared.values()), frozenset(item_rows), num_items)
+    def from_state(
+        cls, shared: "OrderedDict[str, np.ndarray]", item_rows: list[str], num_items: int, *, positives: bool = False
+    ) -> "UpdateLayout":
+        return cls(tuple(shared), tuple(tuple(a.shape) for a in shared.values()), frozenset(item_rows), num_items,
+                   positives)
 
     def upload_shapes(self) -> list[tuple[int, ...]]:
-        """Shapes of the uploaded arrays: one per shared parameter, then the touched vector."""
-        return [*self.shapes, (self.num_items,)]
+        """Shapes of the uploaded arrays: one per shared parameter, [the positives vector,] then the touched vector."""
+        return [*self.shapes, *([(self.num_items,)] if self.positives else []), (self.num_items,)]
+
+    def array_name(self, index: int) -> str:
+        """The name of the upload's ``index``-th array, for messages."""
+        names = [*self.names, *([POSITIVES_KEY] if self.positives else []), TOUCHED_KEY]
+        return names[index] if index < len(names) else f"array {index}"
 
 
 def encode_update(
@@ -48,11 +58,13 @@ def encode_update(
     touched_items: np.ndarray,
     *,
     rowwise: bool = True,
+    positives: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """Arrays a client uploads: masked deltas followed by the touched-items vector.
+    """Arrays a client uploads: masked deltas, [the positives vector,] then the touched-items vector.
 
     With ``rowwise=False`` every row counts as touched, which turns the server's decode
-    into plain FedAvg over whole tables (kept for comparison).
+    into plain FedAvg over whole tables (kept for comparison). ``positives`` (required when
+    the layout carries it): per item, how many of the device's users have a positive on it.
     """
     touched = np.zeros(layout.num_items, dtype=np.float32)
     if rowwise:
@@ -65,8 +77,18 @@ def encode_update(
         if name in layout.item_rows:
             delta = delta * touched.reshape(-1, *([1] * (delta.ndim - 1)))
         upload.append(delta)
+    if layout.positives:
+        if positives is None or np.shape(positives) != (layout.num_items,):
+            raise ValueError(f"the layout carries {POSITIVES_KEY}: pass one count per item ({layout.num_items})")
+        upload.append(np.asarray(positives, dtype=np.float32))
     upload.append(touched)
     return upload
+
+
+def positive_counts(train_users: np.ndarray, train_items: np.ndarray, num_items: int) -> np.ndarray:
+    """Per item, the number of distinct users with a positive (a training interaction) on it."""
+    pairs = np.unique(np.asarray(train_users, np.int64) * num_items + np.asarray(train_items, np.int64))
+    return np.bincount(pairs % num_items, minlength=num_items).astype(np.float64)
 
 
 def decode_mean_update(
@@ -81,8 +103,8 @@ def decode_mean_update(
     Item rows are divided by the (weighted) share of clients that touched them; rows no
     client touched keep their current value. Dense parameters step along the mean delta.
     """
-    if len(mean_upload) != len(layout.names) + 1:
-        raise ValueError(f"expected {len(layout.names) + 1} arrays in the aggregate, got {len(mean_upload)}")
+    if len(mean_upload) != len(layout.upload_shapes()):
+        raise ValueError(f"expected {len(layout.upload_shapes())} arrays in the aggregate, got {len(mean_upload)}")
     touched = mean_upload[-1].astype(np.float64)
     safe = np.where(touched > 0, touched, 1.0)
     new = []
@@ -105,10 +127,15 @@ class UpdateRejected(ValueError):
         self.reason = reason
 
 
-def validate_upload(layout: UpdateLayout, upload: list[np.ndarray], *, one_client: bool = True) -> None:
+def validate_upload(
+    layout: UpdateLayout, upload: list[np.ndarray], *, one_client: bool = True, positives_per_example: bool = False
+) -> None:
     """Reject an upload that does not match the layout: count, shape, dtype, finiteness, touched flags.
 
     ``one_client=False`` for SecAgg+'s aggregate, whose touched vector is not 0/1 flags.
+    ``positives_per_example``: the device's weight is its example count, and each user's
+    positive on an item is one of its examples, so its counts over its weight sum to at most 1
+    (a device cannot inflate the published popularity beyond its own examples).
 
     Clients send float32 arrays (the wire format halves the bytes of float64) and a touched
     vector of weighted 0/1 flags in [0, 1]; anything else is a broken or hostile client.
@@ -117,7 +144,7 @@ def validate_upload(layout: UpdateLayout, upload: list[np.ndarray], *, one_clien
     if len(upload) != len(expected):
         raise UpdateRejected("arrays", f"update has {len(upload)} arrays, expected {len(expected)}")
     for index, (array, shape) in enumerate(zip(upload, expected, strict=True)):
-        name = layout.names[index] if index < len(layout.names) else TOUCHED_KEY
+        name = layout.array_name(index)
         if tuple(array.shape) != shape:
             raise UpdateRejected("shape", f"update array {name} has shape {tuple(array.shape)}, expected {shape}")
         if not np.issubdtype(array.dtype, np.floating):
@@ -129,14 +156,18 @@ def validate_upload(layout: UpdateLayout, upload: list[np.ndarray], *, one_clien
     # (deployment runs read outside [0, 1]), so it is checked for shape and finiteness only.
     if one_client and touched.size and (touched.min() < 0.0 or touched.max() > 1.0):
         raise UpdateRejected("touched", f"{TOUCHED_KEY} must lie in [0, 1], got [{touched.min():.3g}, {touched.max():.3g}]")
+    if one_client and layout.positives and upload[-2].size and upload[-2].min() < 0.0:
+        raise UpdateRejected("touched", f"{POSITIVES_KEY} must be >= 0, got {upload[-2].min():.3g}")
+    if one_client and layout.positives and positives_per_example and float(np.sum(upload[-2], dtype=np.float64)) > 1.001:
+        raise UpdateRejected("touched", f"{POSITIVES_KEY} sums to {float(np.sum(upload[-2])):.4g} > 1 per example")
 
 
-def delta_norm(upload: list[np.ndarray]) -> float:
-    """L2 norm of an upload's deltas (the touched vector is bookkeeping, not a step)."""
+def delta_norm(upload: list[np.ndarray], layout: UpdateLayout | None = None) -> float:
+    """L2 norm of an upload's deltas (the touched and positives vectors are bookkeeping, not a step)."""
     # One BLAS dot per array (float16 transport widened first): a float64 copy of a
     # 20,000-item upload took 7 ms of the server's time per client, this 0.05 ms.
     squares = 0.0
-    for array in upload[:-1]:
+    for array in upload[: len(layout.names)] if layout is not None else upload[:-1]:
         flat = np.asarray(array, dtype=np.float32 if array.dtype == np.float16 else array.dtype).ravel()
         squares += float(np.vdot(flat, flat))
     return math.sqrt(squares)

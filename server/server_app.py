@@ -40,6 +40,7 @@ from server.disclosure import DisclosureGrid
 from server.fleet import retrying, with_deadline
 from server.private_eval import secure_evaluate_workflow
 from server.progress import reporting
+from server.nodes import check_nodes, refuse_if_short
 from server.run_dir import RunRecorder, load_server_state
 from server.sampling import simulation_partitions
 from server.secure_aggregation import secagg_workflow
@@ -265,7 +266,8 @@ def main(grid: Grid, context: Context) -> None:
     prepared = prepare_cached(config)
     model = build_model(config.model_config, 0, prepared.num_items, seed=config.seed)
     shared = model.shared_state()
-    layout = UpdateLayout.from_state(shared, model.item_row_parameter_names(), prepared.num_items)
+    layout = UpdateLayout.from_state(shared, model.item_row_parameter_names(), prepared.num_items,
+                                     positives=config.popularity == "positives")
     num_coordinates = sum(int(np.size(value)) for value in shared.values())
     check_distributed_noise(config, num_coordinates)
     dp = user_level_dp(config, dp_population(config, simulated, len(slicer_cached(config))))
@@ -285,8 +287,14 @@ def main(grid: Grid, context: Context) -> None:
         config.run_dir, context.run_config, config.checkpoint_every, resume_after=resumed.server_round if resumed else 0
     )
     rounds, stop_reason = plan_rounds(config, dp)
+    nodes = None if simulated else check_nodes(grid, config, len(slicer_cached(config)))
+    if nodes is not None:
+        transport.update(nodes.facts())
     recorder.write_json("privacy.json", {**privacy_plan(config, dp, rounds, stop_reason, num_coordinates), "transport": transport})
     recorder.write_json("dataset.json", dataset_facts(config, prepared, len(slicer_cached(config))))
+    if nodes is not None and nodes.missing:
+        log(logging.ERROR, "fedrec: %s", nodes.message())
+        refuse_if_short(nodes)
     if stop_reason:
         log(logging.WARNING, "fedrec: %s", stop_reason)
     strategy = FedRecStrategy(
@@ -330,12 +338,17 @@ def main(grid: Grid, context: Context) -> None:
         workflow = DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate)
         workflow(DisclosureGrid(with_deadline(grid, config, transport["engine"]), recorder.path), legacy_context)
     extra: dict = {"stop_reason": stop_reason} if stop_reason else {}
+    if nodes is not None and nodes.missing:  # missing-nodes = "report": the run went ahead short
+        extra.update(nodes.facts())
     if resumed is not None:
         extra.update(resumed_after_round=resumed.server_round, wall_seconds_before_resume=strategy.elapsed_before)
     summary = recorder.finish(extra)
     if config.report:
         write_report_safely(config.run_dir)
     final = summary.get("final_evaluation", {})
+    if nodes is not None and nodes.missing:
+        log(logging.ERROR, "fedrec: this run trained without %d of %d partitions (see summary.json)", nodes.missing,
+            nodes.required)
     log(
         logging.INFO,
         "fedrec: done in %.1f s; test HR@10 %.4f NDCG@10 %.4f (sampled, %.0f users); results in %s",

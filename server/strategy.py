@@ -268,6 +268,8 @@ class FedRecStrategy(Strategy):
             config.popular_items > 0 and config.row_wise_aggregation and user_dp is None and not config.record_dp
         )
         self.touched_totals = np.zeros(layout.num_items, dtype=np.float64)
+        # popularity = "positives": users with a positive per item, summed over rounds (SecAgg+: only the sum).
+        self.positives_totals = np.zeros(layout.num_items, dtype=np.float64)
         self.rejections: dict[int, int] = {}
         self.excluded: set[int] = set()
         # Rounds an interrupted run already completed: Flower's workflow counts from 1 again,
@@ -293,6 +295,7 @@ class FedRecStrategy(Strategy):
             for index, value in enumerate(getattr(self.inner, slot, None) or []):
                 arrays[f"inner/{slot}/{index}"] = np.asarray(value)
         arrays["touched_totals"] = self.touched_totals
+        arrays["positives_totals"] = self.positives_totals
         facts = {
             "rejections": {str(k): v for k, v in self.rejections.items()},
             "excluded": sorted(self.excluded),
@@ -319,6 +322,7 @@ class FedRecStrategy(Strategy):
             if moments and hasattr(self.inner, slot):
                 setattr(self.inner, slot, moments)
         self.touched_totals = state.arrays.get("touched_totals", self.touched_totals).astype(np.float64)
+        self.positives_totals = state.arrays.get("positives_totals", self.positives_totals).astype(np.float64)
         self.rejections = {int(k): int(v) for k, v in state.facts.get("rejections", {}).items()}
         self.excluded = {int(n) for n in state.facts.get("excluded", [])}
         self.elapsed_before = float(state.facts.get("elapsed_seconds", 0.0))
@@ -432,6 +436,8 @@ class FedRecStrategy(Strategy):
         self.current = parameters_to_ndarrays(new_parameters)
         if self.publishes_popularity:
             self.touched_totals += mean_upload[-1].astype(np.float64) * total
+            if self.layout.positives:
+                self.positives_totals += mean_upload[-2].astype(np.float64) * total
         client_metrics = [{**res.metrics, "node_id": proxy.node_id} for proxy, res in valid]
         summary.update(self._fit_summary(client_metrics, mean_upload[-1]))
         summary.update(self._privacy_summary(server_round, client_metrics))
@@ -474,8 +480,9 @@ class FedRecStrategy(Strategy):
         config: dict[str, Scalar] = {"server-round": server_round}
         if self.attempt:  # a retried round: devices know it is another try (client.fleet draws anew)
             config[ROUND_ATTEMPT_KEY] = self.attempt
-        if self.publishes_popularity and self.touched_totals.any():
-            config[POPULAR_ITEMS_KEY] = encode_item_list(popular_items(self.touched_totals, self.config.popular_items))
+        totals = self.positives_totals if self.layout.positives else self.touched_totals
+        if self.publishes_popularity and totals.any():
+            config[POPULAR_ITEMS_KEY] = encode_item_list(popular_items(totals, self.config.popular_items))
         return config
 
     def _aggregate(self, valid: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]:
@@ -515,14 +522,14 @@ class FedRecStrategy(Strategy):
                 if res.num_examples <= 0:
                     raise UpdateRejected("no_examples", "reported no training examples")
                 upload = parameters_to_ndarrays(res.parameters)
-                validate_upload(self.layout, upload)
+                validate_upload(self.layout, upload, positives_per_example=self.config.client_weight == "examples")
                 if self.user_dp is not None:
                     check_clipped(upload, self.user_dp.clipping_norm)
             except UpdateRejected as err:
                 self._reject(proxy, err.reason, str(err), rejected)
                 continue
             sound.append((proxy, res))
-            norms.append(delta_norm(upload))
+            norms.append(delta_norm(upload, self.layout))
         valid = []
         for (proxy, res), why in zip(sound, check_norms(norms, self.config.max_update_norm, self.config.reject_norm_factor), strict=True):
             if why is None:

@@ -3,7 +3,8 @@
 What a phone pays to show one user its recommendations: one recommendation call through
 the Python path (:func:`client.recommend.recommend`) and through the exported TorchScript
 module (:mod:`client.export`), both on ONE thread, as a phone app sharing its cores with
-the UI would run it. Each (model, path) is measured in a fresh subprocess so its peak
+the UI would run it, and ``fedrec recommend --state-dir`` as a device's operator runs it
+(the CLI, the stored rows and the last global model). Each (model, path) is measured in a fresh subprocess so its peak
 resident memory (``getrusage(RUSAGE_SELF).ru_maxrss``) is its own; the TorchScript
 subprocess imports nothing but torch, like a runtime that only has the exported file.
 Models are randomly initialised (latency and memory do not depend on the values).
@@ -77,8 +78,46 @@ def pytorch_worker(args: argparse.Namespace) -> dict:
     peak = _peak_mb()  # before exporting: scripting is not part of showing recommendations
     items, _ = recommend(model, 0, seen, args.k)
     export_torchscript(model, 0, args.export, seen_items=seen)
+    write_state_dir(args, shared, local, seen)
     return {"model": args.model, "shared_mb": shared_mb, "load_ms": load_ms, "median_ms": median, "p99_ms": p99,
             "peak_mb": peak, "top": items.tolist()}  # fmt: skip
+
+
+STATE_USER = 17  # the one user of the benchmark's device state (a global id)
+
+
+def write_state_dir(args: argparse.Namespace, shared: list, local: dict, seen) -> None:
+    """A phone's ``state-dir`` holding the same model and user, for the ``fedrec recommend --state-dir`` path."""
+    from client import store
+    from simulations.engine import fused_run_config
+
+    overrides = {"model": args.model, "synthetic-items": args.num_items, "embedding-dim": args.dim,
+                 "mlp-layers": ",".join(map(str, args.mlp))}
+    state = store.DeviceState.empty(args.num_items).with_user(STATE_USER, seen)
+    state = state.with_local_state({name: array for name, array in local.items()})
+    state_dir = Path(args.export).with_suffix(".state")
+    state_dir.mkdir(exist_ok=True)
+    store.save(state_dir, state)
+    store.save_global_model(state_dir, store.GlobalModel(fused_run_config(overrides), shared, 1))
+
+
+def state_dir_worker(args: argparse.Namespace) -> dict:
+    """`fedrec recommend --state-dir` as a device runs it: the CLI, the stored rows and global model."""
+    import contextlib
+    import io
+
+    from simulations.cli import main as fedrec
+
+    command = ["recommend", "--state-dir", str(Path(args.export).with_suffix(".state")), "--user", str(STATE_USER),
+               "--k", str(args.k)]
+    printed = io.StringIO()
+    started = time.perf_counter()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(io.StringIO()):
+        code = fedrec(command)
+    seconds = time.perf_counter() - started
+    heavy = sorted({m.split(".")[0] for m in sys.modules} & {"opacus", "flwr", "ray"})
+    top = [int(line.split("\t")[1]) for line in printed.getvalue().splitlines() if line.strip()]
+    return {"code": code, "seconds": seconds, "peak_mb": _peak_mb(), "top": top, "heavy_imports": heavy}
 
 
 def torchscript_worker(args: argparse.Namespace) -> dict:
@@ -124,20 +163,26 @@ def print_table(rows: list[dict], args: argparse.Namespace) -> None:
         f"top-{args.k}, {args.calls} calls after 20 warm-up, 1 thread; load average {_load_average()} on {os.cpu_count()} CPUs\n"
     )
     print("| model | shared MB | PyTorch p50 ms | PyTorch p99 ms | TorchScript p50 ms | TorchScript p99 ms "
-          "| same top-K | export MB | peak RSS PyTorch MB | peak RSS TorchScript MB | torch import MB | targets |")  # fmt: skip
-    print("|---|--:|--:|--:|--:|--:|:-:|--:|--:|--:|--:|---|")
+          "| same top-K | export MB | peak RSS PyTorch MB | peak RSS TorchScript MB | peak RSS `recommend --state-dir` MB "
+          "| torch import MB | targets |")  # fmt: skip
+    print("|---|--:|--:|--:|--:|--:|:-:|--:|--:|--:|--:|--:|---|")
     for r in rows:
         py, ts = r["pytorch"], r["torchscript"]
         misses = []
         if r["model"] in ("mf", "gmf") and max(py["median_ms"], ts["median_ms"]) >= TARGET_MEDIAN_MS:
             misses.append(f"median >= {TARGET_MEDIAN_MS:g} ms")
-        if max(py["peak_mb"], ts["peak_mb"]) >= TARGET_RSS_MB:
+        cli = r["state_dir"]
+        if max(py["peak_mb"], ts["peak_mb"], cli["peak_mb"]) >= TARGET_RSS_MB:
             misses.append(f"RSS >= {TARGET_RSS_MB:g} MB")
+        same = py["top"] == ts["top"] == cli["top"]
         print(
             f"| {r['model']} | {py['shared_mb']:.2f} | {py['median_ms']:.3f} | {py['p99_ms']:.3f} | {ts['median_ms']:.3f} "
-            f"| {ts['p99_ms']:.3f} | {'yes' if py['top'] == ts['top'] else 'NO'} | {ts['file_mb']:.2f} | {py['peak_mb']:.0f} "
-            f"| {ts['peak_mb']:.0f} | {ts['torch_mb']:.0f} | {'met' if not misses else 'MISSED: ' + ', '.join(misses)} |"
+            f"| {ts['p99_ms']:.3f} | {'yes' if same else 'NO'} | {ts['file_mb']:.2f} | {py['peak_mb']:.0f} "
+            f"| {ts['peak_mb']:.0f} | {cli['peak_mb']:.0f} | {ts['torch_mb']:.0f} "
+            f"| {'met' if not misses else 'MISSED: ' + ', '.join(misses)} |"
         )
+    heavy = sorted({name for r in rows for name in r["state_dir"]["heavy_imports"]})
+    print(f"\nfedrec recommend --state-dir imported {', '.join(heavy) if heavy else 'neither Opacus nor Flower'}")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -149,13 +194,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--seen", type=int, default=165, help="items the user has seen (MovieLens-1M mean: 165)")
     parser.add_argument("--calls", type=int, default=1000)
-    parser.add_argument("--worker", choices=("pytorch", "torchscript"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=("pytorch", "torchscript", "state-dir"), help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)
     parser.add_argument("--export", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.num_items = args.items
     if args.worker:
-        work = pytorch_worker if args.worker == "pytorch" else torchscript_worker
+        work = {"pytorch": pytorch_worker, "torchscript": torchscript_worker, "state-dir": state_dir_worker}[args.worker]
         print(json.dumps(work(args)))
         return
     rows = []
@@ -163,7 +208,8 @@ def main(argv: list[str] | None = None) -> None:
         for model in args.models.split(","):
             export = Path(tmp) / f"{model}.pt"
             rows.append({"model": model, "pytorch": run_worker(args, model, "pytorch", export),
-                         "torchscript": run_worker(args, model, "torchscript", export)})  # fmt: skip
+                         "torchscript": run_worker(args, model, "torchscript", export),
+                         "state_dir": run_worker(args, model, "state-dir", export)})  # fmt: skip
             print(f"  done {model}", file=sys.stderr, flush=True)
     print_table(rows, args)
 

@@ -474,6 +474,16 @@ def cmd_recommend(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """One user's recommender file (what `fedrec recommend --model-file` serves), made on the device."""
+    from client.export import export_from_run
+
+    path, server_round = export_from_run(args.run_dir, args.user, args.out, state_dir=args.state_dir,
+                                         partition_id=args.partition_id, lite=args.lite)
+    print(f"wrote {path}: user {args.user}, global model of round {server_round}; keep it on the device")
+    return 0
+
+
 def cmd_device(args: argparse.Namespace) -> int:
     """A kiosk operator's edits of a device state (client/store.py); the next round sees them."""
     from client import store
@@ -661,6 +671,23 @@ def build_parser() -> argparse.ArgumentParser:
     recommend.add_argument("--extra-seen", help="comma-separated item ids to exclude besides the trained ones")
     recommend.add_argument("--threads", type=int, default=1, help="torch threads (a device shares its cores)")
     recommend.set_defaults(func=cmd_recommend)
+
+    export = sub.add_parser(
+        "export", help="on the device: one user's recommender file from a run's final model (for recommend --model-file)",
+        description="Bakes the run's final global model (RUN_DIR/checkpoints/final.npz and config.json, which "
+        "every device receives anyway) and the user's own rows into one TorchScript file. The rows are the "
+        "device's trained ones (--state-dir) or are fitted here, on the device, from the user's interactions "
+        "against the frozen final model; they never go to the server.",
+    )
+    export.add_argument("run_dir", metavar="RUN_DIR", help="the run directory (run-config run-dir)")
+    export.add_argument("--user", type=int, required=True, help="the user's global id")
+    export.add_argument("--out", required=True, help="the file to write, e.g. user-17.pt")
+    where = export.add_mutually_exclusive_group()
+    where.add_argument("--state-dir", help="the device's state-dir (its users, interactions and trained rows)")
+    where.add_argument("--partition-id", type=int,
+                       help="the data partition the run gave the device (default: the one holding --user)")
+    export.add_argument("--lite", action="store_true", help="PyTorch Mobile lite-interpreter format (.ptl)")
+    export.set_defaults(func=cmd_export)
 
     device = sub.add_parser("device", help="a kiosk's device state on disk: create, add or forget users, show")
     device.add_argument("action", choices=("create", "add-user", "add-interactions", "forget-user", "show"))

@@ -56,6 +56,11 @@ MARKED: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "tests/test_deployment.py": {"*": ("deployment", "slow")},
     "tests/test_device_store.py": {"test_a_process_killed_mid_write_leaves_the_previous_state": SLOW},
+    "tests/test_device_serving.py": {
+        "test_simulate_then_export_then_recommend_serves_the_users_own_list": SLOW,
+        "test_a_kiosk_exports_its_trained_rows_and_the_file_serves_what_its_state_dir_serves": SLOW,
+        "test_recommending_from_a_state_dir_imports_neither_training_code_nor_opacus_nor_flower": SLOW,
+    },
     "tests/test_docker_lint.py": {"test_every_command_is_accepted_by_flwr": SLOW},
     "tests/test_federated.py": {"*": SLOW},
     "tests/test_fleet.py": {
@@ -67,6 +72,7 @@ MARKED: dict[str, dict[str, tuple[str, ...]]] = {
         "test_the_content_loss_teaches_new_items_without_dropping_pairs_from_the_rows": SLOW,
     },
     "tests/test_poisoning.py": {"test_fake_users_promote_the_target_and_the_median_keeps_it_out": SLOW},
+    "tests/test_popularity.py": {"test_on_kiosks_the_published_list_ranks_by_positives_and_is_not_id_ordered": SLOW},
     "tests/test_privacy.py": {
         "test_dp_off_is_the_non_private_path_bit_for_bit_and_dp_on_changes_it": SLOW,
         "test_server_stops_before_the_budget_is_exceeded_and_says_why": SLOW,

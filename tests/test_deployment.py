@@ -280,3 +280,104 @@ def test_supernode_state_dir_goes_into_the_node_config_as_an_absolute_path(tmp_p
     with pytest.raises(ValueError, match="spaces or quotes"):
         supernode_command("h:1", partition_id=0, num_partitions=1, ca_cert=None, private_key=None,
                           state_dir=tmp_path / "a kiosk")
+
+
+# --- the documented walk-through, and a fleet a node short ------------------------------------
+
+WALKTHROUGH = REPO / "docker" / "walkthrough.sh"
+WALKTHROUGH_SECONDS = 1500  # a bound, not an expectation: the script's own waits are bounded below it
+
+
+def _free_port_run(count: int) -> int:
+    """The first of ``count`` consecutive free loopback ports."""
+    for _ in range(50):
+        first = _free_port()
+        if first + count < 65536 and all(_port_is_free(first + i) for i in range(count)):
+            return first
+    raise RuntimeError(f"no {count} consecutive free ports")
+
+
+def _port_is_free(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (the walk-through's own files)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            try:
+                command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if text in command and state != "Z":
+                found.append(command)
+    return found
+
+
+@pytest.mark.deployment
+def test_walkthrough_script_deploys_trains_and_cleans_up(tmp_path):
+    """docker/walkthrough.sh, the script docs/deployment.md shows, run as it is (ports and paths moved)."""
+    deploy, run_dir = tmp_path / "deploy", tmp_path / "deployed"
+    env = flower_env() | {
+        # The venv's python: flower_env puts its directory first on PATH.
+        "FEDREC": "python -m simulations.cli", "DEPLOY": str(deploy), "RUN_DIR": str(run_dir),
+        "PORT": str(_free_port()), "NODE_PORT": str(_free_port_run(NODES)), "ROUNDS": "2",
+        "RUN_CONFIG": "local-epochs=1 evaluate-every=2", "WAIT": "400", "RUN_TIMEOUT": "1000",
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
+    }
+    log = tmp_path / "walkthrough.log"
+    with log.open("wb") as out:
+        script = subprocess.Popen(["bash", str(WALKTHROUGH)], stdout=out, stderr=subprocess.STDOUT, env=env,
+                                  cwd=tmp_path, start_new_session=True)
+        try:
+            script.wait(timeout=WALKTHROUGH_SECONDS)
+        except subprocess.TimeoutExpired:
+            script.send_signal(signal.SIGTERM)  # the script's trap stops what it started
+            script.wait(timeout=60)
+    output = log.read_text(errors="replace")
+    leftovers = _processes_mentioning(str(deploy))
+    for pid in ([] if not leftovers else _descendants(script.pid)):
+        os.kill(pid, signal.SIGKILL)
+    assert leftovers == [], f"the walk-through left processes running: {leftovers}"
+    assert script.returncode == 0, output[-6000:]
+    assert "walkthrough: done" in output
+    fits = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fits = [row for row in fits if row["phase"] == "fit"]
+    assert [row["round"] for row in fits] == [1, 2]
+    assert all(row["clients_ok"] == NODES and row["clients_failed"] == 0 for row in fits), fits
+    assert output.count("Secure aggregation completed") == 2, output[-4000:]
+    transport = json.loads((run_dir / "privacy.json").read_text())["transport"]
+    assert transport["nodes_required"] == NODES and transport["nodes_connected"] == NODES
+    assert json.loads((run_dir / "summary.json").read_text())["final_evaluation"]["eval_clients"] == NODES
+
+
+def test_a_round_plan_a_node_short_is_refused_and_recorded(federation, tmp_path):
+    """Four kiosks of data, three SuperNodes connected: the ServerApp refuses before round 1."""
+    run_dir = tmp_path / "short"
+    result = federation.flwr(
+        "run", ".", CONNECTION, "--stream", "--run-config",
+        "num-server-rounds=1 synthetic-users=40 partitioning='group' users-per-client=10 node-wait-seconds=5 "
+        f"run-dir='{run_dir}'",
+        timeout=RUN_SECONDS,
+    )
+    output = result.stdout + result.stderr
+    assert f"{NODES} SuperNode(s) connected" in output and f"the data yields {NODES + 1} clients" in output, output[-4000:]
+    assert "refusing the round plan" in output, output[-4000:]
+    transport = json.loads((run_dir / "privacy.json").read_text())["transport"]
+    assert (transport["nodes_required"], transport["nodes_connected"], transport["nodes_missing"]) == (NODES + 1, NODES, 1)
+    assert not (run_dir / "summary.json").exists()
+    assert (run_dir / "metrics.jsonl").read_text() == ""  # no round ran
+
+
+def test_the_docs_show_the_walkthrough_scripts_steps_verbatim():
+    script = WALKTHROUGH.read_text()
+    docs = (REPO / "docs" / "deployment.md").read_text()
+    shown = docs.split("<!-- walkthrough-steps", 1)[1].split("```bash\n", 1)[1].split("\n```", 1)[0]
+    assert shown == script[script.index("# 0. Credentials"):].rstrip("\n")
