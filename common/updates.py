@@ -108,7 +108,8 @@ def decode_mean_update(
     touched = mean_upload[-1].astype(np.float64)
     safe = np.where(touched > 0, touched, 1.0)
     new = []
-    for name, value, delta in zip(layout.names, current, mean_upload[:-1], strict=True):
+    deltas = mean_upload[: len(layout.names)]  # the positive counts (if carried) and the touched vector follow
+    for name, value, delta in zip(layout.names, current, deltas, strict=True):
         step = delta.astype(np.float64)
         if name in layout.item_rows:
             step = step / safe.reshape(-1, *([1] * (step.ndim - 1)))

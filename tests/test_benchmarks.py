@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BENCHMARKS = ("bench_device", "bench_fleet", "bench_popularity", "bench_record_dp", "bench_robust", "bench_rounds",
-              "diversity", "poisoning", "privacy_utility")
+BENCHMARKS = ("bench_baseline_scaling", "bench_device", "bench_fleet", "bench_popularity", "bench_record_dp",
+              "bench_robust", "bench_rounds", "bench_threads", "diversity", "poisoning", "privacy_utility")
 PROBE = """
 import contextlib, io, runpy, sys
 for name in sys.argv[1:]:

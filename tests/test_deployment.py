@@ -194,7 +194,8 @@ def test_user_dp_with_secagg_noise_shares_over_tls(federation, tmp_path):
     device adds N(0, (z C)**2 / 3) and the unmasked sum carries exactly z C.
     """
     run_dir = tmp_path / "run"
-    dp = "user-dp=true client-sampling='poisson' fraction-train=1.0 min-train-clients=3 user-dp-noise-multiplier=1.0"
+    dp = ("user-dp=true client-sampling='poisson' fraction-train=1.0 min-train-clients=3 user-dp-noise-multiplier=1.0 "
+          f"user-dp-population={NODES}")
     result = federation.flwr(
         "run", ".", CONNECTION, "--stream",
         "--run-config", f"{RUN_CONFIG} {dp} run-dir='{run_dir}'",
@@ -213,7 +214,7 @@ def test_user_dp_with_secagg_noise_shares_over_tls(federation, tmp_path):
     for row in fits:
         assert row["clients_ok"] == NODES and row["user_noise_added_by"] == "devices", row
         assert row["server_noise_std"] == 0.0 and row["noise_multiplier_present"] == 1.0, row
-    assert output.count("Secure aggregation completed") == 2, output[-4000:]
+    assert output.count("Secure aggregation completed") == 3, output[-4000:]  # 2 training rounds + the evaluation
 
 
 def test_supernode_with_unregistered_key_is_refused(federation):
@@ -352,7 +353,7 @@ def test_walkthrough_script_deploys_trains_and_cleans_up(tmp_path):
     fits = [row for row in fits if row["phase"] == "fit"]
     assert [row["round"] for row in fits] == [1, 2]
     assert all(row["clients_ok"] == NODES and row["clients_failed"] == 0 for row in fits), fits
-    assert output.count("Secure aggregation completed") == 2, output[-4000:]
+    assert output.count("Secure aggregation completed") == 3, output[-4000:]  # 2 training rounds + the evaluation
     transport = json.loads((run_dir / "privacy.json").read_text())["transport"]
     assert transport["nodes_required"] == NODES and transport["nodes_connected"] == NODES
     assert json.loads((run_dir / "summary.json").read_text())["final_evaluation"]["eval_clients"] == NODES
@@ -364,6 +365,7 @@ def test_a_round_plan_a_node_short_is_refused_and_recorded(federation, tmp_path)
     result = federation.flwr(
         "run", ".", CONNECTION, "--stream", "--run-config",
         "num-server-rounds=1 synthetic-users=40 partitioning='group' users-per-client=10 node-wait-seconds=5 "
+        "secure-aggregation=true "
         f"run-dir='{run_dir}'",
         timeout=RUN_SECONDS,
     )
