@@ -176,7 +176,8 @@ def _register_nodes(num_nodes, state_factory):  # type: ignore[no-untyped-def]
 
     Needed on flwr 1.41 because simulated SuperNodes get random node ids (a new set every
     run), and the ServerApp cannot learn which partition a node holds: the partition-id is
-    only in the ClientApp's ``node_config``, and the grid's ``NodeInfo`` has no such field.
+    only in the ClientApp's ``node_config``, the grid's ``NodeInfo`` has no such field, and
+    ``get_node_ids`` returns a set, so not even the registration order survives.
     A seeded sample of node ids would still be different devices in every run; with the
     partition ids the server draws the same devices for the same run-config
     (``seeded-sampling``).
@@ -184,8 +185,8 @@ def _register_nodes(num_nodes, state_factory):  # type: ignore[no-untyped-def]
     Upstream: no issue found asking to expose the node-id -> partition-id mapping to the
     ServerApp; the related question of reproducible client choice across simulation runs is
     https://github.com/flwrlabs/flower/issues/3328 (open). ``tests/test_engine_patches.py``
-    fails once the installed flwr gives the same node ids in every run or puts a
-    partition-id in ``NodeInfo``.
+    fails once the installed flwr gives the same node ids in every run, puts a partition-id
+    in ``NodeInfo`` or returns node ids in registration order.
     """
     mapping = _FLOWER_REGISTER_NODES(num_nodes=num_nodes, state_factory=state_factory)
     for context in _SERVER_CONTEXTS:

@@ -174,14 +174,15 @@ def test_the_servers_wait_for_replies_pauses_longer_when_pulls_cost_more(monkeyp
     assert pauses == pytest.approx([0.1, 0.5]), "Flower's interval for a cheap pull, ten times the cost of a dear one"
 
 
-def test_flower_still_gives_random_node_ids_and_no_partition_to_the_server():
-    """_register_nodes is needed while node ids change every run and NodeInfo carries no partition-id."""
+def test_flower_still_gives_random_node_ids_and_no_partition_to_the_server(fleet):
+    """_register_nodes is needed while node ids change every run and the server sees no partition-id or order."""
     first = engine._FLOWER_REGISTER_NODES(num_nodes=5, state_factory=_factory())
     second = engine._FLOWER_REGISTER_NODES(num_nodes=5, state_factory=_factory())
     assert sorted(first.values()) == sorted(second.values()) == list(range(5))
     assert set(first).isdisjoint(second), "flwr now gives the same node ids every run: drop the patch"
     fields = [field.name for field in NodeInfo.DESCRIPTOR.fields]
     assert not any("partition" in name for name in fields), "flwr now tells the server partition ids: drop the patch"
+    assert isinstance(fleet.grid.get_node_ids(), set), "flwr now lists nodes in order: the server could infer them"
 
 
 def test_the_engines_registration_records_each_nodes_partition_for_the_server(monkeypatch):
