@@ -8,13 +8,15 @@ whose ``pyproject.toml`` holds the code's defaults (:mod:`common.config`), so ev
 SuperNode and the ServerApp see the same fused run-config as under ``flwr run``, and an
 installed wheel runs without the source tree.
 
-Importing this module also replaces three functions of flwr 1.41's simulation engine (for
-``fedrec simulate``; ``flwr run`` uses Flower's own): the one that scans all messages once
-per SuperNode every 0.1 s (:func:`_add_messages_to_queue`), so fleets of 100,000 devices
-scale; the ServerApp's wait for replies (:func:`_send_and_receive`), whose every pull costs
-time in proportion to the replies still outstanding; and the one that registers the
-SuperNodes (:func:`_register_nodes`), to tell the ServerApp which partition each node
-holds (``seeded-sampling``).
+Importing this module also patches three functions of flwr 1.41's simulation engine (for
+``fedrec simulate``; ``flwr run`` never imports this module and uses Flower's own): the
+loop that scans all messages once per SuperNode every 0.1 s is replaced
+(:func:`_add_messages_to_queue`), so fleets of 100,000 devices scale; the ServerApp's pull
+of replies is wrapped (:func:`_pull_messages`) so the pause between pulls grows with what a
+pull costs; and the registration of the SuperNodes is wrapped (:func:`_register_nodes`) to
+tell the ServerApp which partition each node holds (``seeded-sampling``). Each docstring
+says why the patch is needed and links the upstream issue where there is one;
+``tests/test_engine_patches.py`` fails when one is no longer needed.
 """
 
 from __future__ import annotations
@@ -101,10 +103,18 @@ def undelivered_one_per_node(state: InMemoryLinkState, nodes: Mapping[int, int])
 def _add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:  # type: ignore[no-untyped-def]
     """Drop-in for ``vce_api.add_messages_to_queue`` that scales to 100,000 SuperNodes.
 
-    Flower's version polls each node every 0.1 s, and each poll scans every stored message:
-    with 100,000 SuperNodes and 1,000 messages in flight that is 10^8 checks per cycle, and a
-    round of 1,000 clients did not finish in 7 minutes. This delivers the same messages (the
-    next one of each node, expiry checked) with one scan per cycle.
+    Needed on flwr 1.41 because Flower's version asks the LinkState for each node's next
+    message every 0.1 s (``get_message_ins(node_id, limit=1)`` once per node), and
+    ``InMemoryLinkState.get_message_ins`` checks every stored message on each call: with
+    100,000 SuperNodes and 1,000 messages in flight that is 10^8 checks per cycle, and a
+    round of 1,000 clients did not finish in 7 minutes. This delivers the same messages
+    (the next one of each node, expiry checked) with one scan per cycle. The loop itself is
+    the problem, so it is replaced, not wrapped.
+
+    Upstream: no issue found for the per-node polling of the simulation runtime. The linear
+    scan in ``get_message_ins`` was acknowledged in review when it was written,
+    https://github.com/flwrlabs/flower/pull/4993 . ``tests/test_engine_patches.py`` fails
+    once the installed flwr no longer polls this way.
     """
     if not isinstance(state, InMemoryLinkState):
         return _FLOWER_ADD_MESSAGES_TO_QUEUE(state, queue, nodes_mapping, f_stop)
@@ -118,37 +128,37 @@ def _add_messages_to_queue(state, queue, nodes_mapping, f_stop) -> None:  # type
 _FLOWER_ADD_MESSAGES_TO_QUEUE = vce_api.add_messages_to_queue
 vce_api.add_messages_to_queue = _add_messages_to_queue
 
-# A pull may cost at most this share of the time between pulls (see _send_and_receive).
+# A pull may cost at most this share of the time between pulls (see _pull_messages).
 PULL_COST_SHARE = 0.1
 
 
-def _send_and_receive(self, messages, *, timeout=None):  # type: ignore[no-untyped-def]
-    """``InMemoryGrid.send_and_receive`` whose pause between pulls grows with what a pull costs.
+def _pull_messages(self, message_ids):  # type: ignore[no-untyped-def]
+    """``InMemoryGrid.pull_messages``, then the pause before the next pull set from what this one cost.
 
-    Flower pulls every 0.1 s, and each pull checks every outstanding message under the
-    message store's lock: in a two-round run of 2,000 no-op devices per round, pulling took
-    25 s of the main process's time (py-spy), taken from the simulated devices on a 2-core
-    machine and blocking the threads that store their replies. Here the pause is at least
-    Flower's ``pull_interval`` and at least ``1 / PULL_COST_SHARE`` times the last pull, so
-    pulling costs at most about a tenth of one thread; the replies returned are the same.
+    Needed on flwr 1.41 because ``InMemoryGrid.send_and_receive`` sleeps a fixed
+    ``pull_interval`` (0.1 s) between pulls, and each pull checks every outstanding message
+    under the message store's lock: in a two-round run of 2,000 no-op devices per round,
+    pulling took 25 s of the main process's time (py-spy), taken from the simulated devices
+    on a 2-core machine and blocking the threads that store their replies. Flower's
+    ``send_and_receive`` sleeps ``self.pull_interval`` after each pull; this sets it to at
+    least Flower's interval and at least ``1 / PULL_COST_SHARE`` times the pull just made,
+    so pulling costs at most about a tenth of one thread. The replies are Flower's.
+
+    Upstream: no issue found about the cost of pulls. The interval became a constructor
+    setting (default 0.1 s, never adapted) in https://github.com/flwrlabs/flower/pull/4290 ;
+    the simulation does not set it. ``tests/test_engine_patches.py`` fails once the installed
+    flwr no longer pauses a fixed interval or no longer checks every outstanding message on
+    each pull.
     """
-    message_ids = set(self.push_messages(messages))
-    del messages
-    end_time = time.time() + (timeout if timeout is not None else 0.0)
-    replies: list[Message] = []
-    while timeout is None or time.time() < end_time:
-        started = time.perf_counter()
-        pulled = self.pull_messages(message_ids)
-        cost = time.perf_counter() - started
-        replies.extend(pulled)
-        message_ids.difference_update({message.metadata.reply_to_message_id for message in pulled})
-        if not message_ids:
-            break
-        time.sleep(max(self.pull_interval, cost / PULL_COST_SHARE))
+    flower_interval = self.__dict__.setdefault("_flower_pull_interval", self.pull_interval)
+    started = time.perf_counter()
+    replies = _FLOWER_PULL_MESSAGES(self, message_ids)
+    self.pull_interval = max(flower_interval, (time.perf_counter() - started) / PULL_COST_SHARE)
     return replies
 
 
-InMemoryGrid.send_and_receive = _send_and_receive
+_FLOWER_PULL_MESSAGES = InMemoryGrid.pull_messages
+InMemoryGrid.pull_messages = _pull_messages
 
 # The ServerApp Context of the run_in_process call under way (one at a time per process).
 _SERVER_CONTEXTS: list[Context] = []
@@ -164,9 +174,19 @@ def partitions_record(nodes_mapping: Mapping[int, int]) -> ArrayRecord:
 def _register_nodes(num_nodes, state_factory):  # type: ignore[no-untyped-def]
     """``vce_api._register_nodes``, also telling the ServerApp each node's partition-id.
 
-    Flower gives simulated SuperNodes random node ids, so a seeded sample of node ids would
-    still be different devices in every run; with the partition ids the server can draw
-    the same devices for the same run-config (``seeded-sampling``).
+    Needed on flwr 1.41 because simulated SuperNodes get random node ids (a new set every
+    run), and the ServerApp cannot learn which partition a node holds: the partition-id is
+    only in the ClientApp's ``node_config``, the grid's ``NodeInfo`` has no such field, and
+    ``get_node_ids`` returns a set, so not even the registration order survives.
+    A seeded sample of node ids would still be different devices in every run; with the
+    partition ids the server draws the same devices for the same run-config
+    (``seeded-sampling``).
+
+    Upstream: no issue found asking to expose the node-id -> partition-id mapping to the
+    ServerApp; the related question of reproducible client choice across simulation runs is
+    https://github.com/flwrlabs/flower/issues/3328 (open). ``tests/test_engine_patches.py``
+    fails once the installed flwr gives the same node ids in every run, puts a partition-id
+    in ``NodeInfo`` or returns node ids in registration order.
     """
     mapping = _FLOWER_REGISTER_NODES(num_nodes=num_nodes, state_factory=state_factory)
     for context in _SERVER_CONTEXTS:
