@@ -20,9 +20,10 @@ import numpy as np
 import torch
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from client.client_app import aggregation_weight, record_dp_config
 from client.local import build_local_model, train_round, user_seed
+from client.numpy_client import record_dp_config
 from client.private_training import History
+from client.upload import aggregation_weight
 from common.config import FedRecConfig
 from common.federation import ClientData
 from common.models import RecModel, build_model
