@@ -26,7 +26,8 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, Key
 
 from common.config import FedRecConfig
 from common.private_eval import EVALUATE_ONLY_KEY, EvalVectorLayout
-from server.strategy import FedRecStrategy, check_secagg_capacity
+from server.secure_aggregation import check_secagg_capacity
+from server.strategy import FedRecStrategy
 
 __all__ = ["EvaluationAsFit", "secure_evaluate_workflow"]
 

@@ -67,3 +67,21 @@ def seeded_sample(ordered: list[tuple[int, ClientProxy]], size: int, seed: int, 
     keys = np.random.default_rng([seed, server_round, stream, attempt]).random(int(partitions.max()) + 1)[partitions]
     chosen = np.sort(np.argsort(keys, kind="stable")[: max(0, size)])
     return [ordered[i][1] for i in chosen]
+
+
+def sample_size(available: int, fraction: float, count: int, minimum: int, min_available: int) -> int:
+    """How many clients a round asks: ``count``, else ``fraction`` of the available, at least ``minimum``.
+
+    Never more than will be there: Flower's sampler returns none then.
+    """
+    size = count if count > 0 else max(int(available * fraction), minimum)
+    return min(size, max(available, min_available))
+
+
+def poisson_sample(
+    clients: list[ClientProxy], rng: np.random.Generator, rate: float, excluded: set[int]
+) -> list[ClientProxy]:
+    """Each client independently with probability ``rate`` (the accountant's q), excluded nodes dropped."""
+    ordered = sorted(clients, key=lambda proxy: proxy.cid)
+    chosen = rng.random(len(ordered)) < rate
+    return [client for client, keep in zip(ordered, chosen, strict=True) if keep and client.node_id not in excluded]

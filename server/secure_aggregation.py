@@ -48,3 +48,16 @@ def secagg_workflow(config: FedRecConfig) -> SecAggPlusWorkflow:
     if distributed_noise(config):
         return MinimumSurvivorsSecAggPlus(min_survivors=min_survivors(config), **settings)
     return SecAggPlusWorkflow(**settings)
+
+
+SECAGG_MODULUS = 2**32  # SecAggPlusWorkflow's default modulus_range
+
+
+def check_secagg_capacity(num_clients: int, quantization_range: int) -> None:
+    """SecAgg+ sums quantized uploads modulo 2**32; too many clients would wrap around silently."""
+    if num_clients * quantization_range >= SECAGG_MODULUS:
+        raise ValueError(
+            f"{num_clients} clients per round x secagg-quantization-range {quantization_range} overflows "
+            f"SecAgg+'s modulus 2**32; lower secagg-quantization-range to below {SECAGG_MODULUS // num_clients} "
+            "or sample fewer clients per round"
+        )

@@ -43,8 +43,8 @@ from server.progress import reporting
 from server.nodes import check_nodes, refuse_if_short
 from server.run_dir import RunRecorder, load_server_state
 from server.sampling import simulation_partitions
-from server.secure_aggregation import secagg_workflow
-from server.strategy import FedRecStrategy, check_secagg_capacity
+from server.secure_aggregation import check_secagg_capacity, secagg_workflow
+from server.strategy import FedRecStrategy
 
 app = ServerApp()
 

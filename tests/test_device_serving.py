@@ -88,7 +88,8 @@ code = main(sys.argv[1:])
 print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
 """
 TRAINING_OR_FLOWER = ("opacus", "flwr", "ray", "client.local", "client.private_training", "client.coldstart",
-                      "client.client_app", "common.updates")
+                      "client.client_app", "client.numpy_client", "client.query", "client.secagg_guard",
+                      "common.updates")
 
 
 def test_recommending_from_a_state_dir_imports_neither_training_code_nor_opacus_nor_flower(tmp_path):

@@ -30,6 +30,8 @@ from flwr.supercore.task_identity import TaskIdentity
 
 import client.client_app as client_app
 import client.coldstart as coldstart
+import client.device_state as device_state
+import client.query as query_handler
 from client import store
 from client.client_app import LOCAL_STATE_KEY, app
 from client.local import build_local_model, train_round, user_seed
@@ -246,7 +248,7 @@ def test_state_survives_a_supernode_restart_and_embeddings_continue(tmp_path, mo
     def no_partition(*_args):
         raise AssertionError("a restarted SuperNode must read its data from the state-dir")
 
-    monkeypatch.setattr(client_app, "client_data_for", no_partition)
+    monkeypatch.setattr(device_state, "client_data_for", no_partition)
     restarted = context(config, tmp_path)
     upload, examples = fit(restarted, 2)
 
@@ -673,7 +675,7 @@ def test_a_newcomer_is_folded_in_before_their_first_recommendation(tmp_path, mon
 
 
 def test_a_query_is_refused_unless_the_device_owner_opted_in(tmp_path, monkeypatch):
-    monkeypatch.setattr(client_app, "answer_query", lambda *a: pytest.fail("nothing may be computed"))
+    monkeypatch.setattr(query_handler, "answer_query", lambda *a: pytest.fail("nothing may be computed"))
     ctx = context(run_config("gmf"), tmp_path)
     fit(ctx, 1)
     reply = query(ctx, int(store.load(tmp_path).users[0]))

@@ -4,8 +4,8 @@ Why not ``fedrec simulate``: the audits need what a curious server holds (each u
 each round's aggregate) and ground truth (who trained on what) in one process, and they
 change the population (canary clients, held-out interactions). Each device's round is
 ``client.local.train_round`` (exactly the upload a device sends); the server side is
-``server.strategy.weighted_mean`` (the aggregate SecAgg+ would hand over),
-``server.strategy.privatize`` (user-level DP, what the strategy calls), ``common.updates.decode_mean_update`` and
+``server.aggregate.weighted_mean`` (the aggregate SecAgg+ would hand over),
+``server.user_dp.privatize`` (user-level DP, what the strategy calls), ``common.updates.decode_mean_update`` and
 Flower's own inner strategy, as in ``FedRecStrategy.aggregate_fit``. Sequential, one
 thread: the audits run beside other jobs.
 """
@@ -20,16 +20,19 @@ import numpy as np
 import torch
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
-from client.client_app import aggregation_weight, record_dp_config
 from client.local import build_local_model, train_round, user_seed
+from client.numpy_client import record_dp_config
 from client.private_training import History
+from client.upload import aggregation_weight
 from common.config import FedRecConfig
 from common.federation import ClientData
 from common.models import RecModel, build_model
 from common.privacy import UserLevelDP
 from common.updates import UpdateLayout, decode_mean_update
+from server.aggregate import weighted_mean
 from server.server_app import user_level_dp
-from server.strategy import build_inner_strategy, privatize, weighted_mean
+from server.server_step import build_inner_strategy
+from server.user_dp import privatize
 
 
 @dataclass

@@ -1,0 +1,58 @@
+"""What a device's training reply carries besides its deltas: weight, clip, noise share, metrics.
+
+These decide what the server (or SecAgg+'s sum) can learn from one device, so they are
+kept together and free of the Flower client plumbing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from common.config import FedRecConfig
+from common.privacy import SecureGaussian
+from common.secagg import device_clipping_norm, noise_share_std
+
+# What a device may report when DP is on: nothing computed from its data beyond what the
+# mechanisms cover (the loss, the update norm and the touched count are not).
+DP_SAFE_METRICS = ("train_seconds", "upload_bytes", "download_bytes", "record_epsilon", "record_dp_declined")
+
+
+def aggregation_weight(config: FedRecConfig, num_examples: int, declined: bool) -> int:
+    """The weight a device reports with its upload."""
+    if config.user_dp or declined or config.client_weight == "uniform":
+        return 1  # DP-FedAvg and client-weight=uniform: every client counts once; a declined device sends zeros
+    if config.secure_aggregation:
+        # SecAgg+ quantizes the weight against max-weight and would overflow above it.
+        return min(num_examples, int(config.secagg_max_weight))
+    return num_examples
+
+
+def clipping_norm_for(config: FedRecConfig, shared: list[np.ndarray]) -> float | None:
+    """The L2 norm this device clips its deltas to (None without user-dp).
+
+    Under SecAgg+ the worst-case quantization error of ``shared``'s coordinates is taken
+    off the clip, so what the server dequantizes of the update stays within the clip.
+    """
+    if not config.user_dp:
+        return None
+    return device_clipping_norm(config, sum(int(np.size(array)) for array in shared))
+
+
+def with_noise_share(config: FedRecConfig, upload: list[np.ndarray]) -> list[np.ndarray]:
+    """Distributed DP: the clipped deltas plus this device's share of the Gaussian noise, in float64.
+
+    Added before ``secaggplus_mod`` masks the upload, so the sum the server unmasks already
+    carries the noise. The touched vector (all ones under user-dp) gets none. float64 keeps
+    Flower's quantization exact to well below one step; the float upload never leaves the
+    device (SecAgg+ sends masked integers).
+    """
+    sampler, std = SecureGaussian(), noise_share_std(config)
+    deltas = [array.astype(np.float64) + sampler.normal(0.0, std, array.shape) for array in upload[:-1]]
+    return [*deltas, upload[-1].astype(np.float64)]
+
+
+def dp_safe(config: FedRecConfig, metrics: dict) -> dict:
+    """Under either DP only the metrics the mechanisms cover (or that are not data) leave the device."""
+    if config.user_dp or config.record_dp:
+        return {k: v for k, v in metrics.items() if k in DP_SAFE_METRICS}
+    return metrics
