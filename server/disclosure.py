@@ -25,6 +25,7 @@ from flwr.common.secure_aggregation.secaggplus_constants import (
 from flwr.server import Grid
 
 from common.private_eval import EVALUATE_ONLY_KEY
+from server.grid_wrapper import ForwardingGrid
 from server.run_dir import atomic_write_bytes
 
 __all__ = ["DisclosureGrid", "RECEIVED_FILE", "reply_fields", "request_stage"]
@@ -81,29 +82,13 @@ def reply_fields(message: Message) -> list[tuple[str, str, str, str]]:
     return fields
 
 
-class DisclosureGrid(Grid):
+class DisclosureGrid(ForwardingGrid):
     """A grid that records the fields (not the values) of every reply the server receives."""
 
     def __init__(self, grid: Grid, run_dir: str | Path) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.path = Path(run_dir) / RECEIVED_FILE
         self._rows: dict[tuple[str, str, str, str, str, str], int] = {}
-
-    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
-        self._grid.set_run(run)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        return self._grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
-        return self._grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self._grid.pull_messages(message_ids))

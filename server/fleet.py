@@ -14,11 +14,12 @@ from flwr.app import Message
 from flwr.server import Grid
 
 from common.config import FedRecConfig
+from server.grid_wrapper import ForwardingGrid
 
 Workflow = Callable[[Grid, object], None]
 
 
-class DeadlineGrid(Grid):
+class DeadlineGrid(ForwardingGrid):
     """A Flower grid that stops waiting for replies after ``deadline`` seconds.
 
     Flower 1.41's default fit workflow waits for every reply; its grids take a timeout
@@ -27,27 +28,8 @@ class DeadlineGrid(Grid):
     """
 
     def __init__(self, grid: Grid, deadline: float) -> None:
-        self._grid = grid
+        super().__init__(grid)
         self.deadline = deadline
-
-    def set_run(self, run) -> None:  # type: ignore[no-untyped-def]
-        self._grid.set_run(run)
-
-    @property
-    def run(self):  # type: ignore[no-untyped-def]
-        return self._grid.run
-
-    def create_message(self, *args, **kwargs) -> Message:  # type: ignore[no-untyped-def]
-        return self._grid.create_message(*args, **kwargs)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._grid.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._grid.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         return self._grid.send_and_receive(messages, timeout=self.deadline if timeout is None else timeout)
