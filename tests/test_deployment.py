@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processes import descendants, free_port, stop_tree
+
 from client.deployment import supernode_command
 from server.credentials import make_certificates, make_supernode_keys
 from server.deployment import superlink_command, write_flwr_connection
@@ -34,52 +36,6 @@ RUN_CONFIG = (
 )
 STARTUP_SECONDS = 90
 RUN_SECONDS = 600
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every live process below ``pid`` (Flower starts SuperExec and app processes)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM the process and everything it started; SIGKILL what is left after 20 s."""
-    victims = [process.pid, *_descendants(process.pid)]
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        pass
-    for pid in [process.pid, *_descendants(process.pid), *victims]:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    process.wait(timeout=10)
 
 
 def _wait_for(log: Path, text: str, count: int, process: subprocess.Popen, seconds: float) -> None:
@@ -102,7 +58,7 @@ class Federation:
         self.certs = root / "certs"
         self.keys = root / "keys"
         self.home = root / "flwr-home"
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env = flower_env() | {"FLWR_HOME": str(self.home)}
         self.processes: list[subprocess.Popen] = []
@@ -127,14 +83,14 @@ class Federation:
             self.address, partition_id=partition, num_partitions=NODES,
             ca_cert=self.certs / "ca.crt" if ca else None,
             private_key=self.keys / f"supernode-{index}.key",
-            clientappio_port=_free_port(),
+            clientappio_port=free_port(),
             max_retries=attempts, max_wait_seconds=30 if attempts is not None else None,
         )
         return command
 
     def stop(self) -> None:
         for process in reversed(self.processes):
-            _stop(process)
+            stop_tree(process)
 
 
 @pytest.fixture(scope="module")
@@ -264,7 +220,7 @@ WALKTHROUGH_SECONDS = 1500  # a bound, not an expectation: the script's own wait
 def _free_port_run(count: int) -> int:
     """The first of ``count`` consecutive free loopback ports."""
     for _ in range(50):
-        first = _free_port()
+        first = free_port()
         if first + count < 65536 and all(_port_is_free(first + i) for i in range(count)):
             return first
     raise RuntimeError(f"no {count} consecutive free ports")
@@ -301,7 +257,7 @@ def test_walkthrough_script_deploys_trains_and_cleans_up(tmp_path):
     env = flower_env() | {
         # The venv's python: flower_env puts its directory first on PATH.
         "FEDREC": "python -m simulations.cli", "DEPLOY": str(deploy), "RUN_DIR": str(run_dir),
-        "PORT": str(_free_port()), "NODE_PORT": str(_free_port_run(NODES)), "ROUNDS": "2",
+        "PORT": str(free_port()), "NODE_PORT": str(_free_port_run(NODES)), "ROUNDS": "2",
         "RUN_CONFIG": "local-epochs=1 evaluate-every=2", "WAIT": "400", "RUN_TIMEOUT": "1000",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
@@ -316,7 +272,7 @@ def test_walkthrough_script_deploys_trains_and_cleans_up(tmp_path):
             script.wait(timeout=60)
     output = log.read_text(errors="replace")
     leftovers = _processes_mentioning(str(deploy))
-    for pid in ([] if not leftovers else _descendants(script.pid)):
+    for pid in ([] if not leftovers else descendants(script.pid)):
         os.kill(pid, signal.SIGKILL)
     assert leftovers == [], f"the walk-through left processes running: {leftovers}"
     assert script.returncode == 0, output[-6000:]

@@ -22,9 +22,7 @@ from __future__ import annotations
 import importlib.metadata
 import json
 import os
-import signal
 import site
-import socket
 import subprocess
 import sys
 import time
@@ -32,6 +30,8 @@ import zipfile
 from pathlib import Path
 
 import pytest
+
+from tests.processes import free_port, stop_tree
 
 pytestmark = [pytest.mark.slow, pytest.mark.packaging]
 
@@ -59,45 +59,6 @@ def _write_console_scripts(venv: Path, distribution: str) -> None:
             f"sys.exit(_e{''.join('.' + part for part in entry.attr.split('.')[1:])}())\n"
         )
         script.chmod(0o755)
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
-
-
-def _stop(process: subprocess.Popen) -> None:
-    """SIGTERM the process and what it started; SIGKILL what is left after 20 s."""
-    victims = [process.pid, *_descendants(process.pid)]
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        for pid in victims:
-            try:
-                os.kill(pid, sig)
-            except ProcessLookupError:
-                pass
-        try:
-            process.wait(timeout=wait)
-        except subprocess.TimeoutExpired:
-            pass
-        victims = [pid for pid in victims if Path(f"/proc/{pid}").exists()]
 
 
 @pytest.fixture(scope="module")
@@ -170,7 +131,7 @@ def test_flwr_run_from_an_unpacked_app_bundle(installed):
         archive.extractall(app)
     assert (app / "pyproject.toml").is_file()
 
-    port = _free_port()
+    port = free_port()
     home = Path(env["FLWR_HOME"])
     home.mkdir(exist_ok=True)
     (home / "config.toml").write_text(
@@ -202,4 +163,4 @@ def test_flwr_run_from_an_unpacked_app_bundle(installed):
         assert summary["final_evaluation"]["eval_clients"] == 2
         print(f"flwr run from the unpacked bundle: {time.monotonic() - started:.0f}s")
     finally:
-        _stop(superlink)
+        stop_tree(superlink)
