@@ -23,6 +23,7 @@ import dp_accounting
 from dp_accounting import pld, rdp
 
 from common.errors import DataError
+from server.frontier import mode_of, trajectory
 from server.report_disclosure import disclosure
 from server.run_dir import atomic_write_bytes, config_hash
 
@@ -383,8 +384,23 @@ def beyond_accuracy(final: dict[str, Any] | None, run_config: dict[str, Any]) ->
     }
 
 
-def build_report(run_dir: str | Path) -> dict[str, Any]:
-    """Every fact of the report, read from ``run_dir``."""
+def privacy_utility(run_config: dict[str, Any], rounds: list[dict[str, Any]],
+                    reference: dict[str, Any] | None) -> dict[str, Any]:
+    """The run's own (epsilon, HR@10) trajectory, next to a frontier from the benchmark if one is given."""
+    mode = mode_of(run_config)
+    return {"mode": mode, "points": [list(p) for p in trajectory(rounds, mode)], "reference": reference}
+
+
+def read_reference(path: str | Path) -> dict[str, Any]:
+    """A frontier written by ``python -m simulations.frontier`` (its PREFIX.json)."""
+    data = _read_json(Path(path), required=True)
+    if not isinstance(data, dict) or not isinstance(data.get("points"), list) or not isinstance(data.get("levels"), dict):
+        raise DataError("expected the JSON of python -m simulations.frontier (points and levels)", Path(path))
+    return {"source": str(path), "points": data["points"], "levels": data["levels"]}
+
+
+def build_report(run_dir: str | Path, frontier: str | Path | None = None) -> dict[str, Any]:
+    """Every fact of the report, read from ``run_dir`` (and the reference frontier file, if given)."""
     path = Path(run_dir)
     if not path.exists():
         raise DataError("no such run directory", path)
@@ -429,6 +445,7 @@ def build_report(run_dir: str | Path) -> dict[str, Any]:
         "utility": {k: v for k, v in (final or {}).items()
                     if isinstance(v, (int, float, str)) and k != "phase" and not k.startswith("group/")},
         "beyond_accuracy": beyond_accuracy(final, run_config),
+        "privacy_utility": privacy_utility(run_config, rounds, read_reference(frontier) if frontier else None),
         "audits": audit,
         "disclosure": disclosure(path, run_config),
         "configuration": {
@@ -474,11 +491,16 @@ def print_pdf(html: Path, pdf: Path) -> Path:
     return pdf
 
 
-def write_report(run_dir: str | Path, out_dir: str | Path | None = None, *, pdf: bool = False) -> dict[str, Path]:
-    """``report.json`` and a self-contained ``report.html`` (into ``run_dir`` by default), and optionally a PDF."""
+def write_report(
+    run_dir: str | Path, out_dir: str | Path | None = None, *, pdf: bool = False, frontier: str | Path | None = None
+) -> dict[str, Path]:
+    """``report.json`` and a self-contained ``report.html`` (into ``run_dir`` by default), and optionally a PDF.
+
+    ``frontier``: a privacy-utility frontier (``python -m simulations.frontier``) to draw the run's point against.
+    """
     from server.report_html import render_html
 
-    report = build_report(run_dir)
+    report = build_report(run_dir, frontier)
     validate_report(report)
     target = Path(out_dir) if out_dir else Path(run_dir)
     target.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ import json
 from html import escape
 from typing import Any, Iterable
 
-from server.report_plots import epsilon_plot, utility_plot
+from server.report_plots import epsilon_plot, frontier_plot, utility_plot
 
 STYLE = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;
@@ -183,6 +183,28 @@ def _beyond_accuracy(ba: dict[str, Any] | None) -> str:
             + _table(rows, ("group", "label", "users", "HR@10", "NDCG@10", "full HR@10", "full NDCG@10")))
 
 
+def _privacy_utility(pu: dict[str, Any]) -> str:
+    """The run's (epsilon, HR@10) after each evaluated round, over the benchmark's frontier when given."""
+    own = [tuple(p) for p in pu["points"]]
+    reference = pu.get("reference") or {}
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for row in reference.get("points", []):
+        if row.get("epsilon") is not None:
+            lines.setdefault(row["line"], []).append((row["epsilon"], row["hr@10"]))
+    svg = frontier_plot(lines, dict(reference.get("levels", {})), own=own or None, name="privacy-utility")
+    if not own:
+        note = (f"<p>No differential privacy in this run ({escape(pu['mode'])}): it spends no epsilon, "
+                "so it has no point on the privacy-utility plane.</p>")
+        return note + (svg or "")
+    last_eps, last_hr = own[-1]
+    text = (f"<p>{escape(pu['mode'])}: HR@10 {last_hr:.4f} at epsilon {last_eps:.3f} spent (the star; the line is "
+            "the run's evaluated rounds). ")
+    text += (f"Reference frontier: <code>{escape(str(reference['source']))}</code>.</p>" if reference else
+             "No reference frontier was given (<code>fedrec report RUN_DIR --frontier FILE.json</code> draws the "
+             "benchmark's lines, ItemPop and the non-private levels behind this point).</p>")
+    return text + (svg or "")
+
+
 def _disclosure(d: dict[str, Any]) -> str:
     """Every reply field the server received, with whether it could read it and what it tells."""
     if not d["recorded"]:
@@ -227,6 +249,7 @@ def render_html(report: dict[str, Any]) -> str:
         _section("Utility per round", "utility-per-round",
                  (util_svg or "<p>No evaluation rounds recorded.</p>") + "<h3>Final evaluation</h3>"
                  + _pairs(report["utility"])),
+        _section("Privacy and utility", "privacy-utility", _privacy_utility(report["privacy_utility"])),
         _section("Beyond accuracy: diversity, coverage, novelty, groups", "beyond-accuracy",
                  _beyond_accuracy(report["beyond_accuracy"])),
         _section("What the server received", "disclosure", _disclosure(report["disclosure"])),

@@ -75,3 +75,42 @@ def utility_plot(rounds: list[dict[str, Any]], sampled_negatives: int | None) ->
     axes.set_ylim(bottom=0)
     axes.legend(fontsize=8)
     return _svg(figure, "utility")
+
+
+def frontier_plot(
+    lines: dict[str, list[tuple[float, float]]],
+    levels: dict[str, float],
+    *,
+    own: list[tuple[float, float]] | None = None,
+    name: str = "frontier",
+) -> str | None:
+    """HR@10 against epsilon: one line per private mode, one level per non-private yardstick.
+
+    ``lines`` maps a label to its (epsilon, HR@10) points; ``levels`` maps a label (ItemPop,
+    no DP, centralized) to an HR@10 drawn across the plot; ``own`` is a run's trajectory
+    (epsilon spent by each evaluated round, HR@10 then), its last point marked. Epsilon is
+    on a log axis: budgets of interest span 0.5 to 50.
+    """
+    points = [p for pts in lines.values() for p in pts] + list(own or [])
+    if not points:
+        return None
+    figure, axes = plt.subplots(figsize=(6.4, 3.8))
+    for label, pts in lines.items():
+        ordered = sorted(pts)
+        axes.plot([e for e, _ in ordered], [h for _, h in ordered], marker="o", linewidth=1.5, label=label)
+    styles = ("--", ":", "-.")
+    for i, (label, level) in enumerate(levels.items()):
+        axes.axhline(level, linestyle=styles[i % len(styles)], linewidth=1, color="grey")
+        axes.annotate(f"{label} {level:.3f}", (0.99, level), xycoords=("axes fraction", "data"),
+                      fontsize=7, ha="right", va="bottom", color="dimgrey")
+    if own:
+        axes.plot([e for e, _ in own], [h for _, h in own], color="black", linewidth=1, alpha=0.6)
+        axes.plot([own[-1][0]], [own[-1][1]], marker="*", markersize=12, color="black", linestyle="none",
+                  label=f"this run: epsilon {own[-1][0]:.2f}, HR@10 {own[-1][1]:.3f}")
+    axes.set_xscale("log")
+    axes.set_xlabel("epsilon (log scale)")
+    axes.set_ylabel("HR@10 (99 sampled negatives)")
+    axes.set_ylim(0, max([h for _, h in points] + list(levels.values())) * 1.12)
+    axes.grid(alpha=0.3, which="both")
+    axes.legend(fontsize=7, loc="lower right")
+    return _svg(figure, name)

@@ -416,7 +416,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from server.report import write_report
 
     try:
-        paths = write_report(args.run_dir, args.out, pdf=args.pdf)
+        paths = write_report(args.run_dir, args.out, pdf=args.pdf, frontier=args.frontier)
     except jsonschema.ValidationError as err:
         where = "/".join(str(p) for p in err.absolute_path) or "(top level)"
         print(f"fedrec: error: {args.run_dir}: the report does not match report.schema.json at {where}: {err.message}",
@@ -647,6 +647,8 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (run-config run-dir)")
     report.add_argument("--out", help="write the report here instead of into RUN_DIR")
     report.add_argument("--pdf", action="store_true", help="also print report.pdf (needs Chromium or Chrome)")
+    report.add_argument("--frontier", metavar="FILE.json",
+                        help="draw the run's privacy-utility point against this frontier (python -m simulations.frontier)")
     report.set_defaults(func=cmd_report)
 
     audit = sub.add_parser(

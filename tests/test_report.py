@@ -131,9 +131,9 @@ def test_per_client_budget_status_counts_the_devices_that_declined(protected_run
 def test_html_has_every_section_and_nothing_to_fetch(protected_run):
     html = (protected_run / "report.html").read_text()
     for anchor in ("data", "protections", "threat-model", "guarantees", "epsilon-per-round", "utility-per-round",
-                   "client-budgets", "audits", "disclosure", "configuration"):
+                   "privacy-utility", "client-budgets", "audits", "disclosure", "configuration"):
         assert f'id="{anchor}"' in html
-    assert html.count("<svg") == 2  # epsilon per round and utility per round, inline
+    assert html.count("<svg") == 3  # epsilon per round, utility per round, privacy-utility: inline
     for adversary in ("honest-but-curious server", "malicious clients", "network attacker"):
         assert adversary in html
     assert not re.search(r"<script|<link|<img|\bsrc=|url\((?!#)", html)  # only in-page references
@@ -339,3 +339,73 @@ def test_a_tampered_privacy_record_is_flagged(protected_run, tmp_path, tamper):
     assert not user["recomputation_matches"] and user["recomputed_epsilon"] != pytest.approx(user["epsilon"])
     assert "UNVERIFIED" in report["headline"]["text"]
     assert "does not match the report's own recomputation" in paths["html"].read_text()
+
+
+def test_the_privacy_utility_point_is_the_runs_own_epsilon_and_hr(protected_run):
+    """Each point pairs the epsilon the run recorded by a round with the HR@10 measured after it."""
+    report = json.loads((protected_run / "report.json").read_text())
+    rows = _lines(protected_run / "metrics.jsonl")
+    spent = {r["round"]: r["user_epsilon"] for r in rows if r.get("phase") == "fit" and r.get("user_epsilon") is not None}
+    measured = {r["round"]: r["test_sampled_hr@10"] for r in rows if r.get("phase") == "evaluate"
+                and r.get("test_sampled_hr@10") is not None}
+    expected = [[spent[k], measured[k]] for k in sorted(spent) if k in measured]
+    pu = report["privacy_utility"]
+    assert pu["mode"] == "user-level DP" and len(expected) >= 2
+    assert [x for p in pu["points"] for x in p] == pytest.approx([x for p in expected for x in p])
+    assert pu["points"][-1][0] == pytest.approx(report["guarantees"]["user_level"]["epsilon"])
+    html = (protected_run / "report.html").read_text()
+    assert f"at epsilon {expected[-1][0]:.3f} spent" in html
+
+
+def test_a_run_without_dp_has_no_privacy_utility_point(plain_run):
+    report = json.loads((plain_run / "report.json").read_text())
+    assert report["privacy_utility"] == {"mode": "no DP", "points": [], "reference": None}
+    assert "spends no epsilon" in (plain_run / "report.html").read_text()
+
+
+def test_the_frontier_benchmark_averages_seeds_and_the_report_draws_the_run_against_it(
+        plain_run, protected_run, tmp_path, capsys):
+    from simulations.frontier import main as frontier
+
+    twin = tmp_path / "protected-twin"  # the same setting on another seed: one point, two seeds
+    shutil.copytree(protected_run, twin)
+    config = json.loads((twin / "config.json").read_text())
+    seed = int(config["run_config"]["seed"])
+    config["run_config"]["seed"] = seed + 1
+    (twin / "config.json").write_text(json.dumps(config))
+    summary = json.loads((twin / "summary.json").read_text())
+    summary["final_evaluation"]["test_sampled_hr@10"] = 0.0
+    (twin / "summary.json").write_text(json.dumps(summary))
+    baseline = tmp_path / "baseline.json"
+    baseline.write_text(json.dumps([{"model": "itempop", "test": {"sampled_hr@10": 0.2}},
+                                    {"model": "gmf", "test": {"sampled_hr@10": 0.5}},
+                                    {"model": "ease", "test": {"sampled_hr@10": 0.6}}]))
+    out = tmp_path / "plot" / "frontier"
+    assert frontier([str(plain_run), str(protected_run), str(twin), "--baseline", f"synthetic={baseline}",
+                     "--out", str(out)]) == 0
+    data = json.loads(out.with_suffix(".json").read_text())
+    hr = json.loads((protected_run / "summary.json").read_text())["final_evaluation"]["test_sampled_hr@10"]
+    [private] = [p for p in data["points"] if p["mode"] == "user-level DP"]
+    assert private["seeds"] == [seed, seed + 1] and len(private["run_dirs"]) == 2
+    assert private["hr@10"] == pytest.approx(hr / 2)  # the mean of the two seeds
+    recorded = [r["user_epsilon"] for r in _lines(protected_run / "metrics.jsonl") if r.get("user_epsilon") is not None]
+    assert private["epsilon"] == pytest.approx(recorded[-1]) and private["delta"] == 1e-5
+    assert data["levels"]["ItemPop (synthetic)"] == 0.2 and data["levels"]["centralized ease (synthetic)"] == 0.6
+    assert any(label.startswith("no DP, federated") for label in data["levels"])
+    assert out.with_suffix(".svg").read_text().startswith("<svg")
+    assert "| user-level DP" in capsys.readouterr().out
+
+    report_dir = tmp_path / "report"
+    assert fedrec(["report", str(protected_run), "--out", str(report_dir), "--frontier",
+                   str(out.with_suffix(".json"))]) == 0
+    reference = json.loads((report_dir / "report.json").read_text())["privacy_utility"]["reference"]
+    assert reference["levels"] == data["levels"]
+    assert str(out.with_suffix(".json")) in (report_dir / "report.html").read_text()
+
+
+def test_the_frontier_benchmark_refuses_a_run_that_did_not_finish(tmp_path, capsys):
+    from simulations.frontier import main as frontier
+
+    assert frontier([str(tmp_path), "--out", str(tmp_path / "f")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "summary.json" in err[0]
