@@ -42,7 +42,7 @@ def als_statistics(
     """
     y = np.asarray(item_factors, np.float64)
     num_items, factors = y.shape
-    total = np.zeros(als.statistics_size(num_items, factors), np.float64)
+    total = np.zeros(als.statistics_size(num_items, factors, private=clip is not None), np.float64)
     gram = y.T @ y
     for items in user_item_lists(data):
         if clip is None:

@@ -40,7 +40,7 @@ def clipping_norm_for(config: FedRecConfig, shared: list[np.ndarray]) -> float |
     if not config.user_dp:
         return None
     if config.model == "als":
-        return device_clipping_norm(config, als.statistics_size(*np.shape(shared[0])))
+        return device_clipping_norm(config, als.statistics_size(*np.shape(shared[0]), private=True))
     return device_clipping_norm(config, sum(int(np.size(array)) for array in shared))
 
 

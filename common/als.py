@@ -14,13 +14,14 @@ device in every round this is exactly the centralized ALS sweep (tests/test_als.
 
 Under user-level DP (Private ALS) a device bounds its contribution before it uploads: at most
 ``max_items`` of its items, drawn on the device; its factor scaled to unit norm; and the
-whole vector weighted by ``omega = C / bound(k)``, the largest norm a unit factor with ``k``
+whole vector weighted by ``w = C / bound(k)``, the largest norm a unit factor with ``k``
 items can give, so the upload's L2 norm is at most ``C`` *by construction* (the clip that
-follows is the accountant's guarantee and measured in tests). Heavy users thus weigh less per
-item. The server adds the DP-FedAvg Gaussian noise ``z C`` to the sum (or the devices add
-shares under SecAgg+), which the existing accountant covers as one clipped vector per user.
-The noisy Gram matrices are made positive semi-definite and get a ridge proportional to the
-noise's spectral norm before the items are solved.
+follows is the accountant's guarantee, measured on real uploads in tests/test_als.py). Heavy
+users thus weigh less per item. The private upload replaces each item's ``f x f`` block
+``A_i`` by one weighted count (``A_i`` is estimated from it and ``G``), so the noise lands on
+``f + 1`` numbers per item instead of ``f (f + 3) / 2``. The server adds the DP-FedAvg Gaussian
+noise ``z C`` to the sum (or the devices add shares under SecAgg+), which the existing
+accountant covers as one clipped vector per user (add or remove one user).
 """
 
 from __future__ import annotations
@@ -39,20 +40,24 @@ ALS_ALPHA = 5.0  # confidence of an observed item: 1 + alpha
 # ridge in units of the noise's spectral norm; chosen on MovieLens-100K's validation split
 # (results/ml100k-federated-als.md), never on test items.
 DP_GRAM_SCALE = 10.0
+DP_COUNT_SCALE = 3.0
 DP_RIDGE_FACTOR = 1.0
 
 
 @dataclass(frozen=True)
 class BlockScales:
-    """What each block of the upload is multiplied by (the server divides it out again)."""
+    """Under user-level DP, what each block of the upload is multiplied by (the server divides it out again).
 
-    gram: float = 1.0
-    item_gram: float = 1.0
+    The budget ``C`` is shared among the blocks in proportion to the squares of these scales;
+    a larger scale buys its block a smaller relative noise at the others' expense.
+    """
+
+    gram: float = DP_GRAM_SCALE
+    count: float = DP_COUNT_SCALE
     rhs: float = 1.0
 
 
-PLAIN = BlockScales()
-PRIVATE = BlockScales(gram=DP_GRAM_SCALE)
+PRIVATE = BlockScales()
 
 
 def triangle_size(factors: int) -> int:
@@ -60,8 +65,10 @@ def triangle_size(factors: int) -> int:
     return factors * (factors + 1) // 2
 
 
-def statistics_size(num_items: int, factors: int) -> int:
-    """Length of one device's upload: ``G``, every item's ``A_i``, every item's ``b_i``."""
+def statistics_size(num_items: int, factors: int, *, private: bool = False) -> int:
+    """Length of one device's upload: ``G``, every item's ``A_i`` (private: its weighted count), every item's ``b_i``."""
+    if private:
+        return triangle_size(factors) + num_items + num_items * factors
     return triangle_size(factors) * (num_items + 1) + num_items * factors
 
 
@@ -81,32 +88,26 @@ def solve_user(
     return np.linalg.solve(system, (1.0 + alpha) * rows.sum(axis=0))
 
 
-def contribution_bound(num_items: int, alpha: float, scales: BlockScales) -> float:
-    """The largest L2 norm of an unweighted upload from a unit-norm factor and ``num_items`` items.
+def contribution_bound(num_items: int, alpha: float, scales: BlockScales = PRIVATE) -> float:
+    """The largest L2 norm of an unweighted private upload from a unit-norm factor and ``num_items`` items.
 
-    ``||triu(x x^T)|| <= ||x||^2 = 1``, so each item adds at most ``(alpha s_A)^2 + ((1 + alpha) s_b)^2``
-    to the squared norm and the global block ``s_G^2``.
+    ``||triu(x x^T)|| <= ||x||^2 = 1``: the global block adds at most ``s_G^2`` to the squared
+    norm, each item ``s_c^2 + ((1 + alpha) s_b)^2``.
     """
-    per_item = (alpha * scales.item_gram) ** 2 + ((1.0 + alpha) * scales.rhs) ** 2
+    per_item = scales.count**2 + ((1.0 + alpha) * scales.rhs) ** 2
     return math.sqrt(scales.gram**2 + num_items * per_item)
 
 
-def user_statistics(
-    x: np.ndarray, items: np.ndarray, num_items: int, alpha: float = ALS_ALPHA, *,
-    scales: BlockScales = PLAIN, weight: float = 1.0,
-) -> np.ndarray:
-    """One device's upload: ``weight`` x the scaled blocks ``G``, ``A_i``, ``b_i`` of factor ``x`` (float64)."""
+def user_statistics(x: np.ndarray, items: np.ndarray, num_items: int, alpha: float = ALS_ALPHA) -> np.ndarray:
+    """One user's exact statistics: the blocks ``G``, ``A_i``, ``b_i`` of factor ``x`` (float64)."""
     factors = len(x)
     tri = triangle_size(factors)
-    upper = np.triu_indices(factors)
-    outer = np.outer(x, x)[upper]
+    outer = np.outer(x, x)[np.triu_indices(factors)]
     items = np.asarray(items, np.int64)
     out = np.zeros(statistics_size(num_items, factors), np.float64)
-    out[:tri] = weight * scales.gram * outer
-    item_grams = out[tri : tri * (num_items + 1)].reshape(num_items, tri)
-    item_grams[items] = weight * scales.item_gram * alpha * outer
-    rhs = out[tri * (num_items + 1) :].reshape(num_items, factors)
-    rhs[items] = weight * scales.rhs * (1.0 + alpha) * x
+    out[:tri] = outer
+    out[tri : tri * (num_items + 1)].reshape(num_items, tri)[items] = alpha * outer
+    out[tri * (num_items + 1) :].reshape(num_items, factors)[items] = (1.0 + alpha) * x
     return out
 
 
@@ -119,42 +120,47 @@ def _symmetric(upper_rows: np.ndarray, factors: int) -> np.ndarray:
     return full
 
 
-def factors_of(size: int, num_items: int) -> int:
-    """The factor count ``f`` whose upload has ``size`` coordinates (ValueError if none)."""
-    for factors in range(1, 4097):
-        if statistics_size(num_items, factors) == size:
-            return factors
-        if statistics_size(num_items, factors) > size:
-            break
-    raise ValueError(f"{size} coordinates are no ALS upload for {num_items} items")
+def solve_items(total: np.ndarray, num_items: int, factors: int, reg: float = ALS_REGULARIZATION) -> np.ndarray:
+    """Every item's factor from the exact *sum* of the devices' uploads: ``(G + A_i + reg I) y_i = b_i``."""
+    tri = triangle_size(factors)
+    total = _checked(total, statistics_size(num_items, factors))
+    gram = _symmetric(total[:tri], factors)
+    item_grams = _symmetric(total[tri : tri * (num_items + 1)].reshape(num_items, tri), factors)
+    rhs = total[tri * (num_items + 1) :].reshape(num_items, factors)
+    systems = gram[None] + item_grams + reg * np.eye(factors)
+    return np.linalg.solve(systems, rhs[..., None])[..., 0]
 
 
-def solve_items(
-    total: np.ndarray, num_items: int, factors: int, reg: float = ALS_REGULARIZATION, *,
-    scales: BlockScales = PLAIN, noise_std: float = 0.0, ridge_factor: float = DP_RIDGE_FACTOR,
+def solve_items_private(
+    total: np.ndarray, num_items: int, factors: int, noise_std: float, alpha: float = ALS_ALPHA,
+    reg: float = ALS_REGULARIZATION, *, scales: BlockScales = PRIVATE, ridge_factor: float = DP_RIDGE_FACTOR,
 ) -> np.ndarray:
-    """Every item's factor from the *sum* of the devices' uploads: ``(G + A_i + reg I) y_i = b_i``.
+    """Every item's factor from the *noisy* sum of private uploads (``noise_std`` per coordinate).
 
-    ``noise_std`` (> 0 under user-level DP): the per-coordinate std of the noise on ``total``.
-    The noisy ``G + A_i`` is then projected onto the positive semi-definite cone and gets an
-    extra ridge of ``ridge_factor`` x the expected spectral norm of its noise (``2 sqrt(f)``
-    per unit std for a symmetric Gaussian matrix), so the solve stays well conditioned.
+    Item ``i``'s extra-confidence Gram ``alpha sum_u w_u x_u x_u^T`` is estimated as ``alpha c_i G / tr G``
+    from its noisy weighted count ``c_i`` (the users' factors have unit norm, so ``tr G`` is the
+    total weight): one noisy scalar per item instead of a noisy ``f x f`` matrix. ``G`` is
+    projected onto the positive semi-definite cone, and every item gets a ridge of
+    ``ridge_factor`` x the expected norm of its ``b_i``'s noise, which shrinks the items too few
+    users vouch for towards zero.
     """
     tri = triangle_size(factors)
-    total = np.asarray(total, np.float64)
-    if total.shape != (statistics_size(num_items, factors),):
-        raise ValueError(f"ALS statistics of shape {total.shape}, expected ({statistics_size(num_items, factors)},)")
-    gram = _symmetric(total[:tri], factors) / scales.gram
-    item_grams = _symmetric(total[tri : tri * (num_items + 1)].reshape(num_items, tri), factors) / scales.item_gram
-    rhs = total[tri * (num_items + 1) :].reshape(num_items, factors) / scales.rhs
-    systems = gram[None] + item_grams
-    ridge = reg
-    if noise_std > 0:
-        values, vectors = np.linalg.eigh(systems)
-        systems = (vectors * np.clip(values, 0.0, None)[:, None, :]) @ np.swapaxes(vectors, 1, 2)
-        ridge += ridge_factor * 2.0 * math.sqrt(factors) * noise_std * (1.0 / scales.gram + 1.0 / scales.item_gram)
-    systems += ridge * np.eye(factors)
+    total = _checked(total, statistics_size(num_items, factors, private=True))
+    values, vectors = np.linalg.eigh(_symmetric(total[:tri], factors) / scales.gram)
+    gram = (vectors * np.clip(values, 0.0, None)) @ vectors.T
+    counts = np.clip(total[tri : tri + num_items] / scales.count, 0.0, None)
+    rhs = total[tri + num_items :].reshape(num_items, factors) / scales.rhs
+    mean_gram = gram / max(float(np.trace(gram)), 1e-12)
+    ridge = reg + ridge_factor * noise_std / scales.rhs * math.sqrt(factors)
+    systems = gram[None] + alpha * counts[:, None, None] * mean_gram[None] + ridge * np.eye(factors)
     return np.linalg.solve(systems, rhs[..., None])[..., 0]
+
+
+def _checked(total: np.ndarray, size: int) -> np.ndarray:
+    total = np.asarray(total, np.float64)
+    if total.shape != (size,):
+        raise ValueError(f"ALS statistics of shape {total.shape}, expected ({size},)")
+    return total
 
 
 def bounded_items(items: np.ndarray, max_items: int, rng: np.random.Generator) -> np.ndarray:
@@ -170,15 +176,22 @@ def private_statistics(
     rng: np.random.Generator, reg: float = ALS_REGULARIZATION, alpha: float = ALS_ALPHA,
     scales: BlockScales = PRIVATE,
 ) -> np.ndarray:
-    """A user-level DP device's upload: L2 norm at most ``clip`` whatever its data.
+    """A user-level DP device's upload ``[s_G w triu(x x^T), s_c w 1_i, s_b w (1 + alpha) x 1_i]``: norm <= ``clip``.
 
-    The factor is solved on all the user's items (it stays on the device), scaled to unit
-    norm; the statistics cover at most ``max_items`` items drawn on the device and are
-    weighted by ``clip / contribution_bound(k)``.
+    The factor is solved on all the user's items (it stays on the device) and scaled to unit
+    norm; the statistics cover at most ``max_items`` items drawn on the device, with weight
+    ``w = clip / contribution_bound(k)``, so the norm is at most ``clip`` whatever the data.
     """
-    x = solve_user(item_factors, np.unique(items), reg, alpha)
+    y = np.asarray(item_factors, np.float64)
+    factors = y.shape[1]
+    x = solve_user(y, np.unique(items), reg, alpha)
     norm = float(np.linalg.norm(x))
     x = x / norm if norm > 0 else np.zeros_like(x)
     kept = bounded_items(items, max_items, rng)
     weight = clip / contribution_bound(len(kept), alpha, scales)
-    return user_statistics(x, kept, num_items, alpha, scales=scales, weight=weight)
+    tri = triangle_size(factors)
+    out = np.zeros(statistics_size(num_items, factors, private=True), np.float64)
+    out[:tri] = weight * scales.gram * np.outer(x, x)[np.triu_indices(factors)]
+    out[tri : tri + num_items][kept] = weight * scales.count
+    out[tri + num_items :].reshape(num_items, factors)[kept] = weight * scales.rhs * (1.0 + alpha) * x
+    return out

@@ -271,7 +271,8 @@ def main(grid: Grid, context: Context) -> None:
     layout = UpdateLayout.from_state(shared, model.item_row_parameter_names(), prepared.num_items,
                                      positives=config.popularity == "positives")
     if config.model == "als":  # devices upload item-side statistics, not deltas
-        layout = replace(layout, statistics=als.statistics_size(prepared.num_items, config.embedding_dim))
+        layout = replace(layout, statistics=als.statistics_size(prepared.num_items, config.embedding_dim,
+                                                                    private=config.user_dp))
     num_coordinates = layout.statistics or sum(int(np.size(value)) for value in shared.values())
     check_distributed_noise(config, num_coordinates)
     dp = user_level_dp(config, dp_population(config, simulated, len(slicer_cached(config))))

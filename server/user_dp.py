@@ -47,12 +47,11 @@ def solve_item_factors(
     """ALS's item step from the summed statistics; under user-level DP with Private ALS's scales and ridge.
 
     The noise on the sum is at least ``z C`` per coordinate (central: exactly; distributed:
-    ``z C sqrt(k / t)``), which sets the ridge (:func:`common.als.solve_items`).
+    ``z C sqrt(k / t)``), which sets the ridge (:func:`common.als.solve_items_private`).
     """
     if dp is None:
         return als.solve_items(total, num_items, config.embedding_dim).astype(np.float32)
-    return als.solve_items(total, num_items, config.embedding_dim, scales=als.PRIVATE,
-                           noise_std=dp.noise_std).astype(np.float32)
+    return als.solve_items_private(total, num_items, config.embedding_dim, dp.noise_std).astype(np.float32)
 
 
 def noise_record(config: FedRecConfig, dp: UserLevelDP, survivors: int, *, noise_on_devices: bool) -> dict[str, Scalar]:

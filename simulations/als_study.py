@@ -53,12 +53,12 @@ def run(args: argparse.Namespace) -> None:
     rng = np.random.default_rng(args.seed)
     y = (rng.standard_normal((n_items, args.factors)) * 0.01)
     z = 0.0
-    scales = als.BlockScales(gram=args.gram_scale)
+    scales = als.BlockScales(gram=args.gram_scale, count=args.count_scale)
     if args.epsilon > 0:
         z = calibrate_noise(args.epsilon, args.rounds, clipping_norm=1.0, num_clients=n_users, sampling="poisson",
                             sampling_rate=1.0, delta=1e-5)
     for r in range(1, args.rounds + 1):
-        total = np.zeros(als.statistics_size(n_items, args.factors))
+        total = np.zeros(als.statistics_size(n_items, args.factors, private=z > 0))
         for items in items_of:
             if z > 0:
                 total += als.private_statistics(y, items, n_items, 1.0, args.max_items, rng, alpha=args.alpha,
@@ -67,12 +67,13 @@ def run(args: argparse.Namespace) -> None:
                 total += als.user_statistics(als.solve_user(y, items), items, n_items)
         if z > 0:
             total += rng.normal(0.0, z, total.shape)
-            y = als.solve_items(total, n_items, args.factors, scales=scales, noise_std=z, ridge_factor=args.ridge_factor)
+            y = als.solve_items_private(total, n_items, args.factors, z, args.alpha, scales=scales,
+                                        ridge_factor=args.ridge_factor)
         else:
             y = als.solve_items(total, n_items, args.factors)
         val, test = hit_rates(prepared, items_of, y)
         print(f"eps {args.epsilon} z {z:.3f} f {args.factors} K {args.max_items} sG {args.gram_scale} "
-              f"ridge {args.ridge_factor} alpha {args.alpha} round {r}/{args.rounds}: "
+              f"sc {args.count_scale} ridge {args.ridge_factor} alpha {args.alpha} round {r}/{args.rounds}: "
               f"val HR@10 {val:.4f} test HR@10 {test:.4f}", flush=True)
 
 
@@ -86,6 +87,7 @@ def main() -> None:
     parser.add_argument("--factors", type=int, default=16)
     parser.add_argument("--max-items", type=int, default=100)
     parser.add_argument("--gram-scale", type=float, default=als.DP_GRAM_SCALE)
+    parser.add_argument("--count-scale", type=float, default=als.DP_COUNT_SCALE)
     parser.add_argument("--ridge-factor", type=float, default=als.DP_RIDGE_FACTOR)
     parser.add_argument("--alpha", type=float, default=als.ALS_ALPHA)
     run(parser.parse_args())
