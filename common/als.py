@@ -41,7 +41,7 @@ ALS_ALPHA = 5.0  # confidence of an observed item: 1 + alpha
 # (results/ml100k-federated-als.md), never on test items.
 DP_GRAM_SCALE = 10.0
 DP_COUNT_SCALE = 3.0
-DP_RIDGE_FACTOR = 1.0
+DP_RIDGE_FACTOR = 3.0
 
 
 @dataclass(frozen=True)
