@@ -3,9 +3,10 @@
 Every user takes part in every round (the Poisson rate 1 of the Flower runs), uploads
 :func:`common.als.private_statistics` (or the plain statistics), the sum gets the Gaussian
 noise ``z C`` with ``z`` calibrated by the project's accountant for the target epsilon, and the
-items are solved by :func:`common.als.solve_items`. It reports validation HR@10 (what settings
-are chosen on) and test HR@10. The figures of record come from ``fedrec simulate``; this only
-narrows the grid.
+items are solved by :func:`common.als.solve_items` (plain) or :func:`common.als.solve_items_private`.
+It reports validation HR@10 (what settings are chosen on) and test HR@10 after every round.
+The figures of record come from ``fedrec simulate``; this only narrows the grid. Its start is
+numpy's draw, not the torch draw of ``fedrec simulate``, so its figures differ a little.
 
     python -m simulations.als_study --data-path ../shared/datasets/ml-100k --epsilon 3 --rounds 3 --factors 16
 """
@@ -45,7 +46,9 @@ def hit_rates(prepared, items_of: list[np.ndarray], item_factors: np.ndarray) ->
 
 
 def run(args: argparse.Namespace) -> None:
-    config = parse_run_config(fused_run_config({"dataset": args.dataset, "data-path": args.data_path, "seed": args.seed}))
+    overrides = dict(item.split("=", 1) for item in args.run_config.split())
+    config = parse_run_config(fused_run_config({**overrides, "dataset": args.dataset, "data-path": args.data_path,
+                                                "seed": args.seed}))
     prepared = prepare(config)
     n_users, n_items = prepared.num_users, prepared.num_items
     train = prepared.split.train
@@ -82,6 +85,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="movielens-100k")
     parser.add_argument("--data-path", default="")
     parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--run-config", "-c", default="", help="other run-config keys, KEY=VALUE separated by spaces")
     parser.add_argument("--epsilon", type=float, default=0.0, help="0: non-private")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--factors", type=int, default=16)
