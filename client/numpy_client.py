@@ -77,6 +77,10 @@ class FedRecClient(NumPyClient):
         self.config = parse_run_config(context.run_config)
         apply_thread_limit(context)
         self.state_dir = state_dir_for(context)
+        if self.config.model == "als" and self.state_dir is not None:
+            # The device store keeps trained user rows and folds in newcomers by gradient steps;
+            # ALS keeps no rows (it solves them), which that store does not know yet.
+            raise ValueError("model 'als' runs without a device state-dir (node-config state-dir): not supported yet")
         # With a state-dir the data comes from disk (read per message, under the lock).
         self.data = client_data_for(self.config, context) if self.state_dir is None else None
 
