@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import torch
 
+from client.als_local import user_factors
 from client.private_training import History, RecordDPConfig, private_local_epochs
 from common.evaluation import (
     ListMetrics,
@@ -310,7 +311,9 @@ def evaluate_client(
     showing recommendations; nothing of it is uploaded.
     """
     model = build_local_model(model_config, data, shared, local_state, user_seed(seed, data))
-    if refit is not None and refit.epochs > 0:
+    if model_config.name == "als":  # the user factors are solved in closed form, never kept between messages
+        model.load_arrays({"user_embedding.weight": user_factors(shared[0], data)})
+    elif refit is not None and refit.epochs > 0:
         refit_user_rows(model, data, refit, seed=seed)
     result: dict[str, float | bytes] = {}
     score_pairs, score_all = model_scorers(model)

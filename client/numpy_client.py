@@ -27,7 +27,8 @@ from client.device_state import (
     state_dir_for,
 )
 from client.fleet import LOCAL_EPOCHS_KEY
-from client.local import RoundResult, evaluate_client, train_round
+from client.als_local import als_round
+from client.local import RoundResult, client_key, evaluate_client, train_round
 from client.private_training import History, RecordDPConfig
 from client.upload import aggregation_weight, clipping_norm_for, dp_safe, with_noise_share
 from common.config import FedRecConfig, parse_run_config
@@ -76,6 +77,10 @@ class FedRecClient(NumPyClient):
         self.config = parse_run_config(context.run_config)
         apply_thread_limit(context)
         self.state_dir = state_dir_for(context)
+        if self.config.model == "als" and self.state_dir is not None:
+            # The device store keeps trained user rows and folds in newcomers by gradient steps;
+            # ALS keeps no rows (it solves them), which that store does not know yet.
+            raise ValueError("model 'als' runs without a device state-dir (node-config state-dir): not supported yet")
         # With a state-dir the data comes from disk (read per message, under the lock).
         self.data = client_data_for(self.config, context) if self.state_dir is None else None
 
@@ -89,6 +94,8 @@ class FedRecClient(NumPyClient):
         store.save_global_model(self.state_dir, model)
 
     def _train(self, data: ClientData, parameters, local_state, history: History, config) -> RoundResult:
+        if self.config.model == "als":
+            return self._solve(data, parameters, config)
         train_config = self.config.train_config
         if LOCAL_EPOCHS_KEY in config:  # this round's epochs, as the fleet behaviour decided
             train_config = replace(train_config, epochs=int(config[LOCAL_EPOCHS_KEY]))
@@ -106,6 +113,17 @@ class FedRecClient(NumPyClient):
             record_history=history,
             count_positives=self.config.popularity == "positives",
         )
+
+    def _solve(self, data: ClientData, parameters, config) -> RoundResult:
+        """ALS: the closed-form user step and its item-side statistics; nothing is kept on the device."""
+        if len(parameters) != 1:
+            raise ValueError(f"model 'als' expects one shared array (the item factors), got {len(parameters)}")
+        upload, metrics = als_round(
+            parameters[0], data, clip=clipping_norm_for(self.config, parameters),
+            max_items=self.config.als_max_items,
+            seed=[self.config.seed, int(config.get("server-round", 0)), client_key(data)],
+        )
+        return RoundResult(upload, len(data.train_items), {}, metrics)
 
     def fit(self, parameters, config):  # type: ignore[override]
         if config.get(EVALUATE_ONLY_KEY):

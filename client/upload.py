@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from common import als
 from common.config import FedRecConfig
 from common.privacy import SecureGaussian
 from common.secagg import device_clipping_norm, noise_share_std
@@ -19,8 +20,10 @@ DP_SAFE_METRICS = ("train_seconds", "upload_bytes", "download_bytes", "record_ep
 
 def aggregation_weight(config: FedRecConfig, num_examples: int, declined: bool) -> int:
     """The weight a device reports with its upload."""
-    if config.user_dp or declined or config.client_weight == "uniform":
-        return 1  # DP-FedAvg and client-weight=uniform: every client counts once; a declined device sends zeros
+    if config.user_dp or declined or config.client_weight == "uniform" or config.model == "als":
+        # DP-FedAvg and client-weight=uniform: every client counts once; a declined device sends zeros;
+        # ALS: the server needs the plain sum of the statistics.
+        return 1
     if config.secure_aggregation:
         # SecAgg+ quantizes the weight against max-weight and would overflow above it.
         return min(num_examples, int(config.secagg_max_weight))
@@ -32,9 +35,12 @@ def clipping_norm_for(config: FedRecConfig, shared: list[np.ndarray]) -> float |
 
     Under SecAgg+ the worst-case quantization error of ``shared``'s coordinates is taken
     off the clip, so what the server dequantizes of the update stays within the clip.
+    ALS uploads statistics, not deltas of ``shared``: their count is what SecAgg+ rounds.
     """
     if not config.user_dp:
         return None
+    if config.model == "als":
+        return device_clipping_norm(config, als.statistics_size(*np.shape(shared[0]), private=True))
     return device_clipping_norm(config, sum(int(np.size(array)) for array in shared))
 
 

@@ -94,6 +94,9 @@ class FedRecConfig:
                      choices=MODEL_NAMES, section="Model")
     embedding_dim: int = key(32, "Size of the user and item embeddings.", range=POSITIVE)
     mlp_layers: str = key("64,32,16", "MLP / NeuMF tower widths, comma-separated.")
+    als_max_items: int = key(100, "model = als with user-dp: a device's statistics cover at most this many of its "
+                             "items, drawn on the device (0: all; a bound of the contribution, see docs).",
+                             range=NON_NEGATIVE)
     local_epochs: int = key(2, "Epochs each device trains per round.", range=POSITIVE,
                             section="Local training on each device")
     batch_size: int = key(32, "Device mini-batch size.", range=POSITIVE)
@@ -416,9 +419,30 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
             "their own noise and a share of the privacy budget, which fedrec does not account; under DP no popular "
             "list is published"
         )
+    check_als(values)
     if values["record_dp"] and values["record_dp_noise_multiplier"] <= 0 and values["record_dp_target_epsilon"] <= 0:
         raise ConfigError("record-dp needs record-dp-noise-multiplier > 0 or record-dp-target-epsilon > 0")
     return FedRecConfig(**values)
+
+
+def check_als(values: dict[str, Any]) -> None:
+    """model = als solves the items in closed form from summed statistics: no other server rule applies."""
+    if values["model"] != "als":
+        return
+    conflicts = [
+        ("strategy", values["strategy"] != "fedavg", "'fedavg' (the server solves the items, no optimizer step)"),
+        ("record-dp", values["record_dp"], "false (no gradient steps to clip)"),
+        ("item-features", values["item_features"], "false (no content tower)"),
+        ("aggregation", values["aggregation"] != "mean" or values["norm_bound"] > 0,
+         "'mean' with norm-bound = 0 (the statistics must be summed)"),
+        ("popularity", values["popularity"] != "touched", "'touched'"),
+        ("transport-dtype", values["transport_dtype"] != "float32", "'float32' (the solve needs the exact sums)"),
+        ("secure-aggregation", values["secure_aggregation"] and not values["user_dp"],
+         "false without user-dp (only user-dp's bounded statistics fit SecAgg+'s clipping range)"),
+    ]
+    for name, conflict, expected in conflicts:
+        if conflict:
+            raise ConfigError(f"model 'als' needs {name} = {expected}")
 
 
 def check_against_data(config: FedRecConfig, num_items: int, num_clients: int = 0) -> None:

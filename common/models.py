@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-MODEL_NAMES = ("mf", "gmf", "mlp", "neumf")
+MODEL_NAMES = ("mf", "gmf", "mlp", "neumf", "als")
 USER_PREFIX = "user_"
 ITEM_PREFIX = "item_"
 CONTENT_PREFIX = "content_"  # a hybrid model's projection of item features (shared, dense)
@@ -357,6 +357,29 @@ class MLP(_OneItemTable):
         return self.output(self.tower(joint)).squeeze(-1)
 
 
+class ALSFactors(_OneItemTable):
+    """Implicit-feedback ALS's factors: score = user factor . item factor (no bias, no output layer).
+
+    Trained by closed-form solves (:mod:`common.als`), not by gradient steps: a device solves
+    its user row from the item factors it received whenever it needs it.
+    """
+
+    def __init__(self, num_users: int, num_items: int, config: ModelConfig) -> None:
+        super().__init__(num_users, num_items)
+        dim, std = config.embedding_dim, config.init_std
+        self.user_embedding = _embedding(num_users, dim, std)
+        self.item_embedding = _embedding(num_items, dim, std)
+        self.content_embedding = None
+        self._init_content(num_items, 0)
+
+    def score_parts(self, users: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return (self.user_embedding(users) * parts[0]).sum(-1)
+
+    @torch.no_grad()
+    def score_all_items(self, users: torch.Tensor, batch_pairs: int = 65536) -> torch.Tensor:
+        return self.user_embedding(users) @ self.item_embedding.weight.T
+
+
 class NeuMF(RecModel):
     """GMF and MLP branches with separate embeddings, fused by one output layer."""
 
@@ -386,7 +409,7 @@ class NeuMF(RecModel):
         return self.output(torch.cat([gmf, mlp], dim=-1)).squeeze(-1)
 
 
-_MODELS: dict[str, type[RecModel]] = {"mf": BiasedMF, "gmf": GMF, "mlp": MLP, "neumf": NeuMF}
+_MODELS: dict[str, type[RecModel]] = {"mf": BiasedMF, "gmf": GMF, "mlp": MLP, "neumf": NeuMF, "als": ALSFactors}
 
 
 def empty_model(config: ModelConfig, num_users: int, num_items: int) -> RecModel:

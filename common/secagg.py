@@ -38,8 +38,8 @@ def quantization_step(config: FedRecConfig) -> float:
 
 
 def uses_unit_weights(config: FedRecConfig) -> bool:
-    """Every device weighs 1: DP-FedAvg counts each device once, and so does ``client-weight = uniform``."""
-    return config.user_dp or config.client_weight == "uniform"
+    """Every device weighs 1: DP-FedAvg counts each device once, and so do ``client-weight = uniform`` and ALS."""
+    return config.user_dp or config.client_weight == "uniform" or config.model == "als"
 
 
 def secagg_max_weight(config: FedRecConfig) -> float:

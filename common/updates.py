@@ -33,6 +33,7 @@ class UpdateLayout:
     item_rows: frozenset[str]
     num_items: int
     positives: bool = False  # popularity = "positives": a per-item count travels before the touched vector
+    statistics: int = 0  # model = als: the upload is one vector of this many sufficient statistics, not deltas
 
     @classmethod
     def from_state(
@@ -42,12 +43,18 @@ class UpdateLayout:
                    positives)
 
     def upload_shapes(self) -> list[tuple[int, ...]]:
-        """Shapes of the uploaded arrays: one per shared parameter, [the positives vector,] then the touched vector."""
+        """Shapes of the uploaded arrays: one per shared parameter, [the positives vector,] then the touched vector.
+
+        ALS (``statistics`` > 0): the statistics vector, then the touched vector.
+        """
+        if self.statistics:
+            return [(self.statistics,), (self.num_items,)]
         return [*self.shapes, *([(self.num_items,)] if self.positives else []), (self.num_items,)]
 
     def array_name(self, index: int) -> str:
         """The name of the upload's ``index``-th array, for messages."""
-        names = [*self.names, *([POSITIVES_KEY] if self.positives else []), TOUCHED_KEY]
+        names = [*(["als_statistics"] if self.statistics else self.names), *([POSITIVES_KEY] if self.positives else []),
+                 TOUCHED_KEY]
         return names[index] if index < len(names) else f"array {index}"
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 from flwr.app import Context
@@ -19,6 +20,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
 from flwr.serverapp import ServerApp
 
+from common import als
 from common.config import ConfigError, FedRecConfig, check_against_data, parse_run_config
 from common.federation import PreparedData, describe_split, prepare_cached, slicer_cached
 from common.models import build_model
@@ -268,7 +270,10 @@ def main(grid: Grid, context: Context) -> None:
     shared = model.shared_state()
     layout = UpdateLayout.from_state(shared, model.item_row_parameter_names(), prepared.num_items,
                                      positives=config.popularity == "positives")
-    num_coordinates = sum(int(np.size(value)) for value in shared.values())
+    if config.model == "als":  # devices upload item-side statistics, not deltas
+        layout = replace(layout, statistics=als.statistics_size(prepared.num_items, config.embedding_dim,
+                                                                    private=config.user_dp))
+    num_coordinates = layout.statistics or sum(int(np.size(value)) for value in shared.values())
     check_distributed_noise(config, num_coordinates)
     dp = user_level_dp(config, dp_population(config, simulated, len(slicer_cached(config))))
     resumed = load_server_state(config.run_dir) if config.resume else None

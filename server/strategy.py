@@ -60,7 +60,7 @@ from server.summaries import (
     record_dp_summary,
     split_prefixed,
 )
-from server.user_dp import noise_record, privatize, user_privacy
+from server.user_dp import noise_record, privatize, solve_item_factors, user_privacy
 from server.validation import Exclusions, NotExcluded, check_clipped, check_norms, validate_aggregate, validate_uploads
 
 # Importers of this module from before it was split (tests, audits) keep working; the
@@ -272,9 +272,8 @@ class FedRecStrategy(Strategy):
         upload = mean_upload(self.config, valid, uploads_are_aggregated=self.uploads_are_aggregated)
         if self.user_dp is not None:
             upload = self._privatize(upload, len(valid))
-        lr = server_learning_rate(self.config, server_round)
-        decoded = decode_mean_update(self.layout, self.current, upload, server_learning_rate=lr)
         total = sum(res.num_examples for _, res in valid)
+        decoded = self._decode(upload, server_round, total)
         single = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(decoded), total, {})
         new_parameters, _ = self.inner.aggregate_fit(server_round, [(valid[0][0], single)], [])
         if new_parameters is None:
@@ -289,6 +288,17 @@ class FedRecStrategy(Strategy):
         summary.update(self._privacy_summary(server_round, client_metrics))
         self._record_round(server_round, summary, client_metrics)
         return new_parameters, summary
+
+    def _decode(self, upload: list[np.ndarray], server_round: int, total: int) -> list[np.ndarray]:
+        """The next shared parameters from the round's mean upload (row-wise deltas, or ALS's solve)."""
+        if not self.layout.statistics:
+            lr = server_learning_rate(self.config, server_round)
+            return decode_mean_update(self.layout, self.current, upload, server_learning_rate=lr)
+        # ALS: every weight is 1, so the sum is the mean times the devices that made it, or times
+        # the fixed denominator that privatize divided the noisy sum by.
+        count = self.user_dp.expected_clients if self.user_dp is not None else total
+        return [solve_item_factors(upload[0].astype(np.float64) * count, self.layout.num_items, self.config,
+                                   self.user_dp)]
 
     def _record_round(self, server_round: int, summary: dict[str, Scalar], client_metrics: list[dict[str, Scalar]]) -> None:
         """A finished round (trained or skipped): metrics, checkpoint, server state, progress line."""

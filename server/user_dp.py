@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 from flwr.common import Scalar
 
+from common import als
 from common.config import FedRecConfig
 from common.privacy import SecureGaussian, UserLevelDP
 from common.secagg import noise_multiplier_present
@@ -38,6 +39,19 @@ def privatize(
             total += rng.normal(0.0, dp.noise_std, size=total.shape)
         noisy.append(total / dp.expected_clients)
     return [*noisy, np.ones_like(mean_upload[-1], dtype=np.float64)]
+
+
+def solve_item_factors(
+    total: np.ndarray, num_items: int, config: FedRecConfig, dp: UserLevelDP | None
+) -> np.ndarray:
+    """ALS's item step from the summed statistics; under user-level DP with Private ALS's scales and ridge.
+
+    The noise on the sum is at least ``z C`` per coordinate (central: exactly; distributed:
+    ``z C sqrt(k / t)``), which sets the ridge (:func:`common.als.solve_items_private`).
+    """
+    if dp is None:
+        return als.solve_items(total, num_items, config.embedding_dim).astype(np.float32)
+    return als.solve_items_private(total, num_items, config.embedding_dim, dp.noise_std).astype(np.float32)
 
 
 def noise_record(config: FedRecConfig, dp: UserLevelDP, survivors: int, *, noise_on_devices: bool) -> dict[str, Scalar]:

@@ -12,6 +12,8 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
+from common.als import ALS_ALPHA, ALS_REGULARIZATION
+
 # Steck's value for MovieLens-20M, and a flat optimum on MovieLens-100K's validation split
 # (HR@10 0.685-0.691 for lambda 250-1000, 0.670 at 100). Lambda is added to the item counts
 # on the Gram diagonal; EASE's authors used 200-1000 from 20M to Netflix sizes, so one
@@ -22,8 +24,8 @@ EASE_MAX_ITEMS = 30_000
 # ALS defaults: the best validation HR@10 on MovieLens-100K's validation split among
 # factors 16/32/48/64, alpha 2/3/5/10, regularization 0.1/1 (never the test split).
 ALS_FACTORS = 32
-ALS_REGULARIZATION = 0.1
-ALS_ALPHA = 5.0  # confidence of an observed item: 1 + alpha
+# Regularization and alpha (confidence 1 + alpha of an observed item) are defined with the
+# federated ALS, which solves the same objective (common/als.py).
 ALS_ITERATIONS = 15
 ALS_CG_STEPS = 3
 _PAIR_CHUNK = 1 << 18  # (user, item) dot products (or cells of a dense block) computed at once
@@ -127,3 +129,28 @@ def als_sweep(
     user_factors = als_half_step(matrix, item_factors, user_factors, reg, alpha, cg_steps)
     item_factors = als_half_step(transposed, user_factors, item_factors, reg, alpha, cg_steps)
     return user_factors, item_factors
+
+
+def als_exact_rows(matrix: sparse.csr_matrix, fixed: np.ndarray, reg: float = ALS_REGULARIZATION,
+                   alpha: float = ALS_ALPHA) -> np.ndarray:
+    """Every row of ``matrix`` solved exactly (float64), the system :func:`als_half_step` approaches by CG.
+
+    Row u: ``(F^T F + alpha F_u^T F_u + reg I) x_u = (1 + alpha) F_u^T 1``, F = ``fixed``. One dense
+    solve per row: the reference the federated ALS (devices solve their own row) is checked against.
+    """
+    fixed = np.asarray(fixed, np.float64)
+    gram = fixed.T @ fixed + reg * np.eye(fixed.shape[1])
+    out = np.zeros((matrix.shape[0], fixed.shape[1]))
+    for row in range(matrix.shape[0]):
+        sub = fixed[matrix.indices[matrix.indptr[row] : matrix.indptr[row + 1]]]
+        out[row] = np.linalg.solve(gram + alpha * sub.T @ sub, (1.0 + alpha) * sub.sum(axis=0))
+    return out
+
+
+def als_exact_sweep(
+    matrix: sparse.csr_matrix, transposed: sparse.csr_matrix, item_factors: np.ndarray,
+    reg: float = ALS_REGULARIZATION, alpha: float = ALS_ALPHA,
+) -> tuple[np.ndarray, np.ndarray]:
+    """One exact ALS iteration from ``item_factors``: users solved, then items given those users."""
+    user_factors = als_exact_rows(matrix, item_factors, reg, alpha)
+    return user_factors, als_exact_rows(transposed, user_factors, reg, alpha)

@@ -65,6 +65,11 @@ MARKED: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "tests/test_docker_lint.py": {"test_every_command_is_accepted_by_flwr": SLOW},
     "tests/test_federated.py": {"*": SLOW},
+    "tests/test_als.py": {
+        "test_federated_als_is_the_centralized_exact_als": SLOW,
+        "test_every_real_private_upload_is_within_the_clip_the_accountant_assumes": SLOW,
+        "test_secure_aggregation_with_user_dp_sends_only_masked_vectors": SLOW,
+    },
     "tests/test_fleet.py": {
         "test_training_converges_with_30_percent_dropout": SLOW,
         "test_short_rounds_are_skipped_or_retried_never_crash": SLOW,
