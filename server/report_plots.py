@@ -10,7 +10,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - the backend must be chosen first
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, NullFormatter  # noqa: E402 - the backend must be chosen first
 
 
 def _svg(figure: Any, name: str) -> str:
@@ -99,15 +99,20 @@ def frontier_plot(
         ordered = sorted(pts)
         axes.plot([e for e, _ in ordered], [h for _, h in ordered], marker="o", linewidth=1.5, label=label)
     styles = ("--", ":", "-.")
-    for i, (label, level) in enumerate(levels.items()):
+    for i, (label, level) in enumerate(sorted(levels.items(), key=lambda kv: kv[1])):
         axes.axhline(level, linestyle=styles[i % len(styles)], linewidth=1, color="grey")
-        axes.annotate(f"{label} {level:.3f}", (0.99, level), xycoords=("axes fraction", "data"),
-                      fontsize=7, ha="right", va="bottom", color="dimgrey")
+        left = i % 2 == 1  # neighbouring levels are labelled at opposite ends so their labels do not overlap
+        axes.annotate(f"{label} {level:.3f}", (0.01 if left else 0.99, level), xycoords=("axes fraction", "data"),
+                      fontsize=7, ha="left" if left else "right", va="bottom", color="dimgrey")
     if own:
         axes.plot([e for e, _ in own], [h for _, h in own], color="black", linewidth=1, alpha=0.6)
         axes.plot([own[-1][0]], [own[-1][1]], marker="*", markersize=12, color="black", linestyle="none",
                   label=f"this run: epsilon {own[-1][0]:.2f}, HR@10 {own[-1][1]:.3f}")
     axes.set_xscale("log")
+    epsilons = [e for e, _ in points]
+    ticks = [t for t in (0.25, 0.5, 1, 2, 3, 5, 8, 10, 20, 50, 100) if min(epsilons) / 1.5 <= t <= max(epsilons) * 1.5]
+    axes.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    axes.xaxis.set_minor_formatter(NullFormatter())
     axes.set_xlabel("epsilon (log scale)")
     axes.set_ylabel("HR@10 (99 sampled negatives)")
     axes.set_ylim(0, max([h for _, h in points] + list(levels.values())) * 1.12)
