@@ -100,6 +100,7 @@ def test_user_dp_same_model_metrics_and_epsilon(tmp_path, monkeypatch):
     flower, fast = run_both(tmp_path, {
         "user-dp": True, "user-dp-noise-multiplier": 0.8, "user-dp-clipping-norm": 0.5, "user-dp-delta": 1e-3,
         "clients-per-round": 24, "dropout-probability": 0.2, "server-learning-rate": 1.0,
+        "fraction-evaluate": 1.0,  # under user-dp Flower samples at random: every device, so both runs ask the same
     })
     assert_same_run(flower, fast, 3)
     eps = [[r["user_epsilon"] for r in rows(d) if r["phase"] == "fit"] for d in (flower, fast)]
