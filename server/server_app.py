@@ -385,6 +385,10 @@ def finish_run(run: ServerRun) -> None:
 def main(grid: Grid, context: Context) -> None:
     """Train for ``num-server-rounds`` and leave a complete run directory behind."""
     use_threads()  # under `flwr run` this process was not started by fedrec's CLI
+    backend = parse_run_config(context.run_config).backend
+    if backend != "flower":
+        raise ConfigError(f"backend = '{backend}' runs only under `fedrec simulate`; the Flower ServerApp (flwr run, "
+                          "deployments) runs backend = 'flower'")
     transport = transport_facts(grid)
     run = start_run(context, transport, grid)
     config, strategy = run.config, run.strategy
