@@ -70,25 +70,38 @@ def device_round(data: ClientData, config: TrainConfig, seed: list[int], user_ro
 
 
 class _Adam:
-    """torch.optim.Adam's update (no weight decay, no amsgrad), applied to a prefix of a table."""
+    """The device optimizer's update on the first rows of a stacked table.
+
+    Adam is torch's own fused CPU kernel (``torch._fused_adam_``, what the device's
+    ``Adam(fused=True)`` runs), on views of the rows of the devices taking this step; SGD
+    is its plain step. The gradient buffer is kept and zeroed per step, not reallocated.
+    """
 
     def __init__(self, table: torch.Tensor, lr: float, eps: float, adam: bool) -> None:
         self.table, self.lr, self.eps, self.adam = table, lr, eps, adam
+        self.grad = torch.zeros_like(table)
         self.m = torch.zeros_like(table) if adam else None
         self.v = torch.zeros_like(table) if adam else None
 
-    def step(self, rows: int, grad: torch.Tensor, step: int) -> None:
-        param = self.table[:rows]
+    def gradient(self, rows: int, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Sum the per-example gradients ``(rows gathered, values)`` into the (zero) buffer."""
+        grad = self.grad[:rows]
+        for index, values in parts:
+            grad.index_add_(0, index, values.reshape(len(index), *grad.shape[1:]))
+
+    def clear(self, parts: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Zero the buffer again where this step wrote (a step touches a few rows of a large table)."""
+        for index, _ in parts:
+            self.grad.index_fill_(0, index, 0.0)
+
+    def step(self, rows: int, step: int) -> None:
+        param, grad = self.table[:rows], self.grad[:rows]
         if not self.adam:
             param.add_(grad, alpha=-self.lr)
             return
-        beta1, beta2 = 0.9, 0.999
-        m, v = self.m[:rows], self.v[:rows]
-        m.lerp_(grad, 1 - beta1)
-        v.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        step_size = self.lr / (1 - beta1**step)
-        denominator = (v.sqrt() / math.sqrt(1 - beta2**step)).add_(self.eps)
-        param.addcdiv_(m, denominator, value=-step_size)
+        torch._fused_adam_([param], [grad], [self.m[:rows]], [self.v[:rows]], [],
+                           [torch.tensor(float(step))], amsgrad=False, lr=self.lr, beta1=0.9, beta2=0.999,
+                           weight_decay=0.0, eps=self.eps, maximize=False, grad_scale=None, found_inf=None)
 
 
 @dataclass
@@ -189,18 +202,16 @@ class BatchTrainer:
         grads_u, grads_i, grads_d, loss = self._gradients(u_idx, i_idx, t, dev, w)
         last = ex.last_epoch[sl]
         self.loss_sums.index_add_(0, dev[last], loss[last].double())
-        sizes = {"u": int(self.user_offsets[active]), "i": int(self.item_offsets[active])}
-        for name, table in self.users.items():
-            self.optimizers[name].step(sizes["u"], _scatter(table, sizes["u"], u_idx, grads_u[name]), step + 1)
-        if not self.train_shared:
-            return
-        for name, table in self.items.items():
-            grad = torch.zeros((sizes["i"], *table.shape[1:]))
-            for index, values in grads_i[name]:
-                grad.index_add_(0, index, values)
-            self.optimizers[name].step(sizes["i"], grad, step + 1)
-        for name, table in self.dense.items():
-            self.optimizers[name].step(active, _scatter(table, active, dev, grads_d[name]), step + 1)
+        users, items = int(self.user_offsets[active]), int(self.item_offsets[active])
+        updates = [(name, users, [(u_idx, grads_u[name])]) for name in self.users]
+        if self.train_shared:
+            updates += [(name, items, grads_i[name]) for name in self.items]
+            updates += [(name, active, [(dev, grads_d[name])]) for name in self.dense]
+        for name, rows, parts in updates:
+            optimizer = self.optimizers[name]
+            optimizer.gradient(rows, parts)
+            optimizer.step(rows, step + 1)
+            optimizer.clear(parts)
 
     def _gradients(self, u_idx, i_idx, t, dev, w):  # type: ignore[no-untyped-def]
         """Per-example loss and the gradient of the batch losses' sum with respect to every gathered row."""
@@ -253,11 +264,6 @@ class BatchTrainer:
                 loss=float(self.loss_sums[position]) / max(count, 1),
             )
         return results  # type: ignore[return-value]
-
-
-def _scatter(table: torch.Tensor, rows: int, index: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """The dense gradient of a table's first ``rows`` rows from per-example gradients of gathered rows."""
-    return torch.zeros((rows, *table.shape[1:])).index_add_(0, index, values.reshape(len(index), *table.shape[1:]))
 
 
 def _loss_and_slope(loss: str, score: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,10 +31,14 @@ import logging
 import time
 from collections.abc import Mapping
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Any
 
+import flwr.compat.common.recorddict_compat as compat
 import numpy as np
+import torch
 from flwr.app import Context, Error, RecordDict
+from flwr.app.message_type import MessageType
 from flwr.common import (
     Code,
     EvaluateRes,
@@ -55,10 +59,11 @@ from client.numpy_client import FedRecClient
 from client.upload import aggregation_weight, clipping_norm_for, dp_safe
 from common.config import FLEET_FAILURE_PREFIX, ROUND_ATTEMPT_KEY, ConfigError, FedRecConfig, parse_run_config
 from common.federation import ClientData, slicer_cached
-from common.models import build_model
+from common.models import ModelConfig, build_model
 from common.threads import use_threads
 from common.training import TrainConfig
 from common.updates import UpdateLayout, clip_deltas, for_transport, positive_counts
+from server.disclosure import DisclosureGrid, reply_fields
 from server.fleet import retrying
 from server.server_app import ServerRun, finish_run, start_run
 from simulations.batched import BATCHED_MODELS, ITEM_TABLES, BatchTrainer, batches, device_round
@@ -106,6 +111,24 @@ def node_of(partition: int) -> int:
     return partition + 1
 
 
+def fresh_user_rows(model_config: ModelConfig, num_users: int, seed: int) -> dict[str, np.ndarray]:
+    """A new device's user rows, the draws ``build_model(..., seed=seed)`` makes for them.
+
+    The user embedding is the first table of GMF and MF: ``nn.Embedding`` draws it from
+    N(0, 1), then ``_embedding`` redraws it with ``init-std``; MF's user bias is drawn with
+    std 0 (zeros). A private generator with the same seed gives the same numbers without
+    reseeding torch's global generator (which costs milliseconds per call).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    table = torch.empty(num_users, model_config.embedding_dim)
+    table.normal_(0.0, 1.0, generator=generator)
+    table.normal_(0.0, model_config.init_std, generator=generator)
+    rows = {"user_embedding.weight": table.numpy()}
+    if model_config.name == "mf":
+        rows["user_bias.weight"] = np.zeros((num_users, 1), np.float32)
+    return rows
+
+
 class Fleet:
     """Every simulated device's data and the state it keeps between rounds (its user rows)."""
 
@@ -127,9 +150,7 @@ class Fleet:
         """The device's user rows: kept from its last round, else drawn as :func:`client.local.build_local_model` draws them."""
         if partition not in self.user_rows:
             data = self.data(partition)
-            # The user tables come first in every batched model, so they do not depend on the item count.
-            model = build_model(self.config.model_config, data.num_users, 1, seed=user_seed(self.config.seed, data))
-            return dict(model.local_state())
+            return fresh_user_rows(self.config.model_config, data.num_users, user_seed(self.config.seed, data))
         return self.user_rows[partition]
 
     # --- training ----------------------------------------------------------------
@@ -270,6 +291,35 @@ class Fleet:
         return out
 
 
+class Received:
+    """The run directory's ``received.json`` (:mod:`server.disclosure`) for replies built in-process.
+
+    A reply here is the ``FitRes`` / ``EvaluateRes`` a ClientApp would send; its fields are
+    read the way :class:`server.disclosure.DisclosureGrid` reads them, from the record Flower
+    would turn it into, once per kind of reply (same metric keys and arrays) and counted.
+    """
+
+    def __init__(self, run_dir: str) -> None:
+        self.grid = DisclosureGrid(None, run_dir)  # type: ignore[arg-type]  # only its table and file are used
+
+    def note(self, message_type: str, replies: list) -> None:  # type: ignore[type-arg]
+        kinds: dict[tuple, tuple[Any, int]] = {}
+        for _, res in replies:
+            arrays = tuple(len(t) for t in res.parameters.tensors) if isinstance(res, FitRes) else ()
+            signature = (tuple(sorted((k, type(v).__name__) for k, v in res.metrics.items())), arrays)
+            first, count = kinds.get(signature, (res, 0))
+            kinds[signature] = (first, count + 1)
+        for res, count in kinds.values():
+            content = compat.fitres_to_recorddict(res, True) if isinstance(res, FitRes) else \
+                compat.evaluateres_to_recorddict(res)
+            reply = SimpleNamespace(has_content=lambda: True, content=content)
+            for field in reply_fields(reply):  # type: ignore[arg-type]
+                row = (message_type, "", *field)
+                self.grid._rows[row] = self.grid._rows.get(row, 0) + count
+        if kinds:
+            self.grid._save()
+
+
 class _PlainEvaluation(FedRecClient):
     """FedRecClient with its data given (not re-sliced), optionally told the rows are already re-fitted."""
 
@@ -305,6 +355,7 @@ def _rounds(run: ServerRun, fleet: Fleet, manager: SimpleClientManager) -> None:
     """Flower's DefaultWorkflow (fit, then evaluate, per round) with the devices in-process."""
     strategy, config = run.strategy, run.config
     state: dict[str, Any] = {"parameters": strategy.initialize_parameters(manager), "round": 0}
+    received = Received(str(run.recorder.path))
 
     def fit_stage(_grid, _context) -> None:  # type: ignore[no-untyped-def]
         instructions = strategy.configure_fit(state["round"], state["parameters"], manager)
@@ -312,6 +363,7 @@ def _rounds(run: ServerRun, fleet: Fleet, manager: SimpleClientManager) -> None:
             log(logging.INFO, "configure_fit: no clients selected, cancel")
             return
         results, failures = fleet.fit(instructions)
+        received.note(MessageType.TRAIN, results)
         parameters, _ = strategy.aggregate_fit(state["round"], results, failures)
         if parameters is not None:
             state["parameters"] = parameters
@@ -324,5 +376,6 @@ def _rounds(run: ServerRun, fleet: Fleet, manager: SimpleClientManager) -> None:
         instructions = strategy.configure_evaluate(current, state["parameters"], manager)
         if instructions:
             results, failures = fleet.evaluate(instructions)
+            received.note(MessageType.EVALUATE, results)
             strategy.aggregate_evaluate(current, results, failures)
         strategy.finish_round()

@@ -63,6 +63,8 @@ def assert_same_run(flower: Path, fast: Path, rounds: int) -> None:
             assert sorted(a.files) == sorted(b.files)
             for name in a.files:
                 np.testing.assert_allclose(b[name], a[name], rtol=1e-4, atol=2e-6, err_msg=f"round {r}: {name}")
+    received = [json.loads((d / "received.json").read_text())["fields"] for d in (flower, fast)]
+    assert received[1] == received[0]  # the same fields reached the server, in as many replies
     expected, got = rows(flower), rows(fast)
     assert [(r["round"], r["phase"]) for r in got] == [(r["round"], r["phase"]) for r in expected]
     for want, have in zip(expected, got, strict=True):
