@@ -164,3 +164,13 @@ def test_unsupported_combinations_are_refused_with_one_line(override, named):
         check_supported(config)
     message = str(refused.value)
     assert "vectorized" in message and named in message and "\n" not in message
+
+
+def test_simulate_refuses_an_unsupported_backend_combination_with_exit_2(tmp_path, capsys):
+    from simulations.cli import main
+
+    code = main(["simulate", "--backend", "vectorized", "--model", "neumf", "--rounds", "1", "--run-dir",
+                 str(tmp_path / "run"), "-c", "synthetic-users=24 synthetic-items=120 eval-negatives=20 report=false"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "backend = 'vectorized'" in err[0] and "model" in err[0]
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()  # refused before any round
