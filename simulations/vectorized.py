@@ -53,6 +53,7 @@ from flwr.common.logger import log
 from flwr.server.client_manager import SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 
+from client.device_state import save_local_state
 from client.fleet import absence, round_epochs
 from client.local import client_key, user_seed
 from client.numpy_client import FedRecClient
@@ -69,7 +70,6 @@ from server.server_app import ServerRun, finish_run, start_run
 from simulations.batched import BATCHED_MODELS, ITEM_TABLES, BatchTrainer, batches, device_round
 
 TRANSPORT = {"grid": "vectorized", "engine": "simulation", "network": False}
-LOCAL_STATE_KEY = "fedrec.user-local"  # client.device_state's key: evaluation reads the rows from the Context
 
 
 def check_supported(config: FedRecConfig) -> None:
@@ -267,8 +267,6 @@ class Fleet:
         client = _PlainEvaluation(context, self.data(partition), skip_refit=refitted is not None)
         rows = refitted if refitted is not None else self.user_rows.get(partition)
         if rows is not None:
-            from client.device_state import save_local_state
-
             save_local_state(context, rows)
         return client
 
