@@ -34,6 +34,7 @@ POPULARITY_SOURCES = ("touched", "positives")
 MISSING_NODES = ("refuse", "report")
 TRANSPORT_DTYPES = ("float32", "float16")
 CLIENT_WEIGHTS = ("examples", "uniform")
+BACKENDS = ("flower", "vectorized")  # fedrec simulate: how the devices run (simulations.vectorized)
 # Which interaction of a user is held out: "time" the latest, "random" a seeded random one,
 # "auto" by time when the data has timestamps (MovieLens, synthetic, csv-timestamp-col), else random.
 SPLITS = ("auto", "time", "random")
@@ -143,6 +144,10 @@ class FedRecConfig:
     clients_per_round: int = key(0, "> 0: devices per round (overrides fraction-train).", range=NON_NEGATIVE)
     seeded_sampling: bool = key(True, "fedrec simulate: each round's devices are drawn from seed and the partition "
                                 "ids (same run-config, same devices); flwr run and deployments sample at random.")
+    backend: str = key("flower", "fedrec simulate: every device a ClientApp on Flower's Simulation Engine, or "
+                       "\"vectorized\": the sampled devices train together in one process with batched tensors "
+                       "through the same server code (GMF and MF; not with secure-aggregation or record-dp).",
+                       choices=BACKENDS)
     min_train_clients: int = key(2, "Fewest usable updates a round needs (see too-few-clients).", range=POSITIVE)
     min_available_clients: int = key(2, "Devices that must be connected before a round starts.", range=POSITIVE)
     fraction_evaluate: float = key(0.25, "Share of the devices that evaluate in a federated evaluation.",

@@ -9,8 +9,8 @@ SecAgg+ on, so secure aggregation can replace the fit stage without touching tra
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from dataclasses import replace
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
 
 import numpy as np
 from flwr.app import Context
@@ -42,8 +42,8 @@ from server.disclosure import DisclosureGrid
 from server.fleet import retrying, with_deadline
 from server.private_eval import secure_evaluate_workflow
 from server.progress import reporting
-from server.nodes import check_nodes, refuse_if_short
-from server.run_dir import RunRecorder, load_server_state
+from server.nodes import NodeCount, check_nodes, refuse_if_short
+from server.run_dir import RunRecorder, ServerState, load_server_state
 from server.sampling import simulation_partitions
 from server.secure_aggregation import check_secagg_capacity, secagg_workflow
 from server.strategy import FedRecStrategy
@@ -257,12 +257,35 @@ def write_report_safely(run_dir: str) -> None:
     log(logging.INFO, "fedrec: privacy report %s", paths["html"])
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    """Train for ``num-server-rounds`` and leave a complete run directory behind."""
-    use_threads()  # under `flwr run` this process was not started by fedrec's CLI
+@dataclass
+class ServerRun:
+    """What :func:`start_run` set up and the rounds and :func:`finish_run` need (the Flower grid's or another driver's)."""
+
+    config: FedRecConfig
+    prepared: PreparedData
+    strategy: FedRecStrategy
+    recorder: RunRecorder
+    rounds: int
+    stop_reason: str
+    resumed: ServerState | None
+    nodes: NodeCount | None
+
+    @property
+    def remaining(self) -> int:
+        """Rounds this process still runs (fewer after a resume)."""
+        return self.rounds - self.strategy.start_round
+
+
+def start_run(
+    context: Context, transport: dict, grid: Grid | None = None,
+    partitions: Callable[[], Mapping[int, int]] | None = None,
+) -> ServerRun:
+    """Everything before the first round: checks, run directory, privacy plan, the strategy.
+
+    ``grid`` is needed in a deployment only (to check the SuperNodes); ``partitions`` tells a
+    simulation's strategy which partition each node holds (default: the engine's record).
+    """
     config = parse_run_config(context.run_config)
-    transport = transport_facts(grid)
     simulated = transport["engine"] == "simulation"
     check_deployment(config, simulated)
     prepared = prepare_cached(config)
@@ -292,7 +315,7 @@ def main(grid: Grid, context: Context) -> None:
         config.run_dir, context.run_config, config.checkpoint_every, resume_after=resumed.server_round if resumed else 0
     )
     rounds, stop_reason = plan_rounds(config, dp)
-    nodes = None if simulated else check_nodes(grid, config, len(slicer_cached(config)))
+    nodes = None if simulated or grid is None else check_nodes(grid, config, len(slicer_cached(config)))
     if nodes is not None:
         transport.update(nodes.facts())
     recorder.write_json("privacy.json", {**privacy_plan(config, dp, rounds, stop_reason, num_coordinates), "transport": transport})
@@ -302,6 +325,8 @@ def main(grid: Grid, context: Context) -> None:
         refuse_if_short(nodes)
     if stop_reason:
         log(logging.WARNING, "fedrec: %s", stop_reason)
+    if simulated and partitions is None:
+        partitions = lambda: simulation_partitions(context)  # noqa: E731
     strategy = FedRecStrategy(
         config,
         layout,
@@ -312,7 +337,7 @@ def main(grid: Grid, context: Context) -> None:
         num_rounds=rounds,
         # In simulation every SuperNode is one of the clients the data yields: wait for all of them.
         expected_clients=len(slicer_cached(config)) if simulated else 0,
-        partitions=(lambda: simulation_partitions(context)) if simulated else None,
+        partitions=partitions if simulated else None,
         item_popularity=np.bincount(prepared.split.train.items, minlength=prepared.num_items),
         num_users=prepared.num_users,
     )
@@ -331,23 +356,18 @@ def main(grid: Grid, context: Context) -> None:
         "SecAgg+" if config.secure_aggregation else "off",
         recorder.path,
     )
-    remaining = rounds - strategy.start_round
-    if remaining > 0:
-        legacy_context = LegacyContext(
-            context=context, config=ServerConfig(num_rounds=remaining), strategy=strategy
-        )
-        retries = config.round_retries if config.too_few_clients == "retry" else 0
-        fit = retrying(fit_workflow(config), strategy, retries)
-        evaluate = reporting(evaluate_workflow(config, strategy, prepared, len(slicer_cached(config)))
-                             or default_evaluate_workflow, strategy.finish_round)
-        workflow = DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate)
-        workflow(DisclosureGrid(with_deadline(grid, config, transport["engine"]), recorder.path), legacy_context)
-    extra: dict = {"stop_reason": stop_reason} if stop_reason else {}
+    return ServerRun(config, prepared, strategy, recorder, rounds, stop_reason, resumed, nodes)
+
+
+def finish_run(run: ServerRun) -> None:
+    """After the last round: ``summary.json``, the report and the closing log line."""
+    config, nodes, resumed = run.config, run.nodes, run.resumed
+    extra: dict = {"stop_reason": run.stop_reason} if run.stop_reason else {}
     if nodes is not None and nodes.missing:  # missing-nodes = "report": the run went ahead short
         extra.update(nodes.facts())
     if resumed is not None:
-        extra.update(resumed_after_round=resumed.server_round, wall_seconds_before_resume=strategy.elapsed_before)
-    summary = recorder.finish(extra)
+        extra.update(resumed_after_round=resumed.server_round, wall_seconds_before_resume=run.strategy.elapsed_before)
+    summary = run.recorder.finish(extra)
     if config.report:
         write_report_safely(config.run_dir)
     final = summary.get("final_evaluation", {})
@@ -363,3 +383,27 @@ def main(grid: Grid, context: Context) -> None:
         final.get("test_count", 0),
         config.run_dir,
     )
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    """Train for ``num-server-rounds`` and leave a complete run directory behind."""
+    use_threads()  # under `flwr run` this process was not started by fedrec's CLI
+    backend = parse_run_config(context.run_config).backend
+    if backend != "flower":
+        raise ConfigError(f"backend = '{backend}' runs only under `fedrec simulate`; the Flower ServerApp (flwr run, "
+                          "deployments) runs backend = 'flower'")
+    transport = transport_facts(grid)
+    run = start_run(context, transport, grid)
+    config, strategy = run.config, run.strategy
+    if run.remaining > 0:
+        legacy_context = LegacyContext(
+            context=context, config=ServerConfig(num_rounds=run.remaining), strategy=strategy
+        )
+        retries = config.round_retries if config.too_few_clients == "retry" else 0
+        fit = retrying(fit_workflow(config), strategy, retries)
+        evaluate = reporting(evaluate_workflow(config, strategy, run.prepared, len(slicer_cached(config)))
+                             or default_evaluate_workflow, strategy.finish_round)
+        workflow = DefaultWorkflow(fit_workflow=fit, evaluate_workflow=evaluate)
+        workflow(DisclosureGrid(with_deadline(grid, config, transport["engine"]), run.recorder.path), legacy_context)
+    finish_run(run)

@@ -6,12 +6,15 @@ In one run, side by side on the same data and the same rounds:
     zero update of exactly fedrec's payload (the framework floor: messaging,
     serialization, the server's aggregation);
 (b) ``fedrec``: fedrec's own ClientApp (local training included);
-(c) ``centralized``: one process training the same model over the same sampled users'
+(c) ``vectorized``: fedrec's ``backend = "vectorized"`` (:mod:`simulations.vectorized`):
+    the same server code, the devices trained together in this process;
+(d) ``centralized``: one process training the same model over the same sampled users'
     interactions for the same number of epochs, with the same batch size.
 
 For each it prints seconds per round (median of rounds 2..R: round 1 starts the Ray
 actors), client updates per second, MB per client update (up + down) and the peak memory of
-the whole process tree (server, Ray workers and all; summed PSS, shared pages counted once).
+the whole process tree (server, Ray workers and all; summed PSS, shared pages counted once),
+and each mode's client updates per second over the no-op floor's.
 
     python -m simulations.bench_fleet --users 6040 --items 3706 --mean-interactions 165 \\
         --clients-per-round 6040 --rounds 3
@@ -42,8 +45,9 @@ from common.federation import slicer_cached
 from common.models import build_model
 from common.training import PositiveSet, build_examples, make_optimizer, train_epoch
 from simulations.engine import fused_run_config, run_in_process
+from simulations.vectorized import run_vectorized
 
-MODES = ("noop", "fedrec", "centralized")
+MODES = ("noop", "fedrec", "vectorized", "centralized")
 
 
 def _tree_memory_bytes(root: int) -> int:
@@ -146,14 +150,17 @@ def _overrides(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
 
 
 def federated(mode: str, args: argparse.Namespace) -> dict[str, float]:
-    """One simulated run with fedrec's or the no-op ClientApp; medians of rounds 2..R."""
+    """One simulated run (fedrec's or the no-op ClientApp, or the vectorized backend); medians of rounds 2..R."""
     with tempfile.TemporaryDirectory() as tmp:
         overrides = _overrides(args, Path(tmp) / "run")
         config = parse_run_config(fused_run_config(overrides))
         num_clients = len(slicer_cached(config))
         app = noop_app(slicer_cached(config).prepared.num_items) if mode == "noop" else None
         with PeakMemory() as memory:
-            run_in_process(overrides, num_clients, client_app=app)
+            if mode == "vectorized":
+                run_vectorized({**overrides, "backend": "vectorized"})
+            else:
+                run_in_process(overrides, num_clients, client_app=app)
         rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     fits = [r for r in rows if r["phase"] == "fit"]
     timed = fits[1:] or fits
@@ -233,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     if "noop" in results and "fedrec" in results:
         ratio = results["fedrec"]["seconds"] / results["noop"]["seconds"]
         print(f"fedrec's time per update is {ratio:.2f}x the no-op floor with the same payload")
+    if "noop" in results:
+        floor = results["noop"]["updates"] / results["noop"]["seconds"]
+        for mode in ("fedrec", "vectorized"):
+            if mode in results:
+                rate = results[mode]["updates"] / results[mode]["seconds"]
+                print(f"{mode}: {rate / floor:.1f}x the no-op floor's client updates per second")
     return 0
 
 

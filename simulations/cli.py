@@ -258,10 +258,11 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     from simulations.console import console
     from simulations.engine import run_in_process
     from simulations.scenario import load_scenario
+    from simulations.vectorized import check_supported, run_vectorized
 
     overrides = _overrides(
         args, {"model": args.model, "num-server-rounds": args.rounds, "run-dir": args.run_dir,
-               "resume": True if args.resume else None}
+               "resume": True if args.resume else None, "backend": args.backend}
     )
     if args.scenario:
         overrides = {**load_scenario(args.scenario), **overrides}
@@ -273,13 +274,18 @@ def cmd_simulate(args: argparse.Namespace) -> int:
     check_against_data(config, slicer.prepared.num_items, num_clients)
     user_level_dp(config, dp_population(config, True, num_clients))  # a bad delta: one line before any round
     check_resume(config, overrides)
+    if config.backend == "vectorized":
+        check_supported(config)
     print(
         f"fedrec simulate: {config.model} on {config.dataset}, {num_clients} clients, "
         f"{config.num_server_rounds} rounds, {describe_split(slicer.prepared.split_kind, config)} -> {config.run_dir}",
         file=sys.stderr,
     )
     with console(args.verbose):
-        run_in_process(overrides, num_clients, verbose=args.verbose)
+        if config.backend == "vectorized":
+            run_vectorized(overrides)
+        else:
+            run_in_process(overrides, num_clients, verbose=args.verbose)
     summary_path = os.path.join(config.run_dir, "summary.json")
     with open(summary_path, encoding="utf-8") as handle:
         summary = json.load(handle)
@@ -601,6 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--rounds", type=int, help="num-server-rounds")
     simulate.add_argument("--run-dir", help="where metrics, checkpoints and the summary go")
     simulate.add_argument("--verbose", action="store_true", help="debug logs from Flower and Ray")
+    simulate.add_argument("--backend", choices=("flower", "vectorized"),
+                          help="run-config backend: Flower's Simulation Engine (default) or the devices batched in-process")
     simulate.add_argument("--resume", action="store_true", help="continue the run in --run-dir after its last completed round")
     simulate.set_defaults(func=cmd_simulate)
 

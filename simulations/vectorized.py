@@ -1,0 +1,379 @@
+"""``backend = "vectorized"``: the same run as ``fedrec simulate``, without one Flower message per device.
+
+On Flower's Simulation Engine every device is a ClientApp that gets and answers messages;
+at one device per message that costs 12 to 20 ms here (``simulations.bench_fleet``, mode
+``noop``), while a device's training at MovieLens-1M size takes a few milliseconds. This
+backend keeps everything the server does and replaces only the devices:
+
+- the server is the ServerApp's own: :func:`server.server_app.start_run` builds the same
+  strategy, run directory and privacy plan, and each round calls the strategy's
+  ``configure_fit`` / ``aggregate_fit`` / ``configure_evaluate`` / ``aggregate_evaluate``
+  as Flower's ``DefaultWorkflow`` does (sampling, validation, robust rules, user-level
+  clipping and noise, the server step, evaluation, metrics and privacy records), with
+  ``FitRes`` / ``EvaluateRes`` built in-process;
+- the sampled devices train together (:mod:`simulations.batched`), each with its own
+  user rows, optimizer state, examples and random streams, and each encodes its own
+  upload as the ClientApp does (:mod:`common.updates`, :mod:`client.upload`);
+- the simulated fleet (dropouts, late joiners, leavers, uneven epochs) is
+  :mod:`client.fleet`'s, drawn from the same seeds;
+- evaluation runs :class:`client.numpy_client.FedRecClient`'s own code per device (user
+  rows re-fitted in batches first when ``eval-refit-epochs`` > 0).
+
+What cannot be reproduced is refused with one line (:func:`check_supported`): SecAgg+
+(the server would get a sum quantized and masked by Flower's protocol, which this backend
+does not run), record-level DP (Opacus, per device), models other than GMF and MF, hybrid
+(item-features) models, FedProx's proximal term and the wall-clock ``round-deadline``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import replace
+from types import SimpleNamespace
+from typing import Any
+
+import flwr.compat.common.recorddict_compat as compat
+import numpy as np
+import torch
+from flwr.app import Context, Error, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common import (
+    Code,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Status,
+    ndarrays_to_parameters,
+    parameters_to_ndarrays,
+)
+from flwr.common.constant import ErrorCode
+from flwr.common.logger import log
+from flwr.server.client_manager import SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+
+from client.device_state import save_local_state
+from client.fleet import absence, round_epochs
+from client.local import client_key, user_seed
+from client.numpy_client import FedRecClient
+from client.upload import aggregation_weight, clipping_norm_for, dp_safe
+from common.config import FLEET_FAILURE_PREFIX, ROUND_ATTEMPT_KEY, ConfigError, FedRecConfig, parse_run_config
+from common.federation import ClientData, slicer_cached
+from common.models import ModelConfig, build_model
+from common.threads import use_threads
+from common.training import TrainConfig
+from common.updates import UpdateLayout, clip_deltas, for_transport, positive_counts
+from server.disclosure import DisclosureGrid, reply_fields
+from server.fleet import retrying
+from server.server_app import ServerRun, finish_run, start_run
+from simulations.batched import BATCHED_MODELS, ITEM_TABLES, BatchTrainer, batches, device_round
+
+TRANSPORT = {"grid": "vectorized", "engine": "simulation", "network": False}
+
+
+def check_supported(config: FedRecConfig) -> None:
+    """One line naming the key and the values this backend supports, for what it cannot reproduce."""
+    refuse = "backend = 'vectorized' "
+    if config.model not in BATCHED_MODELS:
+        raise ConfigError(f"{refuse}trains model = 'gmf' or 'mf', got model = '{config.model}'; use backend = 'flower'")
+    if config.secure_aggregation:
+        raise ConfigError(f"{refuse}cannot reproduce SecAgg+'s quantized, masked sum: secure-aggregation must be false "
+                          "(or use backend = 'flower')")
+    if config.record_dp:
+        raise ConfigError(f"{refuse}does not run Opacus' per-device DP-SGD: record-dp must be false "
+                          "(or use backend = 'flower')")
+    if config.item_features:
+        raise ConfigError(f"{refuse}trains pure collaborative models: item-features must be false "
+                          "(or use backend = 'flower')")
+    if config.train_config.proximal_mu > 0:
+        raise ConfigError(f"{refuse}has no proximal term: with strategy = 'fedprox' set proximal-mu = 0, or use "
+                          "strategy = 'fedavg', 'fedadam' or 'fedyogi' (or backend = 'flower')")
+    if config.round_deadline > 0:
+        raise ConfigError(f"{refuse}has no per-device wall clock: round-deadline must be 0 (or use backend = 'flower')")
+
+
+class DeviceProxy(ClientProxy):
+    """A simulated device as the strategy sees it: a node id; nothing is ever sent to it."""
+
+    def __init__(self, node_id: int) -> None:
+        super().__init__(str(node_id))
+        self.node_id = node_id
+
+    def get_properties(self, ins, timeout, group_id):  # type: ignore[no-untyped-def]
+        raise NotImplementedError("the vectorized backend trains devices in-process")
+
+    get_parameters = fit = evaluate = reconnect = get_properties
+
+
+def node_of(partition: int) -> int:
+    """The node id of a partition's device (never 0, the SuperLink's own id in Flower)."""
+    return partition + 1
+
+
+def fresh_user_rows(model_config: ModelConfig, num_users: int, seed: int) -> dict[str, np.ndarray]:
+    """A new device's user rows, the draws ``build_model(..., seed=seed)`` makes for them.
+
+    The user embedding is the first table of GMF and MF: ``nn.Embedding`` draws it from
+    N(0, 1), then ``_embedding`` redraws it with ``init-std``; MF's user bias is drawn with
+    std 0 (zeros). A private generator with the same seed gives the same numbers without
+    reseeding torch's global generator (which costs milliseconds per call).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    table = torch.empty(num_users, model_config.embedding_dim)
+    table.normal_(0.0, 1.0, generator=generator)
+    table.normal_(0.0, model_config.init_std, generator=generator)
+    rows = {"user_embedding.weight": table.numpy()}
+    if model_config.name == "mf":
+        rows["user_bias.weight"] = np.zeros((num_users, 1), np.float32)
+    return rows
+
+
+class Fleet:
+    """Every simulated device's data and the state it keeps between rounds (its user rows)."""
+
+    def __init__(self, config: FedRecConfig, run_config: Mapping[str, Any]) -> None:
+        self.config, self.run_config = config, dict(run_config)
+        self.slicer = slicer_cached(config)
+        self.user_rows: dict[int, dict[str, np.ndarray]] = {}
+        self._data: dict[int, ClientData] = {}
+
+    def __len__(self) -> int:
+        return len(self.slicer)
+
+    def data(self, partition: int) -> ClientData:
+        if partition not in self._data:
+            self._data[partition] = self.slicer.client(partition)
+        return self._data[partition]
+
+    def rows_of(self, partition: int) -> dict[str, np.ndarray]:
+        """The device's user rows: kept from its last round, else drawn as :func:`client.local.build_local_model` draws them."""
+        if partition not in self.user_rows:
+            data = self.data(partition)
+            return fresh_user_rows(self.config.model_config, data.num_users, user_seed(self.config.seed, data))
+        return self.user_rows[partition]
+
+    # --- training ----------------------------------------------------------------
+    def fit(self, instructions: list[tuple[ClientProxy, FitIns]]) -> tuple[list, list]:
+        """Every instructed device's reply: a ``FitRes`` as the ClientApp's, or the fleet's refusal."""
+        results: list[tuple[ClientProxy, FitRes]] = []
+        failures: list[BaseException] = []
+        if not instructions:
+            return results, failures
+        fit_ins = instructions[0][1]
+        shared = parameters_to_ndarrays(fit_ins.parameters)
+        config = fit_ins.config
+        server_round, attempt = int(config.get("server-round", 0)), int(config.get(ROUND_ATTEMPT_KEY, 0))
+        present: list[tuple[ClientProxy, int, TrainConfig]] = []
+        for proxy, _ in instructions:
+            partition = proxy.node_id - 1
+            why = absence(self.config, partition, server_round, attempt)
+            if why:
+                failures.append(Exception(Error(ErrorCode.NODE_UNAVAILABLE, f"{FLEET_FAILURE_PREFIX} {why}")))
+                continue
+            epochs = round_epochs(self.config, partition, server_round)
+            present.append((proxy, partition, replace(self.config.train_config, epochs=epochs)))
+        results = self._train(present, shared, server_round)
+        return results, failures
+
+    def _train(self, present: list[tuple[ClientProxy, int, TrainConfig]], shared: list[np.ndarray],
+               server_round: int) -> list[tuple[ClientProxy, FitRes]]:
+        model = build_model(self.config.model_config, 1, 1)
+        names = model.shared_parameter_names()
+        before = {name: np.asarray(value, dtype=np.float32) for name, value in zip(names, shared, strict=True)}
+        layout = UpdateLayout.from_state(before, model.item_row_parameter_names(), self.slicer.prepared.num_items,
+                                         positives=self.config.popularity == "positives")
+        # Devices with the same number of epochs train together (the batch's optimizer steps line up by step).
+        by_epochs: dict[int, list[tuple[ClientProxy, int, TrainConfig]]] = {}
+        for entry in present:
+            by_epochs.setdefault(entry[2].epochs, []).append(entry)
+        results: list[tuple[ClientProxy, FitRes]] = []
+        for group in by_epochs.values():
+            train_config = group[0][2]
+            rounds = [device_round(self.data(p), train_config, [self.config.seed, server_round, client_key(self.data(p))],
+                                   self.rows_of(p)) for _, p, _ in group]
+            for indices in batches(rounds):
+                started = time.perf_counter()
+                trained = BatchTrainer(self.config.model_config, train_config, before,
+                                       [rounds[i] for i in indices]).run()
+                seconds = (time.perf_counter() - started) / len(indices)
+                for index, result in zip(indices, trained, strict=True):
+                    proxy, partition, _ = group[index]
+                    self.user_rows[partition] = result.user_after
+                    results.append((proxy, self._reply(layout, before, shared, partition, result, seconds)))
+        return results
+
+    def _reply(self, layout: UpdateLayout, before: dict[str, np.ndarray], shared: list[np.ndarray], partition: int,
+               result, seconds: float) -> FitRes:  # type: ignore[no-untyped-def]
+        """The upload, weight and metrics :class:`client.numpy_client.FedRecClient.fit` would send."""
+        config, data = self.config, self.data(partition)
+        clipping_norm = clipping_norm_for(config, shared)
+        rowwise = config.row_wise_aggregation and clipping_norm is None
+        touched = np.zeros(layout.num_items, dtype=np.float32)
+        if rowwise:
+            touched[result.item_rows] = 1.0
+        else:
+            touched[:] = 1.0
+        upload = []
+        for name in layout.names:
+            if name in ITEM_TABLES[config.model]:
+                delta = np.zeros_like(before[name])
+                delta[result.item_rows] = result.items_after[name] - before[name][result.item_rows]
+            else:
+                delta = (result.dense_after[name].reshape(before[name].shape) - before[name]).astype(np.float32)
+            upload.append(delta)
+        if layout.positives:
+            upload.append(positive_counts(data.train_users, data.train_items, data.num_items).astype(np.float32))
+        upload.append(touched)
+        metrics: dict[str, float] = {}
+        if clipping_norm is not None:
+            metrics["update_norm_before_clipping"] = clip_deltas(upload, clipping_norm)
+        num_examples = len(data.train_items)
+        metrics = {
+            "train_loss": result.loss,
+            "train_seconds": seconds,
+            "upload_bytes": float(sum(a.nbytes for a in upload)),
+            "download_bytes": float(sum(a.nbytes for a in shared)),
+            "items_touched": float(len(result.item_rows)),
+            **metrics,
+        }
+        weight = aggregation_weight(config, num_examples, False)
+        if layout.positives:
+            upload[-2] = upload[-2] / weight
+        upload = for_transport(upload, config.transport_dtype)
+        metrics["upload_bytes"] = float(sum(a.nbytes for a in upload))
+        return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(upload), weight, dp_safe(config, metrics))
+
+    # --- evaluation ----------------------------------------------------------------
+    def evaluate(self, instructions: list) -> tuple[list, list]:  # type: ignore[type-arg]
+        """Every instructed device's evaluation, by the ClientApp's own code on the device's rows."""
+        if not instructions:
+            return [], []
+        ins = instructions[0][1]
+        shared = parameters_to_ndarrays(ins.parameters)
+        partitions = [proxy.node_id - 1 for proxy, _ in instructions]
+        rows = self._refitted_rows(partitions, shared) if self.config.refit_config is not None else None
+        results = []
+        for (proxy, evaluate_ins), partition in zip(instructions, partitions, strict=True):
+            client = self._client(partition, None if rows is None else rows[partition])
+            loss, count, metrics = client.evaluate(shared, evaluate_ins.config)
+            results.append((proxy, EvaluateRes(Status(Code.OK, ""), float(loss), int(count), metrics)))
+        return results, []
+
+    def _client(self, partition: int, refitted: dict[str, np.ndarray] | None) -> FedRecClient:
+        """The device's ClientApp client on a Context holding its rows (already re-fitted, if given)."""
+        context = Context(run_id=0, node_id=node_of(partition), state=RecordDict(), run_config=self.run_config,
+                          node_config={"partition-id": partition, "num-partitions": len(self)})
+        client = _PlainEvaluation(context, self.data(partition), skip_refit=refitted is not None)
+        rows = refitted if refitted is not None else self.user_rows.get(partition)
+        if rows is not None:
+            save_local_state(context, rows)
+        return client
+
+    def _refitted_rows(self, partitions: list[int], shared: list[np.ndarray]) -> dict[int, dict[str, np.ndarray]]:
+        """``refit_user_rows`` of every device at once: user rows trained against the frozen shared model."""
+        refit = self.config.refit_config
+        assert refit is not None
+        refit = replace(refit, content_loss_weight=0.0)
+        model = build_model(self.config.model_config, 1, 1)
+        full = {name: np.asarray(value, np.float32) for name, value in zip(model.shared_parameter_names(), shared,
+                                                                           strict=True)}
+        rounds = [device_round(self.data(p), refit, [self.config.seed, 7, client_key(self.data(p))], self.rows_of(p))
+                  for p in partitions]
+        out: dict[int, dict[str, np.ndarray]] = {}
+        for indices in batches(rounds):
+            trained = BatchTrainer(self.config.model_config, refit, full, [rounds[i] for i in indices],
+                                   train_shared=False).run()
+            for index, result in zip(indices, trained, strict=True):
+                out[partitions[index]] = result.user_after
+        return out
+
+
+class Received:
+    """The run directory's ``received.json`` (:mod:`server.disclosure`) for replies built in-process.
+
+    A reply here is the ``FitRes`` / ``EvaluateRes`` a ClientApp would send; its fields are
+    read the way :class:`server.disclosure.DisclosureGrid` reads them, from the record Flower
+    would turn it into, once per kind of reply (same metric keys and arrays) and counted.
+    """
+
+    def __init__(self, run_dir: str) -> None:
+        self.grid = DisclosureGrid(None, run_dir)  # type: ignore[arg-type]  # only its table and file are used
+
+    def note(self, message_type: str, replies: list) -> None:  # type: ignore[type-arg]
+        kinds: dict[tuple, tuple[Any, int]] = {}
+        for _, res in replies:
+            arrays = tuple(len(t) for t in res.parameters.tensors) if isinstance(res, FitRes) else ()
+            signature = (tuple(sorted((k, type(v).__name__) for k, v in res.metrics.items())), arrays)
+            first, count = kinds.get(signature, (res, 0))
+            kinds[signature] = (first, count + 1)
+        for res, count in kinds.values():
+            content = compat.fitres_to_recorddict(res, True) if isinstance(res, FitRes) else \
+                compat.evaluateres_to_recorddict(res)
+            reply = SimpleNamespace(has_content=lambda: True, content=content)
+            for field in reply_fields(reply):  # type: ignore[arg-type]
+                row = (message_type, "", *field)
+                self.grid._rows[row] = self.grid._rows.get(row, 0) + count
+        if kinds:
+            self.grid._save()
+
+
+class _PlainEvaluation(FedRecClient):
+    """FedRecClient with its data given (not re-sliced), optionally told the rows are already re-fitted."""
+
+    def __init__(self, context: Context, data: ClientData, *, skip_refit: bool) -> None:  # noqa: B903
+        # FedRecClient's own attributes, without slicing the data again or touching the thread count.
+        self.context, self.state_dir, self.data = context, None, data
+        config = parse_run_config(context.run_config)
+        self.config = replace(config, eval_refit_epochs=0) if skip_refit else config
+
+
+def run_vectorized(overrides: Mapping[str, Any] | None) -> Context:
+    """The whole run (every round, the evaluations, the run directory); returns the server Context."""
+    from common.config import fused_run_config
+
+    use_threads()
+    run_config = fused_run_config(overrides)
+    config = parse_run_config(run_config)
+    check_supported(config)
+    fleet = Fleet(config, run_config)
+    context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    mapping = {node_of(p): p for p in range(len(fleet))}
+    run = start_run(context, dict(TRANSPORT), partitions=lambda: mapping)
+    manager = SimpleClientManager()
+    for node in mapping:
+        manager.register(DeviceProxy(node))
+    if run.remaining > 0:
+        _rounds(run, fleet, manager)
+    finish_run(run)
+    return context
+
+
+def _rounds(run: ServerRun, fleet: Fleet, manager: SimpleClientManager) -> None:
+    """Flower's DefaultWorkflow (fit, then evaluate, per round) with the devices in-process."""
+    strategy, config = run.strategy, run.config
+    state: dict[str, Any] = {"parameters": strategy.initialize_parameters(manager), "round": 0}
+    received = Received(str(run.recorder.path))
+
+    def fit_stage(_grid, _context) -> None:  # type: ignore[no-untyped-def]
+        instructions = strategy.configure_fit(state["round"], state["parameters"], manager)
+        if not instructions:
+            log(logging.INFO, "configure_fit: no clients selected, cancel")
+            return
+        results, failures = fleet.fit(instructions)
+        received.note(MessageType.TRAIN, results)
+        parameters, _ = strategy.aggregate_fit(state["round"], results, failures)
+        if parameters is not None:
+            state["parameters"] = parameters
+
+    retries = config.round_retries if config.too_few_clients == "retry" else 0
+    fit = retrying(fit_stage, strategy, retries)
+    for current in range(1, run.remaining + 1):
+        state["round"] = current
+        fit(None, None)
+        instructions = strategy.configure_evaluate(current, state["parameters"], manager)
+        if instructions:
+            results, failures = fleet.evaluate(instructions)
+            received.note(MessageType.EVALUATE, results)
+            strategy.aggregate_evaluate(current, results, failures)
+        strategy.finish_round()
