@@ -117,5 +117,5 @@ def frontier_plot(
     axes.set_ylabel("HR@10 (99 sampled negatives)")
     axes.set_ylim(0, max([h for _, h in points] + list(levels.values())) * 1.12)
     axes.grid(alpha=0.3, which="both")
-    axes.legend(fontsize=7, loc="lower right")
+    axes.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)  # below: never over a point
     return _svg(figure, name)
