@@ -108,7 +108,7 @@ class FedRecConfig:
     num_negatives: int = key(4, "Sampled negatives per positive in device training.", range=NON_NEGATIVE)
     loss: str = key("bce", "Training loss: bce, bpr (implicit; bpr needs num-negatives >= 1) or mse (explicit "
                     "ratings).", choices=LOSSES)
-    num_server_rounds: int = key(15, "Federated rounds.", range=POSITIVE, section="Server: rounds, sampling, aggregation")
+    num_server_rounds: int = key(10, "Federated rounds.", range=POSITIVE, section="Server: rounds, sampling, aggregation")
     strategy: str = key("fedavg", "Flower's server rule applied to the decoded mean update.", choices=STRATEGIES)
     server_learning_rate: float = key(5.0, "fedavg/fedprox: step along the (row-wise) mean delta.", range=POSITIVE)
     server_learning_rate_decay: float = key(1.0, "fedavg/fedprox: the step is multiplied by this every round after "
