@@ -58,9 +58,9 @@ class FedRecConfig:
                        "or any CSV/Parquet file with the column options below.", choices=DATASET_NAMES,
                        section="Data")
     data_path: str = key("", "File or folder of a downloaded dataset (MovieLens folder or ratings file, CSV, Parquet).")
-    synthetic_users: int = key(300, "Synthetic data: number of users.", range=POSITIVE)
-    synthetic_items: int = key(300, "Synthetic data: number of items.", range=POSITIVE)
-    synthetic_mean_interactions: int = key(100, "Synthetic data: mean interactions per user.", range=POSITIVE)
+    synthetic_users: int = key(200, "Synthetic data: number of users.", range=POSITIVE)
+    synthetic_items: int = key(400, "Synthetic data: number of items.", range=POSITIVE)
+    synthetic_mean_interactions: int = key(30, "Synthetic data: mean interactions per user.", range=POSITIVE)
     csv_user_col: str = key("user", "CSV/Parquet: the column of raw user ids.")
     csv_item_col: str = key("item", "CSV/Parquet: the column of raw item ids.")
     csv_rating_col: str = key("", "CSV/Parquet: the rating column (\"\": every row is a positive).")
@@ -112,7 +112,7 @@ class FedRecConfig:
     num_negatives: int = key(4, "Sampled negatives per positive in device training.", range=NON_NEGATIVE)
     loss: str = key("bce", "Training loss: bce, bpr (implicit; bpr needs num-negatives >= 1) or mse (explicit "
                     "ratings).", choices=LOSSES)
-    num_server_rounds: int = key(10, "Federated rounds.", range=POSITIVE, section="Server: rounds, sampling, aggregation")
+    num_server_rounds: int = key(15, "Federated rounds.", range=POSITIVE, section="Server: rounds, sampling, aggregation")
     strategy: str = key("fedavg", "Flower's server rule applied to the decoded mean update.", choices=STRATEGIES)
     server_learning_rate: float = key(5.0, "fedavg/fedprox: step along the (row-wise) mean delta.", range=POSITIVE)
     server_learning_rate_decay: float = key(1.0, "fedavg/fedprox: the step is multiplied by this every round after "
@@ -139,7 +139,7 @@ class FedRecConfig:
                                     "honest MovieLens-100K users reach 33x).", range=NON_NEGATIVE)
     exclude_after_rejections: int = key(3, "> 0: a device rejected this many times is not sampled again this run.",
                                         range=NON_NEGATIVE)
-    fraction_train: float = key(0.34, "Share of the devices sampled per round (client-sampling = poisson: each "
+    fraction_train: float = key(1.0, "Share of the devices sampled per round (client-sampling = poisson: each "
                                 "device's probability).", range=FRACTION, section="Device sampling and evaluation")
     clients_per_round: int = key(0, "> 0: devices per round (overrides fraction-train).", range=NON_NEGATIVE)
     seeded_sampling: bool = key(True, "fedrec simulate: each round's devices are drawn from seed and the partition "
@@ -196,8 +196,7 @@ class FedRecConfig:
     checkpoint_every: int = key(5, "Write a server checkpoint every N rounds.", range=POSITIVE)
     resume: bool = key(False, "true: continue the run in run-dir after its last completed round (server-state.npz).")
     report: bool = key(True, "Write report.html and report.json (the privacy audit report) when the run ends.")
-    secure_aggregation: bool = key(True, "Flower's SecAgg+: the server only ever sees the masked sum of a round "
-                                   "(false: plain uploads, needed by the robust aggregation rules).",
+    secure_aggregation: bool = key(False, "Flower's SecAgg+: the server only ever sees the masked sum of a round.",
                                    section="Secure aggregation")
     allow_plain_uploads: bool = key(False, "Deployments only: true runs without SecAgg+ (the server then reads each "
                                     "upload, which names the items its user trained on); a deployment refuses "
@@ -396,8 +395,7 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
     if values["transport_dtype"] != "float32" and (values["secure_aggregation"] or values["user_dp"]):
         raise ConfigError(
             f"transport-dtype {values['transport_dtype']!r} is for plain uploads: SecAgg+ quantizes uploads itself, "
-            "and user-dp's clipping bound must hold exactly for what is sent; use transport-dtype = 'float32' "
-            "(or secure-aggregation = false and user-dp = false)"
+            "and user-dp's clipping bound must hold exactly for what is sent; use transport-dtype = 'float32'"
         )
     parse_bands(values["activity_bands"])
     if values["content_loss_weight"] > 0 and not values["item_features"]:
@@ -413,8 +411,7 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
     if robust and values["secure_aggregation"]:
         raise ConfigError(
             f"aggregation '{values['aggregation']}' / norm-bound need every client's update, but SecAgg+ only "
-            "reveals their sum; set secure-aggregation = false (plain uploads) to use them, or keep "
-            "aggregation = 'mean' and norm-bound = 0"
+            "reveals their sum; use aggregation = 'mean' and norm-bound = 0 with secure-aggregation"
         )
     if values["aggregation"] != "mean" and values["user_dp"]:
         raise ConfigError(

@@ -144,7 +144,7 @@ def _overrides(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
         "clients-per-round": args.clients_per_round, "num-server-rounds": args.rounds,
         "local-epochs": args.local_epochs, "evaluate-every": args.rounds + 1, "final-full-evaluation": False,
         "fraction-evaluate": 1e-6, "checkpoint-every": args.rounds + 1, "report": False, "popular-items": 0,
-        "run-dir": str(run_dir), "secure-aggregation": False,  # the no-op floor answers plain requests only
+        "run-dir": str(run_dir),
         **(parse_config_args([args.run_config]) if args.run_config else {}),
     }
 

@@ -44,8 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{args.clients} uploads of {args.items} x {args.dim} (+ touched), num-malicious {args.num_malicious}")
     print("| aggregation | seconds per round (median of repeats) |\n|---|---|")
     for rule in ("mean", "median", "trimmed-mean", "krum", "multi-krum", "bulyan"):
-        config = parse_run_config(fused_run_config({"aggregation": rule, "num-malicious": args.num_malicious,
-                                                             "secure-aggregation": False}))
+        config = parse_run_config(fused_run_config({"aggregation": rule, "num-malicious": args.num_malicious}))
         times = []
         for _ in range(args.repeats):
             started = time.perf_counter()

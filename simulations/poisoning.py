@@ -226,7 +226,6 @@ def main(argv: list[str] | None = None) -> int:
         "learning-rate": 0.02, "user-learning-rate": 0.005, "shared-adam-epsilon": 1e-3, "batch-size": 32,
         "local-epochs": 4, "server-learning-rate": 2.0, "clients-per-round": 100, "eval-refit-epochs": 16,
         "evaluate-every": args.rounds, "checkpoint-every": args.rounds, "report": False,
-        "secure-aggregation": False,  # the defenses read every upload, which SecAgg+ would hide
         **(parse_config_args([args.run_config]) if args.run_config else {}),
     }
     config = parse_run_config(fused_run_config(common))

@@ -102,7 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         "learning-rate": 0.02, "batch-size": 32, "local-epochs": 2,
         "evaluate-every": args.rounds, "fraction-evaluate": 0.25, "checkpoint-every": args.rounds,
         "num-server-rounds": args.rounds, "clients-per-round": args.clients_per_round,
-        "secure-aggregation": False,  # central user-level DP: the server adds the noise
         **(parse_config_args([args.run_config]) if args.run_config else {}),
     }
     num_clients = len(slicer_cached(parse_run_config(fused_run_config(common))))

@@ -179,8 +179,7 @@ def test_realised_inclusion_rate_of_a_deployed_round_is_at_most_the_accounted_q(
 # --- what a plain upload tells the server ---------------------------------------------------
 def test_a_plain_upload_names_every_item_its_user_trained_on():
     """The report's opening sentence, checked on real uploads: touched vector and non-zero rows."""
-    config = _config(**{"synthetic-users": 20, "synthetic-items": 60, "synthetic-mean-interactions": 30,
-                        "eval-negatives": 20, "local-epochs": 1})  # users who leave some of the 60 items untouched
+    config = _config(**{"synthetic-users": 20, "synthetic-items": 60, "eval-negatives": 20, "local-epochs": 1})
     slicer = slicer_cached(config)
     shared = list(build_model(config.model_config, 0, 60, seed=1).shared_state().values())
     for cid in range(3):

@@ -35,8 +35,7 @@ from simulations.engine import fused_run_config
 
 
 def fleet(**overrides):
-    small = {"synthetic-users": 60, "synthetic-items": 400, "synthetic-mean-interactions": 30}  # a light fleet
-    config = parse_run_config(fused_run_config({**small, **overrides}))
+    config = parse_run_config(fused_run_config({"synthetic-users": 60, **overrides}))
     slicer = slicer_cached(config)
     return config, [slicer.client(i) for i in range(len(slicer))]
 

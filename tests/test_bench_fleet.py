@@ -16,7 +16,7 @@ from simulations.engine import fused_run_config
 def test_the_noop_client_answers_with_fedrecs_exact_payload():
     for dtype in ("float32", "float16"):
         config = parse_run_config(fused_run_config({"synthetic-users": 20, "synthetic-items": 50, "eval-negatives": 10,
-                                                    "transport-dtype": dtype, "secure-aggregation": False}))
+                                                    "transport-dtype": dtype}))
         model = build_model(config.model_config, 0, 50, seed=1)
         sent = for_transport(list(model.shared_state().values()), dtype)
         real = train_round(config.model_config, config.train_config, slicer_cached(config).client(0), sent, None,

@@ -57,7 +57,7 @@ def test_without_secure_aggregation_evaluation_passes_through():
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"secure-aggregation": False}, 2400),  # plain uploads: the number of training interactions it reports
+        ({}, 2400),  # default: the number of training interactions it reports
         ({"client-weight": "uniform"}, 1),
         ({"secure-aggregation": True}, 1000),  # capped at secagg-max-weight
         ({"secure-aggregation": True, "client-weight": "uniform"}, 1),

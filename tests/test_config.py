@@ -63,7 +63,7 @@ def test_unknown_key_is_rejected_before_anything_runs():
         ({"norm-bound": -1.0}, "norm-bound must be >= 0"),
         ({"aggregation": "median", "secure-aggregation": True}, "SecAgg\\+ only reveals their sum"),
         ({"norm-bound": 1.0, "secure-aggregation": True}, "SecAgg\\+ only reveals their sum"),
-        ({"aggregation": "krum", "user-dp": True, "secure-aggregation": False}, "different sensitivity"),
+        ({"aggregation": "krum", "user-dp": True}, "different sensitivity"),
         ({"exclude-after-rejections": -1}, "exclude-after-rejections must be >= 0"),
         ({"server-learning-rate-decay": 1.5}, r"server-learning-rate-decay must be in \(0, 1\]"),
         ({"server-learning-rate-decay-from": -1}, "server-learning-rate-decay-from must be >= 0"),

@@ -52,7 +52,6 @@ KIOSKS = {
     "mlp-layers": "16,8",
     "partitioning": "group",
     "users-per-client": 4,
-    "secure-aggregation": False,  # these tests hand the ClientApp plain training requests
 }
 REPO = Path(__file__).resolve().parents[1]
 

@@ -99,8 +99,6 @@ SMALL = {
     "checkpoint-every": 2,
     "embedding-dim": 8,
     "mlp-layers": "16,8",
-    "fraction-train": 1.0,  # every client every round
-    "secure-aggregation": False,  # plain unless a test turns SecAgg+ on
 }
 
 

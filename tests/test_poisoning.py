@@ -21,7 +21,6 @@ FLEET = {
     "synthetic-users": 40, "synthetic-items": 200, "synthetic-mean-interactions": 15, "num-server-rounds": 8,
     "local-epochs": 2, "server-learning-rate": 2.0, "evaluate-every": 100, "checkpoint-every": 100, "report": False,
     "shared-adam-epsilon": 1e-3,
-    "secure-aggregation": False,  # the fake devices answer plain requests, and the defenses read every upload
 }
 
 

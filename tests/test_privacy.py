@@ -119,9 +119,7 @@ LAYOUT = UpdateLayout.from_state(GLOBAL, ["item_embedding"], num_items=50)
 
 
 def _dp_strategy(tmp_path, **overrides):
-    """Central user-level DP: plain uploads, the server adds the noise."""
-    config = _config(**{"user-dp": True, "secure-aggregation": False, "min-train-clients": 1,
-                        "server-learning-rate": 1.0, **overrides})
+    config = _config(**{"user-dp": True, "min-train-clients": 1, "server-learning-rate": 1.0, **overrides})
     dp = user_level_dp(config, num_clients=10)
     recorder = RunRecorder(tmp_path / "run", {}, checkpoint_every=10)
     return FedRecStrategy(config, LAYOUT, list(GLOBAL.values()), recorder, user_dp=dp), dp

@@ -31,8 +31,7 @@ def _fleet(num_honest=8, num_poisoners=1, push=20.0):
 
 
 def _config(**overrides):
-    """Plain uploads: the robust rules read every device's update, which SecAgg+ would hide."""
-    return parse_run_config(fused_run_config({"secure-aggregation": False, **overrides}))
+    return parse_run_config(fused_run_config(overrides))
 
 
 def _target_row(config, uploads):

@@ -181,7 +181,7 @@ def test_settings_whose_rounding_eats_the_clip_or_whose_range_cuts_the_noise_are
     with pytest.raises(ConfigError, match="would cut the devices' noise"):
         check_distributed_noise(config, 100)
     # Without SecAgg+ the clip is C itself; with it, the slack grows with the coordinates.
-    assert device_clipping_norm(_config(**{"user-dp": True, "secure-aggregation": False}), 10**6) == C
+    assert device_clipping_norm(_config(**{"user-dp": True}), 10**6) == C
     secagg = _config(**{"user-dp": True, "secure-aggregation": True})
     assert rounding_slack(secagg, 4 * 12833) == pytest.approx(2 * rounding_slack(secagg, 12833) - 1e-6 * C)
 

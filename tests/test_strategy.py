@@ -109,7 +109,7 @@ def test_no_examples_and_absurd_norms_are_rejected(tmp_path):
 
 
 def test_a_node_that_keeps_sending_bad_updates_is_excluded_from_sampling(tmp_path):
-    strategy = _strategy(tmp_path, **{"exclude-after-rejections": 2, "fraction-train": 1.0})  # every eligible node
+    strategy = _strategy(tmp_path, **{"exclude-after-rejections": 2})
     for server_round in (1, 2):
         _, summary = strategy.aggregate_fit(server_round, [_raw(1, _good_arrays()), _raw(7, _bad_upload("shape"))], [])
     assert summary["clients_excluded"] == 1 and strategy.excluded == {7}
@@ -130,9 +130,9 @@ def test_a_node_that_keeps_sending_bad_updates_is_excluded_from_sampling(tmp_pat
 
 def test_robust_aggregation_replaces_the_mean(tmp_path):
     uploads = [_raw(n, _good_arrays(1.0)) for n in range(1, 5)] + [_raw(9, _good_arrays(50.0))]
-    mean = _strategy(tmp_path / "m", **{"reject-norm-factor": 0.0, "secure-aggregation": False})
+    mean = _strategy(tmp_path / "m", **{"reject-norm-factor": 0.0})
     mean.aggregate_fit(1, uploads, [])
-    median = _strategy(tmp_path / "d", aggregation="median", **{"reject-norm-factor": 0.0, "secure-aggregation": False})
+    median = _strategy(tmp_path / "d", aggregation="median", **{"reject-norm-factor": 0.0})
     median.aggregate_fit(1, uploads, [])
     assert mean.current[1][0] == pytest.approx(5.0 * (4 + 50) / 5)
     assert median.current[1][0] == pytest.approx(5.0 * 1.0), "the median ignores the one outlier"
