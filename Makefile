@@ -18,7 +18,7 @@ $(BIN)/.fedrec-installed: pyproject.toml
 setup: $(BIN)/.fedrec-installed
 
 run: setup
-	$(BIN)/fedrec simulate
+	$(BIN)/fedrec simulate simulations/scenarios/default-run.toml
 
 # The report test renders HTML in headless Chromium (Debian's package; needs root to install).
 browser:
