@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 MODEL_NAMES = ("mf", "gmf", "mlp", "neumf", "als")
+GRADIENT_MODELS = ("mf", "gmf", "mlp", "neumf")  # trained by gradient steps; each can be a content hybrid
 USER_PREFIX = "user_"
 ITEM_PREFIX = "item_"
 CONTENT_PREFIX = "content_"  # a hybrid model's projection of item features (shared, dense)

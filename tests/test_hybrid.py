@@ -12,7 +12,7 @@ from common.config import ConfigError, parse_run_config
 from common.errors import DataError
 from common.federation import prepare, slicer_cached
 from common.item_features import csv_item_features, movielens_item_features, synthetic_item_features
-from common.models import MODEL_NAMES, ModelConfig, build_model
+from common.models import GRADIENT_MODELS, ModelConfig, build_model
 from common.splits import hold_out_items
 from common.synthetic import generate_synthetic, synthetic_item_factors
 from simulations.engine import fused_run_config
@@ -38,7 +38,7 @@ def perturbed(model):
 # --- the models -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", GRADIENT_MODELS)  # als solves in closed form, no content
 def test_a_new_hybrid_model_scores_exactly_as_its_collaborative_twin(name):
     twin = build_model(ModelConfig(name=name, **CONFIG), 4, 9, seed=3)
     model = hybrid(name, seed=3)
@@ -50,7 +50,7 @@ def test_a_new_hybrid_model_scores_exactly_as_its_collaborative_twin(name):
     assert "item_features" not in dict(model.named_parameters())  # a buffer: never uploaded
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", GRADIENT_MODELS)  # als solves in closed form, no content
 def test_hybrid_scores_agree_across_paths_and_new_items_score_from_content_alone(name):
     model = perturbed(hybrid(name))
     with torch.no_grad():
@@ -238,7 +238,7 @@ def test_a_device_trains_the_shared_content_tower_and_reports_new_item_metrics()
         train_round(config.model_config, config.train_config, bare, shared, None, seed=1, server_round=1)
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", GRADIENT_MODELS)  # als solves in closed form, no content
 def test_hybrid_models_train_under_opacus_record_level_dp(name):
     from client.client_app import record_dp_config
     from client.local import train_round
@@ -270,7 +270,7 @@ def test_the_content_projection_takes_its_own_device_learning_rate():
 # --- the content loss (content-loss-weight) ---------------------------------------------------
 
 
-@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("name", GRADIENT_MODELS)  # als solves in closed form, no content
 def test_content_scores_of_known_items_are_their_scores_as_new_items(name):
     model = perturbed(hybrid(name))
     model.train()  # the content dropout mask must not matter: every pair is scored from content alone
