@@ -25,15 +25,22 @@ from typing import Any
 
 from server.frontier import NONE, RunPoint, read_run
 from server.report_plots import frontier_plot
+from simulations.engine import fused_run_config
 
 # Keys that do not change what a run measures: runs differing only in these are seeds of one point.
 NOT_A_SETTING = {"seed", "run-dir", "data-path", "checkpoint-every", "report", "evaluate-every", "fraction-evaluate"}
 
 
 def setting_of(run_dir: str) -> str:
-    """The run-config minus seed and bookkeeping: equal for the seeds of one point."""
+    """The run-config minus seed, bookkeeping and default values: equal for the seeds of one point.
+
+    Keys at their default are dropped, so a run recorded before a key existed and one
+    recorded after, with the key at its default, count as the same setting.
+    """
     run_config = json.loads((Path(run_dir) / "config.json").read_text())["run_config"]
-    return json.dumps({k: v for k, v in sorted(run_config.items()) if k not in NOT_A_SETTING})
+    defaults = fused_run_config({})
+    return json.dumps({k: v for k, v in sorted(run_config.items())
+                       if k not in NOT_A_SETTING and defaults.get(k, object()) != v})
 
 
 def line_label(point: RunPoint) -> str:
