@@ -28,7 +28,7 @@ from common.private_eval import EVALUATE_ONLY_KEY
 from server.grid_wrapper import ForwardingGrid
 from server.run_dir import atomic_write_bytes
 
-__all__ = ["DisclosureGrid", "RECEIVED_FILE", "reply_fields", "request_stage"]
+__all__ = ["DisclosureGrid", "RECEIVED_FILE", "ReceivedFields", "reply_fields", "request_stage"]
 
 RECEIVED_FILE = "received.json"
 EVALUATION_STAGE_SUFFIX = " (evaluation)"
@@ -82,13 +82,33 @@ def reply_fields(message: Message) -> list[tuple[str, str, str, str]]:
     return fields
 
 
+class ReceivedFields:
+    """The fields (not the values) of the replies the server received, counted, kept in ``received.json``."""
+
+    def __init__(self, run_dir: str | Path) -> None:
+        self.path = Path(run_dir) / RECEIVED_FILE
+        self._rows: dict[tuple[str, str, str, str, str, str], int] = {}
+
+    def add(self, message_type: str, stage: str, reply: Message, count: int = 1) -> None:
+        """``count`` replies of the fields ``reply`` has (the vectorized backend notes a kind of reply once)."""
+        for field in reply_fields(reply):
+            row = (message_type, stage, *field)
+            self._rows[row] = self._rows.get(row, 0) + count
+
+    def save(self) -> None:
+        rows = [
+            {"message_type": t, "stage": s, "record_kind": kind, "record": name, "key": key, "type": typ, "replies": n}
+            for (t, s, kind, name, key, typ), n in sorted(self._rows.items())
+        ]
+        atomic_write_bytes(self.path, json.dumps({"fields": rows}, indent=1).encode())
+
+
 class DisclosureGrid(ForwardingGrid):
     """A grid that records the fields (not the values) of every reply the server receives."""
 
     def __init__(self, grid: Grid, run_dir: str | Path) -> None:
         super().__init__(grid)
-        self.path = Path(run_dir) / RECEIVED_FILE
-        self._rows: dict[tuple[str, str, str, str, str, str], int] = {}
+        self.received = ReceivedFields(run_dir)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         replies = list(self._grid.pull_messages(message_ids))
@@ -106,15 +126,5 @@ class DisclosureGrid(ForwardingGrid):
         if not replies:
             return
         for reply in replies:
-            stage = stages.get(reply.metadata.src_node_id, "")
-            for field in reply_fields(reply):
-                row = (reply.metadata.message_type, stage, *field)
-                self._rows[row] = self._rows.get(row, 0) + 1
-        self._save()
-
-    def _save(self) -> None:
-        rows = [
-            {"message_type": t, "stage": s, "record_kind": kind, "record": name, "key": key, "type": typ, "replies": n}
-            for (t, s, kind, name, key, typ), n in sorted(self._rows.items())
-        ]
-        atomic_write_bytes(self.path, json.dumps({"fields": rows}, indent=1).encode())
+            self.received.add(reply.metadata.message_type, stages.get(reply.metadata.src_node_id, ""), reply)
+        self.received.save()
