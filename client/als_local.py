@@ -63,13 +63,14 @@ def als_round(
     started = time.perf_counter()
     rng = np.random.default_rng([*seed, _SAMPLING_STREAM])
     statistics = als_statistics(item_factors, data, clip=clip, max_items=max_items, rng=rng)
+    items = np.unique(data.train_items)
     touched = np.zeros(data.num_items, np.float32)
     if clip is None:
-        touched[np.unique(data.train_items)] = 1.0
+        touched[items] = 1.0
     else:
         touched[:] = 1.0
     upload = [statistics.astype(np.float32), touched]
-    metrics = {"items_touched": float(len(np.unique(data.train_items)))}
+    metrics = {"items_touched": float(len(items))}
     if clip is not None:
         metrics["update_norm_before_clipping"] = clip_deltas(upload, clip)
     metrics.update({

@@ -30,14 +30,13 @@ from client.fleet import LOCAL_EPOCHS_KEY
 from client.als_local import als_round
 from client.local import RoundResult, client_key, evaluate_client, train_round
 from client.private_training import History, RecordDPConfig
-from client.upload import aggregation_weight, clipping_norm_for, dp_safe, with_noise_share
+from client.upload import clipping_norm_for, finish_reply
 from common.config import FedRecConfig, parse_run_config
 from common.evaluation import ListMetrics
 from common.federation import ClientData, catalogue_features
 from common.private_eval import EVALUATE_ONLY_KEY, is_private, layout_for, private_lists, private_metrics
-from common.secagg import distributed_noise
 from common.threads import use_threads
-from common.updates import POPULAR_ITEMS_KEY, decode_item_list, for_transport
+from common.updates import POPULAR_ITEMS_KEY, decode_item_list
 
 NUM_THREADS_KEY = "num-threads"  # node-config: torch threads the device may use (a phone shares its cores)
 
@@ -147,14 +146,7 @@ class FedRecClient(NumPyClient):
                 result = self._train(state.client_data(catalogue_features(self.config)), parameters, local_state, state.record_history, config)
                 store.save(self.state_dir, state.with_local_state(result.local_state, result.record_history))
             forget_context_copies(self.context)
-        weight = aggregation_weight(self.config, result.num_examples, bool(result.declined))
-        if self.config.popularity == "positives":  # counts over the weight: the server's weighted mean sums them
-            result.upload[-2] = result.upload[-2] / weight
-        upload = for_transport(result.upload, self.config.transport_dtype)
-        metrics = {**result.metrics, "upload_bytes": float(sum(a.nbytes for a in upload))}
-        if distributed_noise(self.config):
-            upload = with_noise_share(self.config, result.upload)
-        return upload, weight, dp_safe(self.config, metrics)
+        return finish_reply(self.config, result.upload, result.num_examples, bool(result.declined), result.metrics)
 
     def list_metrics(self) -> ListMetrics:
         """Beyond-accuracy measures; under DP no device sends the items of its lists (nothing accounts for them)."""

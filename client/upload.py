@@ -11,7 +11,8 @@ import numpy as np
 from common import als
 from common.config import FedRecConfig
 from common.privacy import SecureGaussian
-from common.secagg import device_clipping_norm, noise_share_std
+from common.secagg import device_clipping_norm, distributed_noise, noise_share_std
+from common.updates import for_transport
 
 # What a device may report when DP is on: nothing computed from its data beyond what the
 # mechanisms cover (the loss, the update norm and the touched count are not).
@@ -62,3 +63,20 @@ def dp_safe(config: FedRecConfig, metrics: dict) -> dict:
     if config.user_dp or config.record_dp:
         return {k: v for k, v in metrics.items() if k in DP_SAFE_METRICS}
     return metrics
+
+
+def finish_reply(
+    config: FedRecConfig, upload: list[np.ndarray], num_examples: int, declined: bool, metrics: dict
+) -> tuple[list[np.ndarray], int, dict]:
+    """A trained round's upload as the device sends it: weight, transport dtype, noise share, DP-safe metrics.
+
+    Shared by the ClientApp and the vectorized backend, so both send the same reply.
+    """
+    weight = aggregation_weight(config, num_examples, declined)
+    if config.popularity == "positives":  # counts over the weight: the server's weighted mean sums them
+        upload[-2] = upload[-2] / weight
+    sent = for_transport(upload, config.transport_dtype)
+    metrics = {**metrics, "upload_bytes": float(sum(a.nbytes for a in sent))}
+    if distributed_noise(config):
+        sent = with_noise_share(config, upload)
+    return sent, weight, dp_safe(config, metrics)

@@ -55,16 +55,16 @@ from flwr.server.client_proxy import ClientProxy
 
 from client.device_state import save_local_state
 from client.fleet import absence, round_epochs
-from client.local import client_key, user_seed
+from client.local import client_key, user_seed, with_all_rows
 from client.numpy_client import FedRecClient
-from client.upload import aggregation_weight, clipping_norm_for, dp_safe
+from client.upload import clipping_norm_for, finish_reply
 from common.config import FLEET_FAILURE_PREFIX, ROUND_ATTEMPT_KEY, ConfigError, FedRecConfig, parse_run_config
 from common.federation import ClientData, slicer_cached
 from common.models import ModelConfig, build_model
 from common.threads import use_threads
 from common.training import TrainConfig
-from common.updates import UpdateLayout, clip_deltas, for_transport, positive_counts
-from server.disclosure import DisclosureGrid, reply_fields
+from common.updates import UpdateLayout, clip_deltas, encode_update, positive_counts
+from server.disclosure import ReceivedFields
 from server.fleet import retrying
 from server.server_app import ServerRun, finish_run, start_run
 from simulations.batched import BATCHED_MODELS, ITEM_TABLES, BatchTrainer, batches, device_round
@@ -208,41 +208,25 @@ class Fleet:
         """The upload, weight and metrics :class:`client.numpy_client.FedRecClient.fit` would send."""
         config, data = self.config, self.data(partition)
         clipping_norm = clipping_norm_for(config, shared)
-        rowwise = config.row_wise_aggregation and clipping_norm is None
-        touched = np.zeros(layout.num_items, dtype=np.float32)
-        if rowwise:
-            touched[result.item_rows] = 1.0
-        else:
-            touched[:] = 1.0
-        upload = []
-        for name in layout.names:
-            if name in ITEM_TABLES[config.model]:
-                delta = np.zeros_like(before[name])
-                delta[result.item_rows] = result.items_after[name] - before[name][result.item_rows]
-            else:
-                delta = (result.dense_after[name].reshape(before[name].shape) - before[name]).astype(np.float32)
-            upload.append(delta)
-        if layout.positives:
-            upload.append(positive_counts(data.train_users, data.train_items, data.num_items).astype(np.float32))
-        upload.append(touched)
-        metrics: dict[str, float] = {}
-        if clipping_norm is not None:
-            metrics["update_norm_before_clipping"] = clip_deltas(upload, clipping_norm)
-        num_examples = len(data.train_items)
-        metrics = {
+        trained = {**{name: value.reshape(before[name].shape) for name, value in result.dense_after.items()},
+                   **result.items_after}
+        after = with_all_rows(before, trained, result.item_rows, list(ITEM_TABLES[config.model]))
+        upload = encode_update(
+            layout, before, after, result.item_rows,
+            rowwise=config.row_wise_aggregation and clipping_norm is None,
+            positives=positive_counts(data.train_users, data.train_items, data.num_items) if layout.positives else None,
+        )
+        metrics: dict[str, float] = {
             "train_loss": result.loss,
             "train_seconds": seconds,
             "upload_bytes": float(sum(a.nbytes for a in upload)),
             "download_bytes": float(sum(a.nbytes for a in shared)),
             "items_touched": float(len(result.item_rows)),
-            **metrics,
         }
-        weight = aggregation_weight(config, num_examples, False)
-        if layout.positives:
-            upload[-2] = upload[-2] / weight
-        upload = for_transport(upload, config.transport_dtype)
-        metrics["upload_bytes"] = float(sum(a.nbytes for a in upload))
-        return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(upload), weight, dp_safe(config, metrics))
+        if clipping_norm is not None:
+            metrics["update_norm_before_clipping"] = clip_deltas(upload, clipping_norm)
+        sent, weight, metrics = finish_reply(config, upload, len(data.train_items), False, metrics)
+        return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(sent), weight, metrics)
 
     # --- evaluation ----------------------------------------------------------------
     def evaluate(self, instructions: list) -> tuple[list, list]:  # type: ignore[type-arg]
@@ -292,13 +276,13 @@ class Fleet:
 class Received:
     """The run directory's ``received.json`` (:mod:`server.disclosure`) for replies built in-process.
 
-    A reply here is the ``FitRes`` / ``EvaluateRes`` a ClientApp would send; its fields are
-    read the way :class:`server.disclosure.DisclosureGrid` reads them, from the record Flower
-    would turn it into, once per kind of reply (same metric keys and arrays) and counted.
+    A reply here is the ``FitRes`` / ``EvaluateRes`` a ClientApp would send; its fields go to
+    the :class:`server.disclosure.ReceivedFields` the Flower path's grid writes, read from the
+    record Flower would turn it into, once per kind of reply (same metric keys and arrays) and counted.
     """
 
     def __init__(self, run_dir: str) -> None:
-        self.grid = DisclosureGrid(None, run_dir)  # type: ignore[arg-type]  # only its table and file are used
+        self.fields = ReceivedFields(run_dir)
 
     def note(self, message_type: str, replies: list) -> None:  # type: ignore[type-arg]
         kinds: dict[tuple, tuple[Any, int]] = {}
@@ -311,11 +295,9 @@ class Received:
             content = compat.fitres_to_recorddict(res, True) if isinstance(res, FitRes) else \
                 compat.evaluateres_to_recorddict(res)
             reply = SimpleNamespace(has_content=lambda: True, content=content)
-            for field in reply_fields(reply):  # type: ignore[arg-type]
-                row = (message_type, "", *field)
-                self.grid._rows[row] = self.grid._rows.get(row, 0) + count
+            self.fields.add(message_type, "", reply, count)  # type: ignore[arg-type]
         if kinds:
-            self.grid._save()
+            self.fields.save()
 
 
 class _PlainEvaluation(FedRecClient):
