@@ -13,19 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from server.run_dir import switched_on
+
 USER, RECORD, NONE = "user-level DP", "record-level DP", "no DP"
-
-
-def _on(run_config: dict[str, Any], key: str) -> bool:
-    value = run_config.get(key)
-    return value is True or str(value).lower() == "true"
 
 
 def mode_of(run_config: dict[str, Any]) -> str:
     """The epsilon a run's frontier point is read in: user-level if on, else record-level, else none."""
-    if _on(run_config, "user-dp"):
+    if switched_on(run_config, "user-dp"):
         return USER
-    if _on(run_config, "record-dp"):
+    if switched_on(run_config, "record-dp"):
         return RECORD
     return NONE
 
@@ -60,9 +57,11 @@ class RunPoint:
     delta: float | None
     hr10: float
     seed: int
+    run_config: dict[str, Any]  # as recorded in config.json
 
 
-def _last(rows: list[dict[str, Any]], key: str) -> Any:
+def last_recorded(rows: list[dict[str, Any]], key: str) -> Any:
+    """The last value ``key`` has in a run's ``metrics.jsonl`` rows (None if it never appears)."""
     return next((r[key] for r in reversed(rows) if r.get(key) is not None), None)
 
 
@@ -78,8 +77,8 @@ def read_run(run_dir: str | Path) -> RunPoint:
         raise ValueError(f"{path}: no final test HR@10 in summary.json (did the run finish with an evaluation?)")
     mode = mode_of(run_config)
     prefix = {USER: "user", RECORD: "record"}.get(mode)
-    epsilon = _last(rows, "user_epsilon" if mode == USER else "record_epsilon_max") if prefix else None
-    delta = _last(rows, f"{prefix}_delta") if prefix else None
+    epsilon = last_recorded(rows, "user_epsilon" if mode == USER else "record_epsilon_max") if prefix else None
+    delta = last_recorded(rows, f"{prefix}_delta") if prefix else None
     if prefix and epsilon is None:
         raise ValueError(f"{path}: {mode} is on but metrics.jsonl records no epsilon")
     dataset = str(run_config.get("dataset", "synthetic"))
@@ -89,4 +88,4 @@ def read_run(run_dir: str | Path) -> RunPoint:
         dataset += f", kiosks of {run_config.get('users-per-client')}"
     return RunPoint(str(path), dataset, mode, str(run_config.get("model", "gmf")),
                     None if epsilon is None else float(epsilon), None if delta is None else float(delta),
-                    float(hr10), int(run_config.get("seed", 0)))
+                    float(hr10), int(run_config.get("seed", 0)), run_config)

@@ -25,7 +25,7 @@ from dp_accounting import pld, rdp
 from common.errors import DataError
 from server.frontier import mode_of, trajectory
 from server.report_disclosure import disclosure
-from server.run_dir import atomic_write_bytes, config_hash
+from server.run_dir import atomic_write_bytes, config_hash, switched_on
 
 SCHEMA_PATH = Path(__file__).with_name("report.schema.json")
 SCHEMA_VERSION = 1
@@ -61,10 +61,6 @@ def _read_jsonl(path: Path) -> list[dict[str, Any]]:
 
 
 # --- facts -----------------------------------------------------------------------------
-def _on(run_config: dict[str, Any], key: str) -> bool:
-    return bool(run_config.get(key, False))
-
-
 def protections(run_config: dict[str, Any], privacy: dict[str, Any]) -> dict[str, Any]:
     """Which protections the run had on, with what the run directory says about each."""
     transport = privacy.get("transport") or {}
@@ -82,8 +78,8 @@ def protections(run_config: dict[str, Any], privacy: dict[str, Any]) -> dict[str
     else:
         tls = auth = {"status": "not recorded", "detail": "this run directory predates transport records"}
     return {
-        "record_level_dp": {"on": _on(run_config, "record-dp"), "parameters": privacy.get("record_level")},
-        "user_level_dp": {"on": _on(run_config, "user-dp"), "parameters": privacy.get("user_level")},
+        "record_level_dp": {"on": switched_on(run_config, "record-dp"), "parameters": privacy.get("record_level")},
+        "user_level_dp": {"on": switched_on(run_config, "user-dp"), "parameters": privacy.get("user_level")},
         "secure_aggregation": {
             "on": bool(privacy.get("secure_aggregation")),
             "parameters": secagg,
@@ -379,8 +375,8 @@ def beyond_accuracy(final: dict[str, Any] | None, run_config: dict[str, Any]) ->
         "groups_suppressed": int(final.get("groups_suppressed", 0)),
         "group_min_users": run_config.get("group-min-users"),
         # Under SecAgg+ the lists' item counts came summed, never as one device's list.
-        "devices_sent_lists": final.get("coverage@10") is not None and not _on(run_config, "secure-aggregation"),
-        "group_sums_in_clear": not any(_on(run_config, k) for k in ("secure-aggregation", "user-dp", "record-dp")),
+        "devices_sent_lists": final.get("coverage@10") is not None and not switched_on(run_config, "secure-aggregation"),
+        "group_sums_in_clear": not any(switched_on(run_config, k) for k in ("secure-aggregation", "user-dp", "record-dp")),
     }
 
 

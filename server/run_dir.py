@@ -41,6 +41,11 @@ import numpy as np
 from common.errors import DataError
 
 
+def switched_on(run_config: Mapping[str, Any], key: str) -> bool:
+    """A boolean key of a recorded run-config (``config.json``), false when absent."""
+    return bool(run_config.get(key, False))
+
+
 def config_hash(run_config: Mapping[str, Any]) -> str:
     """SHA-256 of the canonical JSON of the run-config."""
     return hashlib.sha256(json.dumps(dict(run_config), sort_keys=True).encode()).hexdigest()

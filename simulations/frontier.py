@@ -31,15 +31,14 @@ from simulations.engine import fused_run_config
 NOT_A_SETTING = {"seed", "run-dir", "data-path", "checkpoint-every", "report", "evaluate-every", "fraction-evaluate"}
 
 
-def setting_of(run_dir: str) -> str:
+def setting_of(point: RunPoint) -> str:
     """The run-config minus seed, bookkeeping and default values: equal for the seeds of one point.
 
     Keys at their default are dropped, so a run recorded before a key existed and one
     recorded after, with the key at its default, count as the same setting.
     """
-    run_config = json.loads((Path(run_dir) / "config.json").read_text())["run_config"]
     defaults = fused_run_config({})
-    return json.dumps({k: v for k, v in sorted(run_config.items())
+    return json.dumps({k: v for k, v in sorted(point.run_config.items())
                        if k not in NOT_A_SETTING and defaults.get(k, object()) != v})
 
 
@@ -51,7 +50,7 @@ def group_points(points: list[RunPoint]) -> list[dict[str, Any]]:
     """One row per setting: mean epsilon and HR@10 over its seeds, the seeds and run directories."""
     groups: dict[str, list[RunPoint]] = defaultdict(list)
     for point in points:
-        groups[setting_of(point.run_dir)].append(point)
+        groups[setting_of(point)].append(point)
     rows = []
     for members in groups.values():
         first = members[0]

@@ -24,12 +24,8 @@ from typing import Any
 from common.config import parse_run_config
 from common.federation import slicer_cached
 from common.privacy import calibrate_noise
+from server.frontier import last_recorded
 from simulations.engine import fused_run_config, run_in_process
-
-
-def _last(rows: list[dict[str, Any]], key: str) -> float | None:
-    values = [r[key] for r in rows if r.get(key) is not None]
-    return values[-1] if values else None
 
 
 def run_point(name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]:
@@ -47,11 +43,11 @@ def run_point(name: str, overrides: dict[str, Any], out: Path) -> dict[str, Any]
     return {
         "point": name,
         "rounds": summary.get("rounds"),
-        "user_epsilon": _last(rows, "user_epsilon"),
-        "user_delta": _last(rows, "user_delta"),
+        "user_epsilon": last_recorded(rows, "user_epsilon"),
+        "user_delta": last_recorded(rows, "user_delta"),
         "user_noise_multiplier": overrides.get("user-dp-noise-multiplier") if overrides.get("user-dp") else None,
-        "record_epsilon_max": _last(rows, "record_epsilon_max"),
-        "record_delta": _last(rows, "record_delta"),
+        "record_epsilon_max": last_recorded(rows, "record_epsilon_max"),
+        "record_delta": last_recorded(rows, "record_delta"),
         "record_noise_multiplier": overrides.get("record-dp-noise-multiplier") if overrides.get("record-dp") else None,
         "hr@10": final.get("test_sampled_hr@10"),
         "ndcg@10": final.get("test_sampled_ndcg@10"),
