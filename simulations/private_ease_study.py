@@ -1,0 +1,313 @@
+"""Private EASE: EASE on one user-level-DP release of the item-item Gram, in one process.
+
+The mechanism is exactly what a federated version would release, so this central numpy
+simulation has the same output distribution. Each user keeps at most ``k_max`` of its
+distinct training items (drawn at random on the device), forms the binary Gram ``x x^T``,
+keeps its upper triangle including the diagonal as one vector (``k (k + 1) / 2`` ones for
+``k`` kept items, L2 norm ``sqrt(k (k + 1) / 2)``) and scales it by ``w_u`` so that its norm
+is at most ``C``. The server sums the vectors and adds ``N(0, (z C)^2)`` per coordinate, ``z``
+calibrated by :mod:`common.privacy` for ONE release at sampling rate 1 (add or remove one
+user). Everything after the release is post-processing and free in privacy: the PSD
+projection, a vocabulary of the top-M items by the noisy diagonal (the weighted popularity
+of the same release), EASE on the vocabulary's block (:func:`simulations.yardsticks.ease_from_gram`),
+the rest ranked by noisy popularity, and a blend of EASE scores with noisy popularity.
+
+Choices are picked on the VALIDATION split of a tuning release (a noise draw and device
+subsample of its own); the reported figures come from a fresh release per seed, evaluated
+with the protocol of ``fedrec baseline`` (sampled HR/NDCG@10 against 99 negatives, full-ranking HR@10).
+The study's noise comes from numpy's seeded generator, for reproducibility; a deployment
+draws it from :class:`common.privacy.SecureGaussian`.
+
+    python -m simulations.private_ease_study --data-path ../shared/datasets/ml-100k --epsilons 1 3 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import sys
+import time
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import sparse
+
+from common.config import fused_run_config, parse_run_config
+from common.evaluation import evaluate_ranking
+from common.federation import PreparedData, prepare
+from common.metrics import summarize
+from common.privacy import UserLevelDP, calibrate_noise
+from common.threads import use_threads
+from simulations import yardsticks
+from simulations.baselines import _evaluate_scorers, training_matrix
+
+WEIGHTINGS = ("bound", "inv-k")
+TUNING_DRAW, REPORT_DRAW = 0, 1
+POPULARITY_OFFSET = 1e6  # items outside the vocabulary rank below every vocabulary item
+
+
+@dataclass(frozen=True)
+class Contribution:
+    """How a device bounds its upload: at most ``k_max`` items, weight ``w_u`` for a norm <= ``clip``.
+
+    ``bound``: ``w_u = min(1, C / sqrt(k (k + 1) / 2))``, the exact norm of the uploaded triangle
+    (``clip_items`` c sets ``C = sqrt(c (c + 1) / 2)``: c = 1 gives every user norm C, c = k_max
+    gives every user weight 1). ``inv-k``: ``w_u = C / k`` (norm ``C sqrt((k + 1) / 2k) <= C``), C = 1.
+    """
+
+    k_max: int
+    weighting: str = "bound"
+    clip_items: int = 1
+
+    @property
+    def clip(self) -> float:
+        return triangle_norm(self.clip_items) if self.weighting == "bound" else 1.0
+
+    def weight(self, k: int) -> float:
+        if k == 0:
+            return 0.0
+        if self.weighting == "bound":
+            return min(1.0, self.clip / triangle_norm(k))
+        return self.clip / k
+
+    def label(self) -> str:
+        return f"k_max {self.k_max} {self.weighting}" + (f" c {self.clip_items}" if self.weighting == "bound" else "")
+
+
+@dataclass(frozen=True)
+class PostProcessing:
+    """What the server (or device) does with the noisy Gram; free in privacy."""
+
+    lam_factor: float  # lambda = lam_factor * z C * sqrt(M): the noise's spectral scale (absolute lambda without noise)
+    vocabulary: int  # M: top-M items by the noisy diagonal get EASE; 0 = noisy popularity only
+    psd: bool = False
+    blend: float = 0.0  # weight of standardized noisy popularity beside per-user standardized EASE scores
+
+    def label(self) -> str:
+        return f"lam {self.lam_factor:g} M {self.vocabulary} psd {int(self.psd)} blend {self.blend:g}"
+
+
+def triangle_norm(k: int) -> float:
+    """L2 norm of the upper triangle (diagonal included) of ``x x^T`` for ``k`` binary items."""
+    return math.sqrt(k * (k + 1) / 2)
+
+
+def kept_items(items: np.ndarray, k_max: int, rng: np.random.Generator) -> np.ndarray:
+    """At most ``k_max`` of a device's distinct items, drawn uniformly without replacement on the device."""
+    items = np.unique(items)
+    if len(items) <= k_max:
+        return items
+    return np.sort(rng.choice(items, size=k_max, replace=False))
+
+
+def user_vector(items: np.ndarray, num_items: int, weight: float) -> np.ndarray:
+    """What one device uploads: ``weight`` times the upper triangle (row-major, diagonal included) of ``x x^T``."""
+    x = np.zeros(num_items)
+    x[items] = 1.0
+    return weight * np.outer(x, x)[np.triu_indices(num_items)]
+
+
+def gram_from_triangle(vector: np.ndarray, num_items: int) -> np.ndarray:
+    """The symmetric matrix whose upper triangle (diagonal included) is ``vector``."""
+    gram = np.zeros((num_items, num_items))
+    gram[np.triu_indices(num_items)] = vector
+    return gram + np.triu(gram, 1).T
+
+
+def weighted_gram(kept: list[np.ndarray], weights: np.ndarray, num_items: int) -> np.ndarray:
+    """``sum_u w_u x_u x_u^T`` (dense): the sum of every device's :func:`user_vector`, as a matrix."""
+    rows = np.repeat(np.arange(len(kept)), [len(k) for k in kept])
+    cols = np.concatenate(kept) if kept else np.empty(0, np.int64)
+    x = sparse.csr_matrix((np.ones(len(cols)), (rows, cols)), shape=(len(kept), num_items))
+    return (x.T @ sparse.diags(weights) @ x).toarray()
+
+
+def noisy_release(gram: np.ndarray, noise_std: float, rng: np.random.Generator) -> np.ndarray:
+    """The server's release: Gaussian noise of std ``noise_std`` on each upper-triangle coordinate, mirrored."""
+    n = gram.shape[0]
+    noise = gram_from_triangle(rng.normal(0.0, noise_std, n * (n + 1) // 2), n)
+    return gram + noise
+
+
+def noise_multiplier(epsilon: float, num_users: int, delta: float, accountant: str) -> tuple[float, float]:
+    """``z`` for one release at sampling rate 1, and the epsilon the accountant computes for it."""
+    mechanism = dict(clipping_norm=1.0, num_clients=num_users, sampling="poisson", sampling_rate=1.0, delta=delta)
+    z = calibrate_noise(epsilon, 1, accountant, **mechanism)
+    return z, UserLevelDP(noise_multiplier=z, **mechanism).epsilon(1, accountant)
+
+
+def user_items(prepared: PreparedData) -> list[np.ndarray]:
+    """Each user's distinct training items."""
+    matrix = training_matrix(prepared)
+    return [matrix.indices[matrix.indptr[u] : matrix.indptr[u + 1]] for u in range(matrix.shape[0])]
+
+
+def release(items_of: list[np.ndarray], num_items: int, contribution: Contribution, z: float,
+            rng: np.random.Generator) -> np.ndarray:
+    """One private release of the weighted Gram (no noise when ``z`` is 0)."""
+    kept = [kept_items(items, contribution.k_max, rng) for items in items_of]
+    weights = np.array([contribution.weight(len(k)) for k in kept])
+    gram = weighted_gram(kept, weights, num_items)
+    return noisy_release(gram, z * contribution.clip, rng) if z > 0 else gram
+
+
+def psd_projection(gram: np.ndarray) -> np.ndarray:
+    """The nearest positive semidefinite matrix in Frobenius norm (negative eigenvalues set to 0)."""
+    values, vectors = np.linalg.eigh(gram)
+    return (vectors * np.clip(values, 0.0, None)) @ vectors.T
+
+
+def standardized(scores: np.ndarray, axis: int) -> np.ndarray:
+    """Zero mean, unit std along ``axis`` (rank-preserving per row when axis = 1)."""
+    std = scores.std(axis=axis, keepdims=True)
+    return (scores - scores.mean(axis=axis, keepdims=True)) / np.where(std > 0, std, 1.0)
+
+
+def score_matrix(matrix: sparse.csr_matrix, noisy: np.ndarray, post: PostProcessing, noise_std: float) -> np.ndarray:
+    """Every user's score for every item: EASE on the vocabulary, noisy popularity below it."""
+    popularity = standardized(np.diag(noisy), axis=0)
+    scores = popularity[None, :].repeat(matrix.shape[0], axis=0) - POPULARITY_OFFSET
+    m = min(post.vocabulary, noisy.shape[0])
+    if m == 0:
+        return scores
+    vocab = np.argsort(-np.diag(noisy), kind="stable")[:m]
+    block = noisy[np.ix_(vocab, vocab)]
+    if post.psd:
+        block = psd_projection(block)
+    lam = post.lam_factor * noise_std * math.sqrt(m) if noise_std > 0 else post.lam_factor
+    weights = yardsticks.ease_from_gram(block, lam)
+    ease = np.asarray(matrix[:, vocab] @ weights, np.float64)
+    scores[:, vocab] = standardized(ease, axis=1) + post.blend * popularity[vocab][None, :]
+    return scores
+
+
+def sampled_validation_hr(prepared: PreparedData, scores: np.ndarray) -> float:
+    """Sampled HR@10 on the validation split (the only split choices are made on)."""
+    v = prepared.validation
+    per_user = evaluate_ranking(lambda u, i: scores[u, i], None, v.users, v.items, v.negatives, None, k=10, full=False)
+    return summarize(per_user)["sampled_hr@10"]
+
+
+def final_metrics(prepared: PreparedData, scores: np.ndarray) -> dict[str, float]:
+    """Test and validation metrics with ``fedrec baseline``'s own evaluation (sampled and full ranking)."""
+    test, val = _evaluate_scorers(prepared, lambda u, i: scores[u, i], lambda u: scores[u], 10)
+    return {"hr": test["sampled_hr@10"], "ndcg": test["sampled_ndcg@10"], "full_hr": test["full_hr@10"],
+            "val_hr": val["sampled_hr@10"]}
+
+
+def load(data_path: str, dataset: str, seed: int) -> PreparedData:
+    return prepare(parse_run_config(fused_run_config({"dataset": dataset, "data-path": data_path, "seed": seed})))
+
+
+def draw_rng(seed: int, epsilon: float, draw: int) -> np.random.Generator:
+    """Device subsampling and noise of one release: distinct for every seed, epsilon and draw."""
+    return np.random.default_rng([seed, int(round(epsilon * 1000)), draw])
+
+
+def grid(args: argparse.Namespace) -> tuple[list[Contribution], list[PostProcessing]]:
+    contributions = [Contribution(k, w, c) for k, w, c in itertools.product(args.k_max, args.weightings, args.clip_items)
+                     if not (w == "inv-k" and c != args.clip_items[0])]
+    posts = [PostProcessing(lam, m, psd, b) for lam, m, psd, b in
+             itertools.product(args.lambdas, args.vocabulary, [bool(p) for p in args.psd], args.blend)
+             if not (m == 0 and (lam, psd, b) != (args.lambdas[0], bool(args.psd[0]), args.blend[0]))]
+    return contributions, posts
+
+
+def tune(prepared_of: dict[int, PreparedData], items_of: dict[int, list[np.ndarray]], epsilon: float, z: float,
+         args: argparse.Namespace) -> dict[tuple[Contribution, PostProcessing], list[float]]:
+    """Validation HR@10 of every grid point on each seed's tuning release."""
+    contributions, posts = grid(args)
+    out: dict[tuple[Contribution, PostProcessing], list[float]] = {}
+    for contribution in contributions:
+        for seed, prepared in prepared_of.items():
+            noisy = release(items_of[seed], prepared.num_items, contribution, z, draw_rng(seed, epsilon, TUNING_DRAW))
+            matrix = training_matrix(prepared)
+            for post in posts:
+                hr = sampled_validation_hr(prepared, score_matrix(matrix, noisy, post, z * contribution.clip))
+                out.setdefault((contribution, post), []).append(hr)
+    return out
+
+
+def report(prepared_of, items_of, epsilon: float, z: float, chosen: tuple[Contribution, PostProcessing]
+           ) -> dict[int, dict[str, float]]:
+    """The chosen setting on a fresh release per seed: test and validation metrics."""
+    contribution, post = chosen
+    rows = {}
+    for seed, prepared in prepared_of.items():
+        noisy = release(items_of[seed], prepared.num_items, contribution, z, draw_rng(seed, epsilon, REPORT_DRAW))
+        rows[seed] = final_metrics(prepared, score_matrix(training_matrix(prepared), noisy, post, z * contribution.clip))
+    return rows
+
+
+def print_tuning(results: dict, epsilon: float, top: int) -> tuple[Contribution, PostProcessing]:
+    ranked = sorted(results.items(), key=lambda kv: -float(np.mean(kv[1])))
+    print(f"\n## epsilon {epsilon:g}: validation HR@10 of the tuning release (mean of seeds; best {top} of {len(ranked)})")
+    for (contribution, post), hrs in ranked[:top]:
+        print(f"{float(np.mean(hrs)):.4f}  [{' '.join(f'{h:.4f}' for h in hrs)}]  {contribution.label()} | {post.label()}")
+    return ranked[0][0]
+
+
+def run(args: argparse.Namespace) -> None:
+    prepared_of = {seed: load(args.data_path, args.dataset, seed) for seed in args.seeds}
+    items_of = {seed: user_items(p) for seed, p in prepared_of.items()}
+    num_users = next(iter(prepared_of.values())).num_users
+    table = []
+    for epsilon in args.epsilons:
+        started = time.perf_counter()
+        z, spent = noise_multiplier(epsilon, num_users, args.delta, args.accountant) if epsilon > 0 else (0.0, math.inf)
+        chosen = print_tuning(tune(prepared_of, items_of, epsilon, z, args), epsilon, args.top)
+        rows = report(prepared_of, items_of, epsilon, z, chosen)
+        table.append((epsilon, z, spent, chosen, rows, time.perf_counter() - started))
+        print(f"(epsilon {epsilon:g}: {time.perf_counter() - started:.0f} s)", flush=True)
+    print_table(table, args)
+
+
+def print_table(table: list, args: argparse.Namespace) -> None:
+    print(f"\n## Reported: fresh release per seed, setting chosen on validation; delta {args.delta:g}, "
+          f"accountant {args.accountant}, one release at sampling rate 1")
+    print("| target epsilon | accountant's epsilon (delta) | z | chosen | seed | HR@10 | NDCG@10 | full HR@10 | val HR@10 |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for epsilon, z, spent, (contribution, post), rows, _ in table:
+        label = f"{contribution.label()}; {post.label()}"
+        eps = f"{spent:.3f} ({args.delta:g})" if math.isfinite(spent) else "none"
+        for seed, m in rows.items():
+            print(f"| {epsilon:g} | {eps} | {z:.3f} | {label} | {seed} | {m['hr']:.4f} | {m['ndcg']:.4f} | "
+                  f"{m['full_hr']:.4f} | {m['val_hr']:.4f} |")
+        mean = {k: float(np.mean([m[k] for m in rows.values()])) for k in ("hr", "ndcg", "full_hr", "val_hr")}
+        print(f"| {epsilon:g} | {eps} | {z:.3f} | {label} | **mean** | **{mean['hr']:.4f}** | {mean['ndcg']:.4f} | "
+              f"{mean['full_hr']:.4f} | {mean['val_hr']:.4f} |")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="movielens-100k")
+    p.add_argument("--data-path", default="")
+    p.add_argument("--seeds", type=int, nargs="+", default=[42, 7, 1])
+    p.add_argument("--epsilons", type=float, nargs="+", default=[1.0, 3.0, 8.0], help="0: no noise")
+    p.add_argument("--delta", type=float, default=1e-5)
+    p.add_argument("--accountant", choices=("rdp", "pld"), default="rdp")
+    p.add_argument("--k-max", type=int, nargs="+", default=[100], help="items a device keeps (grid)")
+    p.add_argument("--weightings", nargs="+", choices=WEIGHTINGS, default=["bound"])
+    p.add_argument("--clip-items", type=int, nargs="+", default=[1],
+                   help="bound weighting: C = sqrt(c (c + 1) / 2), users with <= c items keep weight 1 (grid)")
+    p.add_argument("--lambdas", type=float, nargs="+", default=[1.0],
+                   help="lambda in units of z C sqrt(M) (absolute lambda when epsilon is 0) (grid)")
+    p.add_argument("--vocabulary", type=int, nargs="+", default=[100_000], help="M, top items by noisy diagonal (grid)")
+    p.add_argument("--psd", type=int, nargs="+", choices=(0, 1), default=[0], help="project onto the PSD cone (grid)")
+    p.add_argument("--blend", type=float, nargs="+", default=[0.0], help="weight of noisy popularity (grid)")
+    p.add_argument("--top", type=int, default=15, help="tuning rows printed per epsilon")
+    return p
+
+
+def main() -> None:
+    try:
+        use_threads()
+    except ValueError as err:
+        print(f"private_ease_study: {err}", file=sys.stderr)
+        sys.exit(2)
+    run(parser().parse_args())
+
+
+if __name__ == "__main__":
+    main()
