@@ -81,11 +81,11 @@ class PostProcessing:
 
     lam_factor: float  # lambda = lam_factor * z C * sqrt(M): the noise's spectral scale (absolute lambda without noise)
     vocabulary: int  # M: top-M items by the noisy diagonal get EASE; 0 = noisy popularity only
-    psd: bool = False
+    spectral: float = -1.0  # < 0: none; t >= 0: eigenvalues below t z C sqrt(M) set to 0 (0: PSD projection)
     blend: float = 0.0  # weight of standardized noisy popularity beside per-user standardized EASE scores
 
     def label(self) -> str:
-        return f"lam {self.lam_factor:g} M {self.vocabulary} psd {int(self.psd)} blend {self.blend:g}"
+        return f"lam {self.lam_factor:g} M {self.vocabulary} spectral {self.spectral:g} blend {self.blend:g}"
 
 
 def triangle_norm(k: int) -> float:
@@ -152,10 +152,15 @@ def release(items_of: list[np.ndarray], num_items: int, contribution: Contributi
     return noisy_release(gram, z * contribution.clip, rng) if z > 0 else gram
 
 
-def psd_projection(gram: np.ndarray) -> np.ndarray:
-    """The nearest positive semidefinite matrix in Frobenius norm (negative eigenvalues set to 0)."""
+def spectral_cut(gram: np.ndarray, threshold: float) -> np.ndarray:
+    """``gram`` with every eigenvalue below ``threshold`` set to 0.
+
+    Threshold 0 is the nearest positive semidefinite matrix in Frobenius norm; a threshold at
+    the noise's spectral edge (about ``2 z C sqrt(M)`` for M items) keeps only directions the
+    noise alone would not produce.
+    """
     values, vectors = np.linalg.eigh(gram)
-    return (vectors * np.clip(values, 0.0, None)) @ vectors.T
+    return (vectors * np.where(values >= threshold, values, 0.0)) @ vectors.T
 
 
 def standardized(scores: np.ndarray, axis: int) -> np.ndarray:
@@ -164,22 +169,58 @@ def standardized(scores: np.ndarray, axis: int) -> np.ndarray:
     return (scores - scores.mean(axis=axis, keepdims=True)) / np.where(std > 0, std, 1.0)
 
 
-def score_matrix(matrix: sparse.csr_matrix, noisy: np.ndarray, post: PostProcessing, noise_std: float) -> np.ndarray:
-    """Every user's score for every item: EASE on the vocabulary, noisy popularity below it."""
-    popularity = standardized(np.diag(noisy), axis=0)
-    scores = popularity[None, :].repeat(matrix.shape[0], axis=0) - POPULARITY_OFFSET
-    m = min(post.vocabulary, noisy.shape[0])
-    if m == 0:
-        return scores
+def vocabulary_block(noisy: np.ndarray, m: int, spectral: float, noise_std: float) -> tuple[np.ndarray, np.ndarray]:
+    """The top-``m`` items by the noisy diagonal and their block of the noisy Gram (spectrally cut if asked)."""
     vocab = np.argsort(-np.diag(noisy), kind="stable")[:m]
     block = noisy[np.ix_(vocab, vocab)]
-    if post.psd:
-        block = psd_projection(block)
-    lam = post.lam_factor * noise_std * math.sqrt(m) if noise_std > 0 else post.lam_factor
+    return vocab, spectral_cut(block, spectral * noise_std * math.sqrt(m)) if spectral >= 0 else block
+
+
+def ease_scores(matrix: sparse.csr_matrix, block: np.ndarray, vocab: np.ndarray, lam_factor: float,
+                noise_std: float) -> np.ndarray:
+    """Per-user standardized EASE scores of the vocabulary; lambda in units of the noise's spectral scale."""
+    lam = lam_factor * noise_std * math.sqrt(len(vocab)) if noise_std > 0 else lam_factor
     weights = yardsticks.ease_from_gram(block, lam)
-    ease = np.asarray(matrix[:, vocab] @ weights, np.float64)
-    scores[:, vocab] = standardized(ease, axis=1) + post.blend * popularity[vocab][None, :]
+    return standardized(np.asarray(matrix[:, vocab] @ weights, np.float64), axis=1)
+
+
+def combined_scores(noisy: np.ndarray, num_users: int, vocab: np.ndarray, ease: np.ndarray | None,
+                    blend: float) -> np.ndarray:
+    """EASE (plus ``blend`` x noisy popularity) on the vocabulary; below it, the rest by noisy popularity."""
+    popularity = standardized(np.diag(noisy), axis=0)
+    scores = popularity[None, :].repeat(num_users, axis=0) - POPULARITY_OFFSET
+    if ease is not None:
+        scores[:, vocab] = ease + blend * popularity[vocab][None, :]
     return scores
+
+
+def score_matrix(matrix: sparse.csr_matrix, noisy: np.ndarray, post: PostProcessing, noise_std: float) -> np.ndarray:
+    """Every user's score for every item under ``post``."""
+    m = min(post.vocabulary, noisy.shape[0])
+    if m == 0:
+        return combined_scores(noisy, matrix.shape[0], np.empty(0, np.int64), None, 0.0)
+    vocab, block = vocabulary_block(noisy, m, post.spectral, noise_std)
+    ease = ease_scores(matrix, block, vocab, post.lam_factor, noise_std)
+    return combined_scores(noisy, matrix.shape[0], vocab, ease, post.blend)
+
+
+def tuning_scores(matrix: sparse.csr_matrix, noisy: np.ndarray, posts: list[PostProcessing], noise_std: float):
+    """(post, scores) for every post-processing, sharing blocks and EASE solutions between them."""
+    blocks: dict[tuple[int, float], tuple[np.ndarray, np.ndarray]] = {}
+    eases: dict[tuple[int, float, float], np.ndarray] = {}
+    for post in posts:
+        m = min(post.vocabulary, noisy.shape[0])
+        if m == 0:
+            yield post, combined_scores(noisy, matrix.shape[0], np.empty(0, np.int64), None, 0.0)
+            continue
+        if (m, post.spectral) not in blocks:
+            blocks[(m, post.spectral)] = vocabulary_block(noisy, m, post.spectral, noise_std)
+        vocab, block = blocks[(m, post.spectral)]
+        key = (m, post.spectral, post.lam_factor)
+        if key not in eases:
+            eases.clear()  # the grid varies the blend innermost: only the latest solution is reused
+            eases[key] = ease_scores(matrix, block, vocab, post.lam_factor, noise_std)
+        yield post, combined_scores(noisy, matrix.shape[0], vocab, eases[key], post.blend)
 
 
 def sampled_validation_hr(prepared: PreparedData, scores: np.ndarray) -> float:
@@ -208,9 +249,9 @@ def draw_rng(seed: int, epsilon: float, draw: int) -> np.random.Generator:
 def grid(args: argparse.Namespace) -> tuple[list[Contribution], list[PostProcessing]]:
     contributions = [Contribution(k, w, c) for k, w, c in itertools.product(args.k_max, args.weightings, args.clip_items)
                      if not (w == "inv-k" and c != args.clip_items[0])]
-    posts = [PostProcessing(lam, m, psd, b) for lam, m, psd, b in
-             itertools.product(args.lambdas, args.vocabulary, [bool(p) for p in args.psd], args.blend)
-             if not (m == 0 and (lam, psd, b) != (args.lambdas[0], bool(args.psd[0]), args.blend[0]))]
+    posts = [PostProcessing(lam, m, cut, b) for lam, m, cut, b in
+             itertools.product(args.lambdas, args.vocabulary, args.spectral, args.blend)
+             if not (m == 0 and (lam, cut, b) != (args.lambdas[0], args.spectral[0], args.blend[0]))]
     return contributions, posts
 
 
@@ -223,9 +264,8 @@ def tune(prepared_of: dict[int, PreparedData], items_of: dict[int, list[np.ndarr
         for seed, prepared in prepared_of.items():
             noisy = release(items_of[seed], prepared.num_items, contribution, z, draw_rng(seed, epsilon, TUNING_DRAW))
             matrix = training_matrix(prepared)
-            for post in posts:
-                hr = sampled_validation_hr(prepared, score_matrix(matrix, noisy, post, z * contribution.clip))
-                out.setdefault((contribution, post), []).append(hr)
+            for post, scores in tuning_scores(matrix, noisy, posts, z * contribution.clip):
+                out.setdefault((contribution, post), []).append(sampled_validation_hr(prepared, scores))
     return out
 
 
@@ -294,7 +334,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--lambdas", type=float, nargs="+", default=[1.0],
                    help="lambda in units of z C sqrt(M) (absolute lambda when epsilon is 0) (grid)")
     p.add_argument("--vocabulary", type=int, nargs="+", default=[100_000], help="M, top items by noisy diagonal (grid)")
-    p.add_argument("--psd", type=int, nargs="+", choices=(0, 1), default=[0], help="project onto the PSD cone (grid)")
+    p.add_argument("--spectral", type=float, nargs="+", default=[-1.0],
+                   help="< 0: no projection; t >= 0: eigenvalues below t z C sqrt(M) set to 0, 0 = PSD (grid)")
     p.add_argument("--blend", type=float, nargs="+", default=[0.0], help="weight of noisy popularity (grid)")
     p.add_argument("--top", type=int, default=15, help="tuning rows printed per epsilon")
     return p
