@@ -51,28 +51,37 @@ POPULARITY_OFFSET = 1e6  # items outside the vocabulary rank below every vocabul
 class Contribution:
     """How a device bounds its upload: at most ``k_max`` items, weight ``w_u`` for a norm <= ``clip``.
 
-    ``bound``: ``w_u = min(1, C / sqrt(k (k + 1) / 2))``, the exact norm of the uploaded triangle
-    (``clip_items`` c sets ``C = sqrt(c (c + 1) / 2)``: c = 1 gives every user norm C, c = k_max
-    gives every user weight 1). ``inv-k``: ``w_u = C / k`` (norm ``C sqrt((k + 1) / 2k) <= C``), C = 1.
+    The uploaded triangle carries the diagonal (the user's items) times ``diagonal`` (a),
+    so popularity can get more of the norm than its ``k`` of ``k (k + 1) / 2`` coordinates;
+    the server divides the diagonal by a again. ``bound``: ``w_u = min(1, C / |t(k)|)``,
+    ``|t(k)| = sqrt(a^2 k + k (k - 1) / 2)`` the exact norm of the uploaded triangle
+    (``clip_items`` c sets ``C = |t(c)|``: c = 1 gives every user norm C, c = k_max every
+    user weight 1). ``inv-k``: ``w_u = C / k`` with a = 1 (norm ``C sqrt((k + 1) / 2k) <= C``), C = 1.
     """
 
     k_max: int
     weighting: str = "bound"
     clip_items: int = 1
+    diagonal: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.weighting == "inv-k" and self.diagonal != 1.0:
+            raise ValueError("the inv-k weighting bounds the norm for diagonal 1 only")
 
     @property
     def clip(self) -> float:
-        return triangle_norm(self.clip_items) if self.weighting == "bound" else 1.0
+        return triangle_norm(self.clip_items, self.diagonal) if self.weighting == "bound" else 1.0
 
     def weight(self, k: int) -> float:
         if k == 0:
             return 0.0
         if self.weighting == "bound":
-            return min(1.0, self.clip / triangle_norm(k))
+            return min(1.0, self.clip / triangle_norm(k, self.diagonal))
         return self.clip / k
 
     def label(self) -> str:
-        return f"k_max {self.k_max} {self.weighting}" + (f" c {self.clip_items}" if self.weighting == "bound" else "")
+        bound = f" c {self.clip_items} diag {self.diagonal:g}" if self.weighting == "bound" else ""
+        return f"k_max {self.k_max} {self.weighting}{bound}"
 
 
 @dataclass(frozen=True)
@@ -88,9 +97,9 @@ class PostProcessing:
         return f"lam {self.lam_factor:g} M {self.vocabulary} spectral {self.spectral:g} blend {self.blend:g}"
 
 
-def triangle_norm(k: int) -> float:
-    """L2 norm of the upper triangle (diagonal included) of ``x x^T`` for ``k`` binary items."""
-    return math.sqrt(k * (k + 1) / 2)
+def triangle_norm(k: int, diagonal: float = 1.0) -> float:
+    """L2 norm of the upper triangle of ``x x^T`` for ``k`` binary items, its diagonal times ``diagonal``."""
+    return math.sqrt(diagonal**2 * k + k * (k - 1) / 2)
 
 
 def kept_items(items: np.ndarray, k_max: int, rng: np.random.Generator) -> np.ndarray:
@@ -101,17 +110,20 @@ def kept_items(items: np.ndarray, k_max: int, rng: np.random.Generator) -> np.nd
     return np.sort(rng.choice(items, size=k_max, replace=False))
 
 
-def user_vector(items: np.ndarray, num_items: int, weight: float) -> np.ndarray:
-    """What one device uploads: ``weight`` times the upper triangle (row-major, diagonal included) of ``x x^T``."""
+def user_vector(items: np.ndarray, num_items: int, weight: float, diagonal: float = 1.0) -> np.ndarray:
+    """What one device uploads: ``weight`` times the upper triangle (row-major) of ``x x^T``, diagonal times ``diagonal``."""
     x = np.zeros(num_items)
     x[items] = 1.0
-    return weight * np.outer(x, x)[np.triu_indices(num_items)]
+    outer = np.outer(x, x)
+    outer[np.diag_indices(num_items)] *= diagonal
+    return weight * outer[np.triu_indices(num_items)]
 
 
-def gram_from_triangle(vector: np.ndarray, num_items: int) -> np.ndarray:
-    """The symmetric matrix whose upper triangle (diagonal included) is ``vector``."""
+def gram_from_triangle(vector: np.ndarray, num_items: int, diagonal: float = 1.0) -> np.ndarray:
+    """The symmetric matrix whose upper triangle is ``vector``, its diagonal divided by ``diagonal`` (the server's decoding)."""
     gram = np.zeros((num_items, num_items))
     gram[np.triu_indices(num_items)] = vector
+    gram[np.diag_indices(num_items)] /= diagonal
     return gram + np.triu(gram, 1).T
 
 
@@ -123,10 +135,14 @@ def weighted_gram(kept: list[np.ndarray], weights: np.ndarray, num_items: int) -
     return (x.T @ sparse.diags(weights) @ x).toarray()
 
 
-def noisy_release(gram: np.ndarray, noise_std: float, rng: np.random.Generator) -> np.ndarray:
-    """The server's release: Gaussian noise of std ``noise_std`` on each upper-triangle coordinate, mirrored."""
+def noisy_release(gram: np.ndarray, noise_std: float, rng: np.random.Generator, diagonal: float = 1.0) -> np.ndarray:
+    """The decoded release: ``gram`` plus Gaussian noise of std ``noise_std`` on each uploaded coordinate.
+
+    The noise is added to the uploaded triangle (whose diagonal is ``diagonal`` x the Gram's), so
+    after decoding it is mirrored off the diagonal and ``noise_std / diagonal`` on it.
+    """
     n = gram.shape[0]
-    noise = gram_from_triangle(rng.normal(0.0, noise_std, n * (n + 1) // 2), n)
+    noise = gram_from_triangle(rng.normal(0.0, noise_std, n * (n + 1) // 2), n, diagonal)
     return gram + noise
 
 
@@ -149,7 +165,7 @@ def release(items_of: list[np.ndarray], num_items: int, contribution: Contributi
     kept = [kept_items(items, contribution.k_max, rng) for items in items_of]
     weights = np.array([contribution.weight(len(k)) for k in kept])
     gram = weighted_gram(kept, weights, num_items)
-    return noisy_release(gram, z * contribution.clip, rng) if z > 0 else gram
+    return noisy_release(gram, z * contribution.clip, rng, contribution.diagonal) if z > 0 else gram
 
 
 def spectral_cut(gram: np.ndarray, threshold: float) -> np.ndarray:
@@ -247,8 +263,9 @@ def draw_rng(seed: int, epsilon: float, draw: int) -> np.random.Generator:
 
 
 def grid(args: argparse.Namespace) -> tuple[list[Contribution], list[PostProcessing]]:
-    contributions = [Contribution(k, w, c) for k, w, c in itertools.product(args.k_max, args.weightings, args.clip_items)
-                     if not (w == "inv-k" and c != args.clip_items[0])]
+    contributions = [Contribution(k, w, c, a) for k, w, c, a in
+                     itertools.product(args.k_max, args.weightings, args.clip_items, args.diagonal)
+                     if not (w == "inv-k" and (c, a) != (args.clip_items[0], 1.0))]
     posts = [PostProcessing(lam, m, cut, b) for lam, m, cut, b in
              itertools.product(args.lambdas, args.vocabulary, args.spectral, args.blend)
              if not (m == 0 and (lam, cut, b) != (args.lambdas[0], args.spectral[0], args.blend[0]))]
@@ -331,6 +348,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--weightings", nargs="+", choices=WEIGHTINGS, default=["bound"])
     p.add_argument("--clip-items", type=int, nargs="+", default=[1],
                    help="bound weighting: C = sqrt(c (c + 1) / 2), users with <= c items keep weight 1 (grid)")
+    p.add_argument("--diagonal", type=float, nargs="+", default=[1.0],
+                   help="bound weighting: the diagonal's factor a in the uploaded triangle (grid)")
     p.add_argument("--lambdas", type=float, nargs="+", default=[1.0],
                    help="lambda in units of z C sqrt(M) (absolute lambda when epsilon is 0) (grid)")
     p.add_argument("--vocabulary", type=int, nargs="+", default=[100_000], help="M, top items by noisy diagonal (grid)")

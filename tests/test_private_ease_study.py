@@ -26,41 +26,45 @@ def random_users(rng: np.random.Generator, count: int) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("contribution", [Contribution(20, "bound", 1), Contribution(20, "bound", 7),
-                                          Contribution(40, "bound", 40), Contribution(20, "inv-k")])
+                                          Contribution(40, "bound", 40), Contribution(20, "inv-k"),
+                                          Contribution(20, "bound", 1, 4.0), Contribution(30, "bound", 10, 2.5)])
 def test_every_upload_has_norm_at_most_clip(contribution: Contribution) -> None:
     rng = np.random.default_rng(0)
     for items in random_users(rng, 200):
         kept = kept_items(items, contribution.k_max, rng)
         assert len(kept) == min(len(items), contribution.k_max) and np.isin(kept, items).all()
-        norm = np.linalg.norm(user_vector(kept, NUM_ITEMS, contribution.weight(len(kept))))
-        assert norm <= contribution.clip * (1 + 1e-12)
+        upload = user_vector(kept, NUM_ITEMS, contribution.weight(len(kept)), contribution.diagonal)
+        assert np.linalg.norm(upload) <= contribution.clip * (1 + 1e-12)
 
 
-def test_bound_weighting_uses_the_exact_norm_of_the_triangle() -> None:
+@pytest.mark.parametrize("diagonal", [1.0, 3.0])
+def test_bound_weighting_uses_the_exact_norm_of_the_triangle(diagonal: float) -> None:
     """With c = 1 every upload has norm exactly C: the bound is the triangle's norm, not a looser one."""
     rng = np.random.default_rng(1)
-    contribution = Contribution(30, "bound", 1)
+    contribution = Contribution(30, "bound", 1, diagonal)
     for items in random_users(rng, 50):
         kept = kept_items(items, contribution.k_max, rng)
-        norm = np.linalg.norm(user_vector(kept, NUM_ITEMS, contribution.weight(len(kept))))
+        norm = np.linalg.norm(user_vector(kept, NUM_ITEMS, contribution.weight(len(kept)), diagonal))
         assert norm == pytest.approx(contribution.clip, rel=1e-12)
 
 
-def test_server_gram_is_the_sum_of_the_uploads() -> None:
+@pytest.mark.parametrize("diagonal", [1.0, 5.0])
+def test_server_gram_is_the_decoded_sum_of_the_uploads(diagonal: float) -> None:
     rng = np.random.default_rng(2)
-    contribution = Contribution(15, "bound", 4)
+    contribution = Contribution(15, "bound", 4, diagonal)
     kept = [kept_items(items, contribution.k_max, rng) for items in random_users(rng, 30)]
     weights = np.array([contribution.weight(len(k)) for k in kept])
-    uploads = sum(user_vector(k, NUM_ITEMS, w) for k, w in zip(kept, weights, strict=True))
-    np.testing.assert_allclose(weighted_gram(kept, weights, NUM_ITEMS), gram_from_triangle(uploads, NUM_ITEMS))
+    uploads = sum(user_vector(k, NUM_ITEMS, w, diagonal) for k, w in zip(kept, weights, strict=True))
+    np.testing.assert_allclose(weighted_gram(kept, weights, NUM_ITEMS), gram_from_triangle(uploads, NUM_ITEMS, diagonal))
 
 
 def test_release_noise_has_std_z_c_per_uploaded_coordinate_and_is_symmetric() -> None:
-    n, std = 300, 2.5
-    noisy = noisy_release(np.zeros((n, n)), std, np.random.default_rng(3))
-    upper = noisy[np.triu_indices(n)]
-    assert upper.std() == pytest.approx(std, rel=0.02)  # 45,150 coordinates: standard error 0.3 %
+    n, std, diagonal = 300, 2.5, 4.0
+    noisy = noisy_release(np.zeros((n, n)), std, np.random.default_rng(3), diagonal)
+    upper = noisy[np.triu_indices(n, 1)]
+    assert upper.std() == pytest.approx(std, rel=0.02)  # 44,850 coordinates: standard error 0.3 %
     assert abs(upper.mean()) < 0.05
+    assert np.diag(noisy).std() * diagonal == pytest.approx(std, rel=0.15)  # 300 coordinates, decoded
     np.testing.assert_array_equal(noisy, noisy.T)
 
 
