@@ -91,10 +91,11 @@ class PostProcessing:
     lam_factor: float  # lambda = lam_factor * z C * sqrt(M): the noise's spectral scale (absolute lambda without noise)
     vocabulary: int  # M: top-M items by the noisy diagonal get EASE; 0 = noisy popularity only
     spectral: float = -1.0  # < 0: none; t >= 0: eigenvalues below t z C sqrt(M) set to 0 (0: PSD projection)
+    shrink: bool = False  # eigenvalues above the noise's edge replaced by the spike they estimate (spiked Wigner)
     blend: float = 0.0  # weight of standardized noisy popularity beside per-user standardized EASE scores
 
     def label(self) -> str:
-        return f"lam {self.lam_factor:g} M {self.vocabulary} spectral {self.spectral:g} blend {self.blend:g}"
+        return f"lam {self.lam_factor:g} M {self.vocabulary} spectral {self.spectral:g}{' shrink' if self.shrink else ''} blend {self.blend:g}"
 
 
 def triangle_norm(k: int, diagonal: float = 1.0) -> float:
@@ -179,16 +180,36 @@ def spectral_cut(gram: np.ndarray, threshold: float) -> np.ndarray:
     return (vectors * np.where(values >= threshold, values, 0.0)) @ vectors.T
 
 
+def spike_shrinkage(gram: np.ndarray, noise_std: float) -> np.ndarray:
+    """Eigenvalues beyond the noise's edge ``2 s sqrt(n)`` shrunk to the Frobenius-optimal estimate; the rest 0.
+
+    For symmetric Gaussian noise of std s, a spike theta > s sqrt(n) appears as the eigenvalue
+    ``l = theta + s^2 n / theta`` with squared overlap ``1 - s^2 n / theta^2`` with its true
+    direction; the best rank-one estimate keeps ``theta (1 - s^2 n / theta^2)``.
+    """
+    values, vectors = np.linalg.eigh(gram)
+    scale = noise_std**2 * gram.shape[0]
+    edge = 2.0 * math.sqrt(scale)
+    theta = (values + np.sqrt(np.clip(values**2 - 4.0 * scale, 0.0, None))) / 2.0
+    spike = values > edge
+    safe = np.where(spike, theta, 1.0)
+    shrunk = np.where(spike, safe * (1.0 - scale / safe**2), 0.0)
+    return (vectors * shrunk) @ vectors.T
+
+
 def standardized(scores: np.ndarray, axis: int) -> np.ndarray:
     """Zero mean, unit std along ``axis`` (rank-preserving per row when axis = 1)."""
     std = scores.std(axis=axis, keepdims=True)
     return (scores - scores.mean(axis=axis, keepdims=True)) / np.where(std > 0, std, 1.0)
 
 
-def vocabulary_block(noisy: np.ndarray, m: int, spectral: float, noise_std: float) -> tuple[np.ndarray, np.ndarray]:
-    """The top-``m`` items by the noisy diagonal and their block of the noisy Gram (spectrally cut if asked)."""
+def vocabulary_block(noisy: np.ndarray, m: int, spectral: float, noise_std: float,
+                     shrink: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The top-``m`` items by the noisy diagonal and their block of the noisy Gram (spectrally cut or shrunk if asked)."""
     vocab = np.argsort(-np.diag(noisy), kind="stable")[:m]
     block = noisy[np.ix_(vocab, vocab)]
+    if shrink and noise_std > 0:
+        return vocab, spike_shrinkage(block, noise_std)
     return vocab, spectral_cut(block, spectral * noise_std * math.sqrt(m)) if spectral >= 0 else block
 
 
@@ -215,24 +236,24 @@ def score_matrix(matrix: sparse.csr_matrix, noisy: np.ndarray, post: PostProcess
     m = min(post.vocabulary, noisy.shape[0])
     if m == 0:
         return combined_scores(noisy, matrix.shape[0], np.empty(0, np.int64), None, 0.0)
-    vocab, block = vocabulary_block(noisy, m, post.spectral, noise_std)
+    vocab, block = vocabulary_block(noisy, m, post.spectral, noise_std, post.shrink)
     ease = ease_scores(matrix, block, vocab, post.lam_factor, noise_std)
     return combined_scores(noisy, matrix.shape[0], vocab, ease, post.blend)
 
 
 def tuning_scores(matrix: sparse.csr_matrix, noisy: np.ndarray, posts: list[PostProcessing], noise_std: float):
     """(post, scores) for every post-processing, sharing blocks and EASE solutions between them."""
-    blocks: dict[tuple[int, float], tuple[np.ndarray, np.ndarray]] = {}
-    eases: dict[tuple[int, float, float], np.ndarray] = {}
+    blocks: dict[tuple[int, float, bool], tuple[np.ndarray, np.ndarray]] = {}
+    eases: dict[tuple[int, float, bool, float], np.ndarray] = {}
     for post in posts:
         m = min(post.vocabulary, noisy.shape[0])
         if m == 0:
             yield post, combined_scores(noisy, matrix.shape[0], np.empty(0, np.int64), None, 0.0)
             continue
-        if (m, post.spectral) not in blocks:
-            blocks[(m, post.spectral)] = vocabulary_block(noisy, m, post.spectral, noise_std)
-        vocab, block = blocks[(m, post.spectral)]
-        key = (m, post.spectral, post.lam_factor)
+        if (m, post.spectral, post.shrink) not in blocks:
+            blocks[(m, post.spectral, post.shrink)] = vocabulary_block(noisy, m, post.spectral, noise_std, post.shrink)
+        vocab, block = blocks[(m, post.spectral, post.shrink)]
+        key = (m, post.spectral, post.shrink, post.lam_factor)
         if key not in eases:
             eases.clear()  # the grid varies the blend innermost: only the latest solution is reused
             eases[key] = ease_scores(matrix, block, vocab, post.lam_factor, noise_std)
@@ -266,9 +287,10 @@ def grid(args: argparse.Namespace) -> tuple[list[Contribution], list[PostProcess
     contributions = [Contribution(k, w, c, a) for k, w, c, a in
                      itertools.product(args.k_max, args.weightings, args.clip_items, args.diagonal)
                      if not (w == "inv-k" and (c, a) != (args.clip_items[0], 1.0))]
-    posts = [PostProcessing(lam, m, cut, b) for lam, m, cut, b in
-             itertools.product(args.lambdas, args.vocabulary, args.spectral, args.blend)
-             if not (m == 0 and (lam, cut, b) != (args.lambdas[0], args.spectral[0], args.blend[0]))]
+    spectra = [(cut, False) for cut in args.spectral] + ([(-1.0, True)] if args.shrink else [])
+    posts = [PostProcessing(lam, m, spectral=cut, shrink=shrink, blend=b) for lam, m, (cut, shrink), b in
+             itertools.product(args.lambdas, args.vocabulary, spectra, args.blend)
+             if not (m == 0 and (lam, cut, shrink, b) != (args.lambdas[0], *spectra[0], args.blend[0]))]
     return contributions, posts
 
 
@@ -355,6 +377,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--vocabulary", type=int, nargs="+", default=[100_000], help="M, top items by noisy diagonal (grid)")
     p.add_argument("--spectral", type=float, nargs="+", default=[-1.0],
                    help="< 0: no projection; t >= 0: eigenvalues below t z C sqrt(M) set to 0, 0 = PSD (grid)")
+    p.add_argument("--shrink", action="store_true", help="also try spiked-Wigner eigenvalue shrinkage (grid)")
     p.add_argument("--blend", type=float, nargs="+", default=[0.0], help="weight of noisy popularity (grid)")
     p.add_argument("--top", type=int, default=15, help="tuning rows printed per epsilon")
     return p

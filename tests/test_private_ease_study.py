@@ -14,6 +14,8 @@ from simulations.private_ease_study import (
     noise_multiplier,
     noisy_release,
     score_matrix,
+    spectral_cut,
+    spike_shrinkage,
     user_vector,
     weighted_gram,
 )
@@ -89,3 +91,18 @@ def test_items_outside_the_vocabulary_rank_below_it_by_noisy_popularity() -> Non
     assert (np.diff(scores[0, rest]) < 0).all()  # the rest, by noisy popularity
     only_popularity = score_matrix(matrix, noisy, PostProcessing(1.0, 0), noise_std=1.0)
     assert (np.argsort(-only_popularity[5], kind="stable") == np.argsort(-np.diag(noisy), kind="stable")).all()
+
+
+def test_spike_shrinkage_recovers_a_planted_spike_better_than_the_hard_cut() -> None:
+    """A rank-one Gram under symmetric noise: shrinking the eigenvalue beats keeping it as observed."""
+    n, std = 400, 1.0
+    rng = np.random.default_rng(5)
+    direction = rng.normal(size=n)
+    direction /= np.linalg.norm(direction)
+    truth = 3.0 * std * np.sqrt(n) * np.outer(direction, direction)
+    noisy = noisy_release(truth, std, rng)
+    hard = spectral_cut(noisy, 2.0 * std * np.sqrt(n))
+    shrunk = spike_shrinkage(noisy, std)
+    assert np.linalg.matrix_rank(shrunk, tol=1e-6) == 1
+    assert np.linalg.norm(shrunk - truth) < 0.9 * np.linalg.norm(hard - truth)
+    assert np.allclose(spike_shrinkage(noisy_release(np.zeros((n, n)), std, rng), std), 0.0)  # noise alone: nothing
