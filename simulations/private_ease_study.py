@@ -33,7 +33,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import sparse
 
-from common.config import fused_run_config, parse_run_config
+from common.config import ConfigError, fused_run_config, parse_run_config
+from common.errors import DataError
 from common.evaluation import evaluate_ranking
 from common.federation import PreparedData, prepare
 from common.metrics import summarize
@@ -389,7 +390,12 @@ def main() -> None:
     except ValueError as err:
         print(f"private_ease_study: {err}", file=sys.stderr)
         sys.exit(2)
-    run(parser().parse_args())
+    args = parser().parse_args()
+    try:
+        run(args)
+    except (ConfigError, DataError) as err:  # a bad path or run-config value: one line, exit 2
+        print(f"private_ease_study: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
