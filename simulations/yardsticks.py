@@ -47,7 +47,14 @@ def ease_weights(matrix: sparse.csr_matrix, lam: float = EASE_LAMBDA) -> np.ndar
         raise ValueError(f"EASE lambda must be > 0, got {lam}")
     if matrix.shape[1] > EASE_MAX_ITEMS:
         raise ValueError(f"EASE inverts an items x items matrix: {matrix.shape[1]} items is more than {EASE_MAX_ITEMS}")
-    gram = (matrix.T @ matrix).toarray().astype(np.float64)
+    return ease_from_gram((matrix.T @ matrix).toarray(), lam)
+
+
+def ease_from_gram(gram: np.ndarray, lam: float = EASE_LAMBDA) -> np.ndarray:
+    """EASE's weights from an item-item Gram ``X^T X`` (exact, or a noisy private release of it); diag(B) = 0."""
+    if lam <= 0:
+        raise ValueError(f"EASE lambda must be > 0, got {lam}")
+    gram = np.array(gram, dtype=np.float64)
     gram[np.diag_indices_from(gram)] += lam
     precision = np.linalg.inv(gram)
     weights = -precision / np.diag(precision)[None, :]
