@@ -36,6 +36,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from common import ease
 from common.config import FedRecConfig
 from common.privacy import SecureGaussian, UserLevelDP
 from common.private_eval import CATALOGUE_COUNTS_KEY
@@ -270,6 +271,8 @@ class FedRecStrategy(Strategy):
             self._record_round(server_round, summary, [])
             return None, summary
         upload = mean_upload(self.config, valid, uploads_are_aggregated=self.uploads_are_aggregated)
+        if self.layout.gram:  # EASE: the touched vector (users per item) is the Gram's diagonal
+            upload = [upload[0], ease.gram_diagonal(upload[0], self.layout.num_items)]
         if self.user_dp is not None:
             upload = self._privatize(upload, len(valid))
         total = sum(res.num_examples for _, res in valid)
@@ -290,13 +293,15 @@ class FedRecStrategy(Strategy):
         return new_parameters, summary
 
     def _decode(self, upload: list[np.ndarray], server_round: int, total: int) -> list[np.ndarray]:
-        """The next shared parameters from the round's mean upload (row-wise deltas, or ALS's solve)."""
+        """The next shared parameters from the round's mean upload (row-wise deltas, or ALS's or EASE's solve)."""
         if not self.layout.statistics:
             lr = server_learning_rate(self.config, server_round)
             return decode_mean_update(self.layout, self.current, upload, server_learning_rate=lr)
-        # ALS: every weight is 1, so the sum is the mean times the devices that made it, or times
-        # the fixed denominator that privatize divided the noisy sum by.
+        # ALS and EASE: every weight is 1, so the sum is the mean times the devices that made it, or
+        # times the fixed denominator that privatize divided the noisy sum by.
         count = self.user_dp.expected_clients if self.user_dp is not None else total
+        if self.layout.gram:
+            return [ease.solve_from_sum(upload[0] * float(count), self.layout.num_items, self.config.ease_lambda)]
         return [solve_item_factors(upload[0].astype(np.float64) * count, self.layout.num_items, self.config,
                                    self.user_dp)]
 
