@@ -125,3 +125,12 @@ def test_ease_refuses_settings_it_cannot_honour(conflict):
 def test_the_vectorized_backend_refuses_ease():
     with pytest.raises(ConfigError, match="model = 'ease'"):
         check_supported(parse_run_config(fused_run_config({"model": "ease"})))
+
+
+def test_a_deployment_refuses_plain_ease_uploads_unless_told():
+    """A plain EASE upload names its user's items (the Gram's diagonal): the deployment guard applies to it too."""
+    from server.server_app import check_deployment
+
+    with pytest.raises(ConfigError, match="secure-aggregation = true"):
+        check_deployment(parse_run_config(fused_run_config({"model": "ease"})), simulated=False)
+    check_deployment(parse_run_config(fused_run_config({"model": "ease", "secure-aggregation": True})), simulated=False)
