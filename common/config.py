@@ -469,6 +469,7 @@ def check_ease(values: dict[str, Any]) -> None:
          "'mean' with norm-bound = 0 (the Grams must be summed)"),
         ("popularity", values["popularity"] != "touched", "'touched' (read from the Gram's diagonal)"),
         ("transport-dtype", values["transport_dtype"] != "float32", "'float32' (the solve needs the exact sums)"),
+        ("resume", values["resume"], "false (the running Gram sum and who added to it are not saved)"),
         ("secagg-clipping-range", values["secure_aggregation"] and values["secagg_clipping_range"] < per_device,
          f">= {per_device} with secure-aggregation (a device's Gram entries reach {per_device})"),
         ("secagg-quantization-range", values["secure_aggregation"]

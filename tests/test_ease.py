@@ -58,14 +58,17 @@ def _final_evaluation(run_dir: str) -> dict:
 
 
 def test_federated_ease_is_the_centralized_ease_and_each_upload_is_the_device_gram(tmp_path):
-    overrides, replies = simulate(tmp_path, TINY_EASE)
+    """Rounds of 6 devices add up (6 + 6 + 4), each device once; the fourth round finds none left."""
+    overrides, replies = simulate(tmp_path, {**TINY_EASE, "clients-per-round": 6, "num-server-rounds": 4,
+                                             "evaluate-every": 5})
     expected, prepared = _centralized(overrides)
     federated = _federated_weights(overrides["run-dir"])
     assert np.abs(expected).max() > 0.05, "a non-trivial B"
     np.testing.assert_allclose(federated, expected, rtol=1e-5, atol=1e-7)
     # What each device really sent: one array, exactly the Gram of one user's training items.
     uploads = [r["arrays"]["fitres.parameters"] for r in replies if r["type"] == "train"]
-    assert len(uploads) == prepared.num_users and all(len(arrays) == 1 for arrays in uploads)
+    assert len(uploads) == prepared.num_users, "each device adds its Gram exactly once"
+    assert all(len(arrays) == 1 for arrays in uploads), "the Gram alone: no separate item list"
     train = prepared.split.train
     users = {tuple(np.unique(train.items[train.users == u])) for u in range(prepared.num_users)}
     sent = set()
@@ -83,7 +86,8 @@ def test_federated_ease_is_the_centralized_ease_and_each_upload_is_the_device_gr
 
 
 def test_federated_ease_under_secagg_is_the_centralized_ease_and_sends_only_masked_vectors(tmp_path):
-    overrides, replies = simulate(tmp_path, {**TINY_EASE, "secure-aggregation": True})
+    overrides, replies = simulate(tmp_path, {**TINY_EASE, "secure-aggregation": True, "clients-per-round": 8,
+                                             "num-server-rounds": 2, "evaluate-every": 5})
     expected, _ = _centralized(overrides)
     np.testing.assert_allclose(_federated_weights(overrides["run-dir"]), expected, rtol=1e-5, atol=1e-7)
     train = [r for r in replies if r["type"] == "train"]
@@ -113,7 +117,7 @@ def test_a_kiosk_gram_counts_its_users():
 
 @pytest.mark.parametrize("conflict", [
     {"user-dp": True}, {"record-dp": True}, {"strategy": "fedadam"}, {"item-features": True},
-    {"aggregation": "median"}, {"popularity": "positives"}, {"transport-dtype": "float16"},
+    {"aggregation": "median"}, {"popularity": "positives"}, {"transport-dtype": "float16"}, {"resume": True},
     {"secure-aggregation": True, "partitioning": "group", "users-per-client": 20},
     {"secure-aggregation": True, "secagg-quantization-range": 65536},
 ])
