@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from client.als_local import user_factors
+from client.ease_local import user_vectors
 from client.private_training import History, RecordDPConfig, private_local_epochs
 from common.evaluation import (
     ListMetrics,
@@ -313,6 +314,8 @@ def evaluate_client(
     model = build_local_model(model_config, data, shared, local_state, user_seed(seed, data))
     if model_config.name == "als":  # the user factors are solved in closed form, never kept between messages
         model.load_arrays({"user_embedding.weight": user_factors(shared[0], data)})
+    elif model_config.name == "ease":  # the user's row is its own binary training vector x_u
+        model.load_arrays({"user_embedding.weight": user_vectors(data)})
     elif refit is not None and refit.epochs > 0:
         refit_user_rows(model, data, refit, seed=seed)
     result: dict[str, float | bytes] = {}

@@ -28,12 +28,14 @@ from client.device_state import (
 )
 from client.fleet import LOCAL_EPOCHS_KEY
 from client.als_local import als_round
+from client.ease_local import ease_round
 from client.local import RoundResult, client_key, evaluate_client, train_round
 from client.private_training import History, RecordDPConfig
 from client.upload import clipping_norm_for, finish_reply
 from common.config import FedRecConfig, parse_run_config
 from common.evaluation import ListMetrics
 from common.federation import ClientData, catalogue_features
+from common.models import CLOSED_FORM_MODELS
 from common.private_eval import EVALUATE_ONLY_KEY, is_private, layout_for, private_lists, private_metrics
 from common.threads import use_threads
 from common.updates import POPULAR_ITEMS_KEY, decode_item_list
@@ -76,10 +78,11 @@ class FedRecClient(NumPyClient):
         self.config = parse_run_config(context.run_config)
         apply_thread_limit(context)
         self.state_dir = state_dir_for(context)
-        if self.config.model == "als" and self.state_dir is not None:
+        if self.config.model in CLOSED_FORM_MODELS and self.state_dir is not None:
             # The device store keeps trained user rows and folds in newcomers by gradient steps;
-            # ALS keeps no rows (it solves them), which that store does not know yet.
-            raise ValueError("model 'als' runs without a device state-dir (node-config state-dir): not supported yet")
+            # ALS and EASE keep no rows (they rebuild them), which that store does not know yet.
+            raise ValueError(f"model '{self.config.model}' runs without a device state-dir (node-config state-dir): "
+                             "not supported yet")
         # With a state-dir the data comes from disk (read per message, under the lock).
         self.data = client_data_for(self.config, context) if self.state_dir is None else None
 
@@ -95,6 +98,9 @@ class FedRecClient(NumPyClient):
     def _train(self, data: ClientData, parameters, local_state, history: History, config) -> RoundResult:
         if self.config.model == "als":
             return self._solve(data, parameters, config)
+        if self.config.model == "ease":
+            upload, metrics = ease_round(data, parameters)
+            return RoundResult(upload, len(data.train_items), {}, metrics)
         train_config = self.config.train_config
         if LOCAL_EPOCHS_KEY in config:  # this round's epochs, as the fleet behaviour decided
             train_config = replace(train_config, epochs=int(config[LOCAL_EPOCHS_KEY]))

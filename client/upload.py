@@ -10,6 +10,7 @@ import numpy as np
 
 from common import als
 from common.config import FedRecConfig
+from common.models import CLOSED_FORM_MODELS
 from common.privacy import SecureGaussian
 from common.secagg import device_clipping_norm, distributed_noise, noise_share_std
 from common.updates import for_transport
@@ -21,9 +22,9 @@ DP_SAFE_METRICS = ("train_seconds", "upload_bytes", "download_bytes", "record_ep
 
 def aggregation_weight(config: FedRecConfig, num_examples: int, declined: bool) -> int:
     """The weight a device reports with its upload."""
-    if config.user_dp or declined or config.client_weight == "uniform" or config.model == "als":
+    if config.user_dp or declined or config.client_weight == "uniform" or config.model in CLOSED_FORM_MODELS:
         # DP-FedAvg and client-weight=uniform: every client counts once; a declined device sends zeros;
-        # ALS: the server needs the plain sum of the statistics.
+        # ALS and EASE: the server needs the plain sum of the statistics.
         return 1
     if config.secure_aggregation:
         # SecAgg+ quantizes the weight against max-weight and would overflow above it.

@@ -11,6 +11,7 @@ instead of deep inside a round.
 from __future__ import annotations
 
 import functools
+import math
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
@@ -91,13 +92,16 @@ class FedRecConfig:
     partitioning: str = key("user", "user: a phone per user; group: a kiosk serving users-per-client users.",
                             choices=PARTITIONINGS)
     users_per_client: int = key(10, "partitioning = group: users per kiosk.", range=POSITIVE)
-    model: str = key("gmf", "The recommender: matrix factorization or NCF (GMF, MLP tower, NeuMF).",
+    model: str = key("gmf", "The recommender: matrix factorization or NCF (GMF, MLP tower, NeuMF), federated ALS, or "
+                     "federated EASE (closed form from the summed item-item Gram).",
                      choices=MODEL_NAMES, section="Model")
     embedding_dim: int = key(32, "Size of the user and item embeddings.", range=POSITIVE)
     mlp_layers: str = key("64,32,16", "MLP / NeuMF tower widths, comma-separated.")
     als_max_items: int = key(100, "model = als with user-dp: a device's statistics cover at most this many of its "
                              "items, drawn on the device (0: all; a bound of the contribution, see docs).",
                              range=NON_NEGATIVE)
+    ease_lambda: float = key(500.0, "model = ease: L2 weight added to the Gram's diagonal (500: the centralized "
+                             "yardstick's, chosen on MovieLens-100K's validation split).", range=POSITIVE)
     local_epochs: int = key(2, "Epochs each device trains per round.", range=POSITIVE,
                             section="Local training on each device")
     batch_size: int = key(32, "Device mini-batch size.", range=POSITIVE)
@@ -425,6 +429,7 @@ def _parse_run_config(run_config: Mapping[str, Any]) -> FedRecConfig:
             "list is published"
         )
     check_als(values)
+    check_ease(values)
     if values["record_dp"] and values["record_dp_noise_multiplier"] <= 0 and values["record_dp_target_epsilon"] <= 0:
         raise ConfigError("record-dp needs record-dp-noise-multiplier > 0 or record-dp-target-epsilon > 0")
     return FedRecConfig(**values)
@@ -448,6 +453,33 @@ def check_als(values: dict[str, Any]) -> None:
     for name, conflict, expected in conflicts:
         if conflict:
             raise ConfigError(f"model 'als' needs {name} = {expected}")
+
+
+def check_ease(values: dict[str, Any]) -> None:
+    """model = ease solves its weights in closed form from the exact sum of the devices' Grams."""
+    if values["model"] != "ease":
+        return
+    per_device = values["users_per_client"] if values["partitioning"] == "group" else 1
+    conflicts = [
+        ("user-dp", values["user_dp"], "false (a private EASE is not implemented: the Gram is unbounded per user)"),
+        ("record-dp", values["record_dp"], "false (no gradient steps to clip)"),
+        ("strategy", values["strategy"] != "fedavg", "'fedavg' (the server solves the weights, no optimizer step)"),
+        ("item-features", values["item_features"], "false (no content tower)"),
+        ("aggregation", values["aggregation"] != "mean" or values["norm_bound"] > 0,
+         "'mean' with norm-bound = 0 (the Grams must be summed)"),
+        ("popularity", values["popularity"] != "touched", "'touched' (read from the Gram's diagonal)"),
+        ("transport-dtype", values["transport_dtype"] != "float32", "'float32' (the solve needs the exact sums)"),
+        ("resume", values["resume"], "false (the running Gram sum and who added to it are not saved)"),
+        ("secagg-clipping-range", values["secure_aggregation"] and values["secagg_clipping_range"] < per_device,
+         f">= {per_device} with secure-aggregation (a device's Gram entries reach {per_device})"),
+        ("secagg-quantization-range", values["secure_aggregation"]
+         and values["secagg_quantization_range"] ** 2 <= 2**34 * values["secagg_clipping_range"],
+         f"> {math.sqrt(2**34 * values['secagg_clipping_range']):.0f} with secure-aggregation (SecAgg+'s rounding "
+         "over as many devices as its 2**32 modulus allows must stay below half a count)"),
+    ]
+    for name, conflict, expected in conflicts:
+        if conflict:
+            raise ConfigError(f"model 'ease' needs {name} = {expected}")
 
 
 def check_against_data(config: FedRecConfig, num_items: int, num_clients: int = 0) -> None:

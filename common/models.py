@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-MODEL_NAMES = ("mf", "gmf", "mlp", "neumf", "als")
+MODEL_NAMES = ("mf", "gmf", "mlp", "neumf", "als", "ease")
+CLOSED_FORM_MODELS = ("als", "ease")  # the server solves the item side from summed statistics, no gradient steps
 GRADIENT_MODELS = ("mf", "gmf", "mlp", "neumf")  # trained by gradient steps; each can be a content hybrid
 USER_PREFIX = "user_"
 ITEM_PREFIX = "item_"
@@ -381,6 +382,33 @@ class ALSFactors(_OneItemTable):
         return self.user_embedding(users) @ self.item_embedding.weight.T
 
 
+class EASEWeights(_OneItemTable):
+    """EASE's item-item weights as a factor model: score(u, i) = x_u . B[:, i] (:mod:`common.ease`).
+
+    The "user embedding" is the user's binary training vector ``x_u`` (it never leaves the
+    device and is rebuilt from the device's own interactions), and row ``i`` of
+    ``item_embedding`` is column ``i`` of ``B``, so the shared table is ``B^T`` (items x items;
+    ``embedding-dim`` does not apply). It starts at zero: before the first solve every item scores 0.
+    """
+
+    def __init__(self, num_users: int, num_items: int, config: ModelConfig) -> None:
+        super().__init__(num_users, num_items)
+        self.user_embedding = _embedding(num_users, num_items, 0.0)
+        self.item_embedding = _embedding(num_items, num_items, 0.0)
+        if not _SKIP_EMBEDDING_INIT.get():
+            nn.init.zeros_(self.user_embedding.weight)
+            nn.init.zeros_(self.item_embedding.weight)
+        self.content_embedding = None
+        self._init_content(num_items, 0)
+
+    def score_parts(self, users: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return (self.user_embedding(users) * parts[0]).sum(-1)
+
+    @torch.no_grad()
+    def score_all_items(self, users: torch.Tensor, batch_pairs: int = 65536) -> torch.Tensor:
+        return self.user_embedding(users) @ self.item_embedding.weight.T
+
+
 class NeuMF(RecModel):
     """GMF and MLP branches with separate embeddings, fused by one output layer."""
 
@@ -410,7 +438,8 @@ class NeuMF(RecModel):
         return self.output(torch.cat([gmf, mlp], dim=-1)).squeeze(-1)
 
 
-_MODELS: dict[str, type[RecModel]] = {"mf": BiasedMF, "gmf": GMF, "mlp": MLP, "neumf": NeuMF, "als": ALSFactors}
+_MODELS: dict[str, type[RecModel]] = {"mf": BiasedMF, "gmf": GMF, "mlp": MLP, "neumf": NeuMF, "als": ALSFactors,
+                                 "ease": EASEWeights}
 
 
 def empty_model(config: ModelConfig, num_users: int, num_items: int) -> RecModel:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 
 from common.config import ConfigError, FedRecConfig
+from common.models import CLOSED_FORM_MODELS
 
 # Clipping runs in float32 on the device (relative error ~1e-7); this share of C covers it.
 FLOAT_ALLOWANCE = 1e-6
@@ -38,8 +39,8 @@ def quantization_step(config: FedRecConfig) -> float:
 
 
 def uses_unit_weights(config: FedRecConfig) -> bool:
-    """Every device weighs 1: DP-FedAvg counts each device once, and so do ``client-weight = uniform`` and ALS."""
-    return config.user_dp or config.client_weight == "uniform" or config.model == "als"
+    """Every device weighs 1: DP-FedAvg counts each device once, and so do ``client-weight = uniform``, ALS and EASE."""
+    return config.user_dp or config.client_weight == "uniform" or config.model in CLOSED_FORM_MODELS
 
 
 def secagg_max_weight(config: FedRecConfig) -> float:

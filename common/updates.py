@@ -34,6 +34,7 @@ class UpdateLayout:
     num_items: int
     positives: bool = False  # popularity = "positives": a per-item count travels before the touched vector
     statistics: int = 0  # model = als: the upload is one vector of this many sufficient statistics, not deltas
+    gram: bool = False  # model = ease: the statistics are a Gram's upper triangle, sent alone (its diagonal is the touched vector)
 
     @classmethod
     def from_state(
@@ -45,14 +46,19 @@ class UpdateLayout:
     def upload_shapes(self) -> list[tuple[int, ...]]:
         """Shapes of the uploaded arrays: one per shared parameter, [the positives vector,] then the touched vector.
 
-        ALS (``statistics`` > 0): the statistics vector, then the touched vector.
+        ALS (``statistics`` > 0): the statistics vector, then the touched vector. EASE (``gram``): the
+        Gram's triangle alone.
         """
+        if self.gram:
+            return [(self.statistics,)]
         if self.statistics:
             return [(self.statistics,), (self.num_items,)]
         return [*self.shapes, *([(self.num_items,)] if self.positives else []), (self.num_items,)]
 
     def array_name(self, index: int) -> str:
         """The name of the upload's ``index``-th array, for messages."""
+        if self.gram:
+            return "ease_gram" if index == 0 else f"array {index}"
         names = [*(["als_statistics"] if self.statistics else self.names), *([POSITIVES_KEY] if self.positives else []),
                  TOUCHED_KEY]
         return names[index] if index < len(names) else f"array {index}"
@@ -159,6 +165,11 @@ def validate_upload(
             raise UpdateRejected("dtype", f"update array {name} has dtype {array.dtype}, expected a float type")
         if not np.all(np.isfinite(array)):
             raise UpdateRejected("non_finite", f"update array {name} contains NaN or Inf")
+    if layout.gram:  # one device's Gram entries count its users with both items: whole numbers >= 0
+        gram = upload[0]
+        if one_client and gram.size and (gram.min() < 0.0 or not np.array_equal(gram, np.rint(gram))):
+            raise UpdateRejected("touched", "ease_gram must hold whole counts >= 0")
+        return
     touched = upload[-1]
     # One client's flags are 0/1; SecAgg+'s dequantized aggregate is on another scale
     # (deployment runs read outside [0, 1]), so it is checked for shape and finiteness only.

@@ -32,6 +32,9 @@ TRAINING_STATISTICS = {
 
 def _update_words(run_config: dict[str, Any]) -> str:
     """What one device's update in the clear tells the server, by mode."""
+    if run_config.get("model") == "ease":  # ease refuses both DPs
+        return ("this device's item-item Gram (upper triangle of x x^T): its diagonal names every item the user "
+                "trained on and the rest which pairs of them co-occur, nothing more (no ratings, no order)")
     if run_config.get("user-dp") and run_config.get("record-dp"):
         return ("this device's clipped DP-SGD update: Opacus noises every item row and the touched vector is all ones, "
                 "so which rows changed no longer shows; record-level DP bounds what it reveals about one interaction, "

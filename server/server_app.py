@@ -20,7 +20,7 @@ from flwr.server.workflow import DefaultWorkflow, SecAggPlusWorkflow
 from flwr.server.workflow.default_workflows import default_evaluate_workflow, default_fit_workflow
 from flwr.serverapp import ServerApp
 
-from common import als
+from common import als, ease
 from common.config import ConfigError, FedRecConfig, check_against_data, parse_run_config
 from common.federation import PreparedData, describe_split, prepare_cached, slicer_cached
 from common.models import build_model
@@ -296,6 +296,8 @@ def start_run(
     if config.model == "als":  # devices upload item-side statistics, not deltas
         layout = replace(layout, statistics=als.statistics_size(prepared.num_items, config.embedding_dim,
                                                                     private=config.user_dp))
+    elif config.model == "ease":  # devices upload their Gram's upper triangle, nothing else
+        layout = replace(layout, statistics=ease.gram_size(prepared.num_items), gram=True)
     num_coordinates = layout.statistics or sum(int(np.size(value)) for value in shared.values())
     check_distributed_noise(config, num_coordinates)
     dp = user_level_dp(config, dp_population(config, simulated, len(slicer_cached(config))))

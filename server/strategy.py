@@ -36,6 +36,7 @@ from flwr.server.client_manager import ClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.strategy import Strategy
 
+from common import ease
 from common.config import FedRecConfig
 from common.privacy import SecureGaussian, UserLevelDP
 from common.private_eval import CATALOGUE_COUNTS_KEY
@@ -137,6 +138,11 @@ class FedRecStrategy(Strategy):
         # popularity = "positives": users with a positive per item, summed over rounds (SecAgg+: only the sum).
         self.positives_totals = np.zeros(layout.num_items, dtype=np.float64)
         self.exclusions = Exclusions(config.exclude_after_rejections)
+        # EASE: the Gram is a sum over users, so rounds add up. The server keeps the running sum and
+        # samples only devices that have not contributed yet: each device once, the fleet in
+        # ceil(N / devices per round) rounds, after which B is exactly the centralized EASE.
+        self.gram_total = np.zeros(layout.statistics, np.float64) if layout.gram else None
+        self.contributed: set[int] = set()
         # Rounds an interrupted run already completed: Flower's workflow counts from 1 again,
         # fedrec's rounds (records, accounting, schedules) go on from here.
         self.start_round = 0
@@ -211,20 +217,27 @@ class FedRecStrategy(Strategy):
         client_manager.wait_for(max(self.config.min_available_clients, self.expected_clients))
 
     def _sample(
-        self, client_manager: ClientManager, fraction: float, count: int, minimum: int, server_round: int, stream: int
+        self, client_manager: ClientManager, fraction: float, count: int, minimum: int, server_round: int, stream: int,
+        skip: set[int] | None = None,
     ) -> list[ClientProxy]:
+        """``skip``: node ids not to sample (default: the excluded ones)."""
         self._wait_for_fleet(client_manager)
-        available = client_manager.num_available() - len(self.excluded)
+        skip = self.excluded if skip is None else skip
+        available = client_manager.num_available() - len(skip)
         size = sample_size(available, fraction, count, minimum, self.config.min_available_clients)
+        if self.gram_total is not None:  # EASE's last devices may be fewer than a round asks for
+            size = min(size, max(available, 0))
         if self.partitions is not None:
-            clients = [c for c in client_manager.all().values() if c.node_id not in self.excluded]
+            clients = [c for c in client_manager.all().values() if c.node_id not in skip]
             ordered = partition_order(clients, self.partitions)
             if ordered is not None:
                 return seeded_sample(ordered, size, self.config.seed, server_round, stream, self.attempt)
             log(WARNING, "seeded-sampling: the simulation did not say which partition every node holds; "
                 "sampling at random")
             self.partitions = None
-        criterion = NotExcluded(self.excluded) if self.excluded else None
+        criterion = NotExcluded(skip) if skip else None
+        if size <= 0:
+            return []
         return client_manager.sample(
             num_clients=size, min_num_clients=self.config.min_available_clients, criterion=criterion
         )
@@ -239,10 +252,13 @@ class FedRecStrategy(Strategy):
         if self.config.client_sampling == "poisson" and self.user_dp is not None:
             clients = self._sample_poisson(client_manager)
         else:
+            skip = self.excluded | self.contributed if self.gram_total is not None else None
             clients = self._sample(
                 client_manager, self.config.fraction_train, self.config.clients_per_round, self.config.min_train_clients,
-                server_round, FIT,
+                server_round, FIT, skip,
             )
+            if not clients and self.gram_total is not None and self.contributed:
+                log(INFO, "round %s: every device has added its Gram; EASE's weights are final", server_round)
         if self.uploads_are_aggregated:
             check_secagg_capacity(len(clients), self.config.secagg_quantization_range)
         self.round_complete, self._configured_round, self._sampled = False, server_round, len(clients)
@@ -270,6 +286,8 @@ class FedRecStrategy(Strategy):
             self._record_round(server_round, summary, [])
             return None, summary
         upload = mean_upload(self.config, valid, uploads_are_aggregated=self.uploads_are_aggregated)
+        if self.gram_total is not None:  # EASE: the touched vector (users per item) is the Gram's diagonal
+            upload = [upload[0], ease.gram_diagonal(upload[0], self.layout.num_items)]
         if self.user_dp is not None:
             upload = self._privatize(upload, len(valid))
         total = sum(res.num_examples for _, res in valid)
@@ -280,6 +298,8 @@ class FedRecStrategy(Strategy):
             save_server_state(self.recorder.path, self.server_state(server_round))
             return None, summary
         self.current = parameters_to_ndarrays(new_parameters)
+        if self.gram_total is not None:
+            self.contributed.update(proxy.node_id for proxy, _ in valid)
         if self.publishes_popularity:
             popularity.accumulate(self.touched_totals, self.positives_totals, upload, total,
                                   count_positives=self.layout.positives)
@@ -290,13 +310,16 @@ class FedRecStrategy(Strategy):
         return new_parameters, summary
 
     def _decode(self, upload: list[np.ndarray], server_round: int, total: int) -> list[np.ndarray]:
-        """The next shared parameters from the round's mean upload (row-wise deltas, or ALS's solve)."""
+        """The next shared parameters from the round's mean upload (row-wise deltas, or ALS's or EASE's solve)."""
         if not self.layout.statistics:
             lr = server_learning_rate(self.config, server_round)
             return decode_mean_update(self.layout, self.current, upload, server_learning_rate=lr)
-        # ALS: every weight is 1, so the sum is the mean times the devices that made it, or times
-        # the fixed denominator that privatize divided the noisy sum by.
+        # ALS and EASE: every weight is 1, so the sum is the mean times the devices that made it, or
+        # times the fixed denominator that privatize divided the noisy sum by.
         count = self.user_dp.expected_clients if self.user_dp is not None else total
+        if self.gram_total is not None:
+            self.gram_total += np.rint(upload[0] * float(count))  # whole counts (see common.ease.solve_from_sum)
+            return [ease.solve_from_sum(self.gram_total, self.layout.num_items, self.config.ease_lambda)]
         return [solve_item_factors(upload[0].astype(np.float64) * count, self.layout.num_items, self.config,
                                    self.user_dp)]
 

@@ -23,8 +23,8 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 def _common_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dataset", help="synthetic (default), movielens-100k, movielens-1m, ..., csv, parquet")
     parser.add_argument("--data-path", help="file or directory of a dataset you downloaded")
-    parser.add_argument("--model", help="mf | gmf | mlp | neumf | als (simulate: federated ALS; baseline: centralized "
-                        "ALS, also itempop, random, ease, all)")
+    parser.add_argument("--model", help="mf | gmf | mlp | neumf | als | ease (simulate: federated ALS or EASE; "
+                        "baseline: centralized ALS or EASE, also itempop, random, all)")
     parser.add_argument("--seed", type=int)
     parser.add_argument(
         "--run-config", "-c", action="append", default=[], metavar="'KEY=VALUE ...'",

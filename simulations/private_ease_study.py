@@ -9,7 +9,7 @@ is at most ``C``. The server sums the vectors and adds ``N(0, (z C)^2)`` per coo
 calibrated by :mod:`common.privacy` for ONE release at sampling rate 1 (add or remove one
 user). Everything after the release is post-processing and free in privacy: the PSD
 projection, a vocabulary of the top-M items by the noisy diagonal (the weighted popularity
-of the same release), EASE on the vocabulary's block (:func:`simulations.yardsticks.ease_from_gram`),
+of the same release), EASE on the vocabulary's block (:func:`common.ease.ease_weights`),
 the rest ranked by noisy popularity, and a blend of EASE scores with noisy popularity.
 
 Choices are picked on the VALIDATION split of a tuning release (a noise draw and device
@@ -40,7 +40,7 @@ from common.federation import PreparedData, prepare
 from common.metrics import summarize
 from common.privacy import UserLevelDP, calibrate_noise
 from common.threads import use_threads
-from simulations import yardsticks
+from common import ease
 from simulations.baselines import _evaluate_scorers, training_matrix
 
 WEIGHTINGS = ("bound", "inv-k")
@@ -218,7 +218,7 @@ def ease_scores(matrix: sparse.csr_matrix, block: np.ndarray, vocab: np.ndarray,
                 noise_std: float) -> np.ndarray:
     """Per-user standardized EASE scores of the vocabulary; lambda in units of the noise's spectral scale."""
     lam = lam_factor * noise_std * math.sqrt(len(vocab)) if noise_std > 0 else lam_factor
-    weights = yardsticks.ease_from_gram(block, lam)
+    weights = ease.ease_weights(block, lam).astype(np.float32)
     return standardized(np.asarray(matrix[:, vocab] @ weights, np.float64), axis=1)
 
 

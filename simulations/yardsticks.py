@@ -12,15 +12,10 @@ from __future__ import annotations
 import numpy as np
 from scipy import sparse
 
+from common import ease
 from common.als import ALS_ALPHA, ALS_REGULARIZATION
+from common.ease import EASE_LAMBDA, EASE_MAX_ITEMS  # defined with the federated EASE, which solves the same
 
-# Steck's value for MovieLens-20M, and a flat optimum on MovieLens-100K's validation split
-# (HR@10 0.685-0.691 for lambda 250-1000, 0.670 at 100). Lambda is added to the item counts
-# on the Gram diagonal; EASE's authors used 200-1000 from 20M to Netflix sizes, so one
-# value is kept rather than a scaling rule (--ease-lambda overrides it).
-EASE_LAMBDA = 500.0
-# Items beyond this make the items x items matrix too big to invert here (float64).
-EASE_MAX_ITEMS = 30_000
 # ALS defaults: the best validation HR@10 on MovieLens-100K's validation split among
 # factors 16/32/48/64, alpha 2/3/5/10, regularization 0.1/1 (never the test split).
 ALS_FACTORS = 32
@@ -42,24 +37,10 @@ def interaction_matrix(users: np.ndarray, items: np.ndarray, num_users: int, num
 
 
 def ease_weights(matrix: sparse.csr_matrix, lam: float = EASE_LAMBDA) -> np.ndarray:
-    """EASE's item-item weights ``B = I - P diag(1 / diag(P))``, ``P = (X^T X + lambda I)^-1``; diag(B) = 0."""
-    if lam <= 0:
-        raise ValueError(f"EASE lambda must be > 0, got {lam}")
+    """EASE's item-item weights from the binary training matrix (:func:`common.ease.ease_weights`), float32."""
     if matrix.shape[1] > EASE_MAX_ITEMS:
         raise ValueError(f"EASE inverts an items x items matrix: {matrix.shape[1]} items is more than {EASE_MAX_ITEMS}")
-    return ease_from_gram((matrix.T @ matrix).toarray(), lam)
-
-
-def ease_from_gram(gram: np.ndarray, lam: float = EASE_LAMBDA) -> np.ndarray:
-    """EASE's weights from an item-item Gram ``X^T X`` (exact, or a noisy private release of it); diag(B) = 0."""
-    if lam <= 0:
-        raise ValueError(f"EASE lambda must be > 0, got {lam}")
-    gram = np.array(gram, dtype=np.float64)
-    gram[np.diag_indices_from(gram)] += lam
-    precision = np.linalg.inv(gram)
-    weights = -precision / np.diag(precision)[None, :]
-    np.fill_diagonal(weights, 0.0)
-    return weights.astype(np.float32)
+    return ease.ease_weights((matrix.T @ matrix).toarray(), lam).astype(np.float32)
 
 
 def _pair_dots(left: np.ndarray, right: np.ndarray, matrix: sparse.csr_matrix, rows: np.ndarray) -> np.ndarray:

@@ -70,6 +70,10 @@ MARKED: dict[str, dict[str, tuple[str, ...]]] = {
         "test_every_real_private_upload_is_within_the_clip_the_accountant_assumes": SLOW,
         "test_secure_aggregation_with_user_dp_sends_only_masked_vectors": SLOW,
     },
+    "tests/test_ease.py": {
+        "test_federated_ease_is_the_centralized_ease_and_each_upload_is_the_device_gram": SLOW,
+        "test_federated_ease_under_secagg_is_the_centralized_ease_and_sends_only_masked_vectors": SLOW,
+    },
     "tests/test_fleet.py": {
         "test_training_converges_with_30_percent_dropout": SLOW,
         "test_short_rounds_are_skipped_or_retried_never_crash": SLOW,

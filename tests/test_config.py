@@ -137,7 +137,7 @@ def test_ranges_and_choices_come_from_the_key_definitions():
     by_name = {spec.name: spec for spec in RUN_CONFIG_KEYS}
     assert by_name["fraction-train"].allowed() == "in (0, 1]"
     assert by_name["trim-fraction"].allowed() == "in [0, 0.5)"
-    assert by_name["model"].allowed() == "mf | gmf | mlp | neumf | als"
+    assert by_name["model"].allowed() == "mf | gmf | mlp | neumf | als | ease"
     with pytest.raises(ConfigError, match=r"record-dp-delta must be in \(0, 1\); got 1.0"):
         parse_run_config(fused_run_config({"record-dp-delta": 1.0}))
     with pytest.raises(ConfigError, match="exposure-item must be >= -1; got -2"):
