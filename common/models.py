@@ -359,7 +359,18 @@ class MLP(_OneItemTable):
         return self.output(self.tower(joint)).squeeze(-1)
 
 
-class ALSFactors(_OneItemTable):
+class _DotProduct(_OneItemTable):
+    """A closed-form model whose score is the plain dot product of the user row and the item row."""
+
+    def score_parts(self, users: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return (self.user_embedding(users) * parts[0]).sum(-1)
+
+    @torch.no_grad()
+    def score_all_items(self, users: torch.Tensor, batch_pairs: int = 65536) -> torch.Tensor:
+        return self.user_embedding(users) @ self.item_embedding.weight.T
+
+
+class ALSFactors(_DotProduct):
     """Implicit-feedback ALS's factors: score = user factor . item factor (no bias, no output layer).
 
     Trained by closed-form solves (:mod:`common.als`), not by gradient steps: a device solves
@@ -374,15 +385,8 @@ class ALSFactors(_OneItemTable):
         self.content_embedding = None
         self._init_content(num_items, 0)
 
-    def score_parts(self, users: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return (self.user_embedding(users) * parts[0]).sum(-1)
 
-    @torch.no_grad()
-    def score_all_items(self, users: torch.Tensor, batch_pairs: int = 65536) -> torch.Tensor:
-        return self.user_embedding(users) @ self.item_embedding.weight.T
-
-
-class EASEWeights(_OneItemTable):
+class EASEWeights(_DotProduct):
     """EASE's item-item weights as a factor model: score(u, i) = x_u . B[:, i] (:mod:`common.ease`).
 
     The "user embedding" is the user's binary training vector ``x_u`` (it never leaves the
@@ -400,13 +404,6 @@ class EASEWeights(_OneItemTable):
             nn.init.zeros_(self.item_embedding.weight)
         self.content_embedding = None
         self._init_content(num_items, 0)
-
-    def score_parts(self, users: torch.Tensor, parts: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        return (self.user_embedding(users) * parts[0]).sum(-1)
-
-    @torch.no_grad()
-    def score_all_items(self, users: torch.Tensor, batch_pairs: int = 65536) -> torch.Tensor:
-        return self.user_embedding(users) @ self.item_embedding.weight.T
 
 
 class NeuMF(RecModel):
