@@ -93,26 +93,35 @@ class _Adam:
         for index, _ in parts:
             self.grad.index_fill_(0, index, 0.0)
 
+    def views(self, rows: int, sizes: list[int] | None) -> list[list[torch.Tensor]]:
+        """Parameters, gradients and moments of the rows to step: the first ``rows`` rows, or of
+        those the even-numbered runs of ``sizes`` (the odd ones are rows left out)."""
+        tensors = [self.table, self.grad] + ([self.m, self.v] if self.adam else [])  # type: ignore[list-item]
+        if sizes is None:
+            return [[t[:rows]] for t in tensors]
+        return [list(t[:rows].split(sizes)[::2]) for t in tensors]
 
-def _optimizer_step(stepped: list[tuple[_Adam, int]], step: int) -> None:
-    """One optimizer step of the first ``rows`` rows of each table.
+
+def _optimizer_step(stepped: list[tuple[_Adam, list[list[torch.Tensor]]]], step: int) -> None:
+    """One optimizer step of the given views of each table.
 
     Adam is torch's own fused CPU kernel (``torch._fused_adam_``, what the device's
     ``Adam(fused=True)`` runs), called once per (learning rate, epsilon) over the views of
     the rows of the devices taking this step; SGD is its plain step.
     """
-    groups: dict[tuple[float, float], list[tuple[_Adam, int]]] = {}
-    for optimizer, rows in stepped:
+    groups: dict[tuple[float, float], list[list[torch.Tensor]]] = {}
+    for optimizer, views in stepped:
         if not optimizer.adam:
-            optimizer.table[:rows].add_(optimizer.grad[:rows], alpha=-optimizer.lr)
-        else:
-            groups.setdefault((optimizer.lr, optimizer.eps), []).append((optimizer, rows))
+            for param, grad in zip(*views, strict=True):
+                param.add_(grad, alpha=-optimizer.lr)
+            continue
+        group = groups.setdefault((optimizer.lr, optimizer.eps), [[], [], [], []])
+        for into, part in zip(group, views, strict=True):
+            into.extend(part)
     count = torch.tensor(float(step))
-    for (lr, eps), members in groups.items():
-        torch._fused_adam_([o.table[:r] for o, r in members], [o.grad[:r] for o, r in members],
-                           [o.m[:r] for o, r in members], [o.v[:r] for o, r in members], [],  # type: ignore[index]
-                           [count] * len(members), amsgrad=False, lr=lr, beta1=0.9, beta2=0.999,
-                           weight_decay=0.0, eps=eps, maximize=False, grad_scale=None, found_inf=None)
+    for (lr, eps), (params, grads, ms, vs) in groups.items():
+        torch._fused_adam_(params, grads, ms, vs, [], [count] * len(params), amsgrad=False, lr=lr, beta1=0.9,
+                           beta2=0.999, weight_decay=0.0, eps=eps, maximize=False, grad_scale=None, found_inf=None)
 
 
 @dataclass
@@ -182,6 +191,41 @@ def _row_counts(devices: list[DeviceRound]) -> list[int]:
     return [len(d.plan.rows) for d in devices]
 
 
+class _FirstTouch:
+    """Each device's item rows ordered by the step that first trains them, and which rows each step updates.
+
+    A row no example has reached yet in this round has zero gradient and zero Adam moments,
+    so the device's step leaves it exactly as it is (SGD too): only the rows already trained
+    are stepped. Ordered by first touch, those are a prefix of each device's rows.
+    """
+
+    def __init__(self, examples: _Examples, item_offsets: np.ndarray, bpr: bool) -> None:
+        total, steps = int(item_offsets[-1]), len(examples.bounds) - 1
+        step = np.repeat(np.arange(steps), np.diff(examples.bounds))
+        rows = examples.items.numpy()
+        if bpr:
+            rows, step = np.concatenate([rows, examples.targets.numpy()]), np.concatenate([step, step])
+        first = np.full(total, steps, np.int64)
+        np.minimum.at(first, rows, step)
+        owner = np.repeat(np.arange(len(item_offsets) - 1), np.diff(item_offsets))
+        self.order = np.lexsort((first, owner))  # old flat row of each new one (stable: ties by item id)
+        self.position = np.empty(total, np.int64)  # new flat row of each old one
+        self.position[self.order] = np.arange(total)
+        examples.items = torch.from_numpy(self.position[examples.items.numpy()])
+        if bpr:
+            examples.targets = torch.from_numpy(self.position[examples.targets.numpy()])
+        # live[d, s]: how many of device d's rows steps 0..s have trained.
+        counts = np.zeros((len(item_offsets) - 1, steps + 1), np.int64)
+        np.add.at(counts, (owner, first), 1)
+        self.live = np.cumsum(counts, axis=1)[:, :steps]
+        self.sizes = np.diff(item_offsets)
+
+    def runs(self, step: int, active: int) -> list[int]:
+        """Sizes of alternating runs of rows to step and rows left out, over the first ``active`` devices' rows."""
+        live = self.live[:active, step]
+        return np.stack([live, self.sizes[:active] - live], axis=1).ravel().tolist()
+
+
 class BatchTrainer:
     """Trains a batch of devices of one model kind together; see the module docstring.
 
@@ -199,31 +243,38 @@ class BatchTrainer:
         users = [d.data.num_users for d in self.devices]
         self.item_offsets = np.concatenate([[0], np.cumsum(_row_counts(self.devices))]).astype(np.int64)
         self.user_offsets = np.concatenate([[0], np.cumsum(users)]).astype(np.int64)
-        if train_shared:  # each device's own copy of the item rows its round trains
-            item_rows = np.concatenate([d.plan.rows for d in self.devices]) if self.devices else np.zeros(0, np.int64)
+        item_rows = np.concatenate([d.plan.rows for d in self.devices]) if self.devices else np.zeros(0, np.int64)
+        self.examples = _examples(self.devices, config, self.user_offsets, item_rows if train_shared else None)
+        self.steps = np.array([d.steps for d in self.devices])
+        if train_shared:  # each device's own copy of the item rows its round trains, in the order first trained
+            self.layout = _FirstTouch(self.examples, self.item_offsets, config.loss == "bpr")
+            item_rows = item_rows[self.layout.order]
             self.items = {name: torch.from_numpy(np.asarray(shared[name], np.float32)[item_rows])
                           for name in ITEM_TABLES[self.kind]}
-        else:
-            item_rows = None
+        else:  # frozen: the shared tables, read in place
             self.items = {name: torch.from_numpy(np.asarray(shared[name], np.float32)) for name in ITEM_TABLES[self.kind]}
         self.users = {name: torch.from_numpy(np.concatenate(
             [d.user_rows[name] for d in self.devices]).astype(np.float32)) for name in USER_TABLES[self.kind]}
         self.dense = {name: torch.from_numpy(np.stack(
             [np.asarray(shared[name], np.float32)] * len(self.devices))) for name in DENSE[self.kind]}
-        adam = config.optimizer == "adam"
-        user_lr = config.user_learning_rate or config.learning_rate
-        dense_lr = config.dense_learning_rate or config.learning_rate
-        shared_eps = config.shared_adam_epsilon
-        self.optimizers = {name: _Adam(t, user_lr, 1e-8, adam) for name, t in self.users.items()}
-        if train_shared:
-            self.optimizers.update({name: _Adam(t, config.learning_rate, shared_eps, adam) for name, t in self.items.items()})
-            self.optimizers.update({name: _Adam(t, dense_lr, shared_eps, adam) for name, t in self.dense.items()})
-        self.examples = _examples(self.devices, config, self.user_offsets, item_rows)
-        self.steps = np.array([d.steps for d in self.devices])
+        self.optimizers = self._optimizers()
         # Devices still training at step s: a prefix of the batch, this long.
         self.active = np.searchsorted(-self.steps, -np.arange(int(self.steps.max()) if len(self.steps) else 0),
                                       side="left")
         self.losses = torch.zeros(len(self.examples.users), dtype=torch.float32)
+
+    def _optimizers(self) -> dict[str, _Adam]:
+        """Per trained table its optimizer state, with the hyper-parameters of the device's optimizer group."""
+        config = self.config
+        adam = config.optimizer == "adam"
+        user_lr = config.user_learning_rate or config.learning_rate
+        dense_lr = config.dense_learning_rate or config.learning_rate
+        shared_eps = config.shared_adam_epsilon
+        optimizers = {name: _Adam(t, user_lr, 1e-8, adam) for name, t in self.users.items()}
+        if self.train_shared:
+            optimizers.update({name: _Adam(t, config.learning_rate, shared_eps, adam) for name, t in self.items.items()})
+            optimizers.update({name: _Adam(t, dense_lr, shared_eps, adam) for name, t in self.dense.items()})
+        return optimizers
 
     def run(self) -> list[DeviceResult]:
         """Every step of every device; results in the order the devices were given."""
@@ -240,11 +291,12 @@ class BatchTrainer:
         self.losses[sl] = loss
         rows = {**{name: int(self.user_offsets[active]) for name in self.users},
                 **{name: int(self.item_offsets[active]) for name in self.items}, **{name: active for name in self.dense}}
+        item_runs = self.layout.runs(step, active) if self.train_shared else None
         stepped = []
         for name, parts in gradients.items():
             optimizer = self.optimizers[name]
             optimizer.gradient(rows[name], parts)
-            stepped.append((optimizer, rows[name]))
+            stepped.append((optimizer, optimizer.views(rows[name], item_runs if name in self.items else None)))
         _optimizer_step(stepped, step + 1)
         for name, parts in gradients.items():
             self.optimizers[name].clear(parts)
@@ -302,7 +354,8 @@ class BatchTrainer:
             count = len(last) if last is not None else 0
             results[self.order[position]] = DeviceResult(
                 item_rows=device.plan.rows,
-                items_after={name: t[a:b].numpy().copy() for name, t in self.items.items()} if self.train_shared else {},
+                items_after={name: t.numpy()[self.layout.position[a:b]] for name, t in self.items.items()}
+                if self.train_shared else {},
                 dense_after={name: t[position].numpy().copy() for name, t in self.dense.items()},
                 user_after={name: t[ua:ub].numpy().copy() for name, t in self.users.items()},
                 loss=float(sums[position]) / max(count, 1),
