@@ -99,11 +99,16 @@ def validate_aggregate(layout: UpdateLayout, results: Results) -> tuple[Results,
 
 
 def validate_uploads(
-    config: FedRecConfig, layout: UpdateLayout, user_dp: UserLevelDP | None, results: Results, exclusions: Exclusions
+    config: FedRecConfig, layout: UpdateLayout, user_dp: UserLevelDP | None, results: Results, exclusions: Exclusions,
+    decoded: list[list[np.ndarray]] | None = None,
 ) -> tuple[Results, dict[str, int]]:
-    """Drop bad uploads with a logged reason per client; count them by reason."""
+    """Drop bad uploads with a logged reason per client; count them by reason.
+
+    ``decoded``: if given, the valid results' arrays are appended to it, in order (so that
+    aggregation does not decode them again).
+    """
     rejected = dict.fromkeys(REJECTION_REASONS, 0)
-    sound, norms = [], []
+    sound, norms, arrays = [], [], []
     for proxy, res in results:
         try:
             if res.num_examples <= 0:
@@ -117,10 +122,14 @@ def validate_uploads(
             continue
         sound.append((proxy, res))
         norms.append(delta_norm(upload, layout))
+        arrays.append(upload)
     valid = []
-    for (proxy, res), why in zip(sound, check_norms(norms, config.max_update_norm, config.reject_norm_factor), strict=True):
+    checked = check_norms(norms, config.max_update_norm, config.reject_norm_factor)
+    for (proxy, res), upload, why in zip(sound, arrays, checked, strict=True):
         if why is None:
             valid.append((proxy, res))
+            if decoded is not None:
+                decoded.append(upload)
         else:
             exclusions.reject(proxy, "norm", why, rejected)
     return valid, rejected
