@@ -13,7 +13,10 @@ their hyper-parameters are those of :func:`client.local.plan_epochs` and
 to float rounding (``tests/test_vectorized.py``).
 
 Devices are ordered by their number of steps (most first), so the devices still training
-at any step are a prefix of the batch and their rows a prefix of every table.
+at any step are a prefix of the batch and their rows a prefix of every table. Within a
+device, its item rows are ordered by the step that first trains them: a row not yet
+trained has zero gradient and zero Adam moments, so its step is exactly none, and Adam
+runs over each device's already-trained rows only (:class:`_FirstTouch`).
 """
 
 from __future__ import annotations
@@ -188,6 +191,7 @@ def _examples(devices: list[DeviceRound], config: TrainConfig, user_offsets: np.
 
 
 def _row_counts(devices: list[DeviceRound]) -> list[int]:
+    """Per device, how many item rows its round trains."""
     return [len(d.plan.rows) for d in devices]
 
 

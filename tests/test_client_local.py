@@ -246,8 +246,8 @@ def test_positive_set_dense_table_answers_as_the_binary_search(monkeypatch):
     searched = training.PositiveSet(users, items, 50)
     assert dense._table is not None and searched._table is None
     queries_u, queries_i = rng.integers(0, 6, 5000), rng.integers(0, 50, 5000)  # users past the largest too
-    expected = {(int(u), int(i)) for u, i in zip(users, items)}
-    truth = np.array([(int(u), int(i)) in expected for u, i in zip(queries_u, queries_i)])
+    expected = {(int(u), int(i)) for u, i in zip(users, items, strict=True)}
+    truth = np.array([(int(u), int(i)) in expected for u, i in zip(queries_u, queries_i, strict=True)])
     assert truth.any() and not truth.all()
     np.testing.assert_array_equal(dense.contains(queries_u, queries_i), truth)
     np.testing.assert_array_equal(searched.contains(queries_u, queries_i), truth)
