@@ -19,13 +19,7 @@ from server.robust import robust_mean
 def in_content_order(results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, FitRes]]:
     """Results sorted by their uploads' content, not their arrival: aggregates are then the same
     bit for bit however the clients' replies interleave."""
-    return [results[i] for i in content_order(results)]
-
-
-def content_order(results: list[tuple[ClientProxy, FitRes]]) -> list[int]:
-    """The positions of ``results`` in :func:`in_content_order`'s order."""
-    digests = [_content_digest(res.parameters) for _, res in results]
-    return sorted(range(len(results)), key=digests.__getitem__)
+    return sorted(results, key=lambda item: _content_digest(item[1].parameters))
 
 
 def _content_digest(parameters: Parameters) -> bytes:
@@ -36,19 +30,16 @@ def _content_digest(parameters: Parameters) -> bytes:
     return digest.digest()
 
 
-def weighted_mean(results: list[tuple[ClientProxy, FitRes]], uploads: list[list[np.ndarray]] | None = None
-                  ) -> list[np.ndarray]:
+def weighted_mean(results: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]:
     """Example-weighted mean of the uploads: what SecAgg+ would hand us, computed in the clear.
 
     Summed in an order fixed by the uploads' content, not by their arrival, so a run with the
     same seed gives the same model bit for bit however the clients' replies interleave.
-    ``uploads``: the results' arrays, already decoded (validation decodes them), else decoded here.
     """
     total = float(sum(res.num_examples for _, res in results))
     mean: list[np.ndarray] | None = None
-    for index in content_order(results):
-        res = results[index][1]
-        arrays = uploads[index] if uploads is not None else parameters_to_ndarrays(res.parameters)
+    for _, res in in_content_order(results):
+        arrays = parameters_to_ndarrays(res.parameters)
         weight = res.num_examples / total
         if mean is None:
             mean = [a.astype(np.float64) * weight for a in arrays]
@@ -60,19 +51,14 @@ def weighted_mean(results: list[tuple[ClientProxy, FitRes]], uploads: list[list[
 
 
 def mean_upload(
-    config: FedRecConfig, valid: list[tuple[ClientProxy, FitRes]], *, uploads_are_aggregated: bool,
-    uploads: list[list[np.ndarray]] | None = None,
+    config: FedRecConfig, valid: list[tuple[ClientProxy, FitRes]], *, uploads_are_aggregated: bool
 ) -> list[np.ndarray]:
-    """The round's mean upload: SecAgg+'s sum, the weighted mean, or a robust rule's stand-in.
-
-    ``uploads``: ``valid``'s arrays, already decoded, else decoded here.
-    """
+    """The round's mean upload: SecAgg+'s sum, the weighted mean, or a robust rule's stand-in."""
     if uploads_are_aggregated:
         return parameters_to_ndarrays(valid[0][1].parameters)
     if config.aggregation == "mean" and config.norm_bound == 0:
-        return weighted_mean(valid, uploads)
-    order = content_order(valid)
-    arrays = [uploads[i] if uploads is not None else parameters_to_ndarrays(valid[i][1].parameters) for i in order]
+        return weighted_mean(valid)
+    ordered = in_content_order(valid)
     # float16 uploads (transport-dtype) are widened: Flower's rules compute in the input's dtype.
-    widened = [[a.astype(np.float32) for a in upload] for upload in arrays]
-    return robust_mean(config, widened, [valid[i][1].num_examples for i in order])
+    uploads = [[a.astype(np.float32) for a in parameters_to_ndarrays(res.parameters)] for _, res in ordered]
+    return robust_mean(config, uploads, [res.num_examples for _, res in ordered])

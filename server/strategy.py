@@ -256,8 +256,7 @@ class FedRecStrategy(Strategy):
         failures: list[tuple[ClientProxy, FitRes] | BaseException],
     ) -> tuple[Parameters | None, dict[str, Scalar]]:
         server_round += self.start_round
-        uploads: list[list[np.ndarray]] = []
-        valid, rejected = self._validated(results, uploads)
+        valid, rejected = self._validated(results)
         summary = fit_counts(self._sampled, len(valid), len(results), failures, rejected, len(self.excluded))
         if len(valid) < self.config.min_train_clients:
             if failures:
@@ -270,8 +269,7 @@ class FedRecStrategy(Strategy):
                 server_round, len(valid))
             self._record_round(server_round, summary, [])
             return None, summary
-        upload = mean_upload(self.config, valid, uploads_are_aggregated=self.uploads_are_aggregated,
-                             uploads=uploads if len(uploads) == len(valid) else None)
+        upload = mean_upload(self.config, valid, uploads_are_aggregated=self.uploads_are_aggregated)
         if self.user_dp is not None:
             upload = self._privatize(upload, len(valid))
         total = sum(res.num_examples for _, res in valid)
@@ -338,14 +336,12 @@ class FedRecStrategy(Strategy):
         return round_config(server_round, self.attempt, popular)
 
     def _validated(
-        self, results: list[tuple[ClientProxy, FitRes]], decoded: list[list[np.ndarray]] | None = None
+        self, results: list[tuple[ClientProxy, FitRes]]
     ) -> tuple[list[tuple[ClientProxy, FitRes]], dict[str, int]]:
-        """Drop bad uploads with a logged reason per client; count them by reason (:mod:`server.validation`).
-
-        ``decoded`` gets the valid uploads' arrays, in order (not for SecAgg+'s aggregate)."""
+        """Drop bad uploads with a logged reason per client; count them by reason (:mod:`server.validation`)."""
         if self.uploads_are_aggregated:
             return validate_aggregate(self.layout, results)
-        return validate_uploads(self.config, self.layout, self.user_dp, results, self.exclusions, decoded)
+        return validate_uploads(self.config, self.layout, self.user_dp, results, self.exclusions)
 
     def _privatize(self, mean: list[np.ndarray], num_clients: int) -> list[np.ndarray]:
         assert self.user_dp is not None

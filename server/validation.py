@@ -99,16 +99,11 @@ def validate_aggregate(layout: UpdateLayout, results: Results) -> tuple[Results,
 
 
 def validate_uploads(
-    config: FedRecConfig, layout: UpdateLayout, user_dp: UserLevelDP | None, results: Results, exclusions: Exclusions,
-    decoded: list[list[np.ndarray]] | None = None,
+    config: FedRecConfig, layout: UpdateLayout, user_dp: UserLevelDP | None, results: Results, exclusions: Exclusions
 ) -> tuple[Results, dict[str, int]]:
-    """Drop bad uploads with a logged reason per client; count them by reason.
-
-    ``decoded``: if given, the valid results' arrays are appended to it, in order (so that
-    aggregation does not decode them again).
-    """
+    """Drop bad uploads with a logged reason per client; count them by reason."""
     rejected = dict.fromkeys(REJECTION_REASONS, 0)
-    sound, norms, arrays = [], [], []
+    sound, norms = [], []
     for proxy, res in results:
         try:
             if res.num_examples <= 0:
@@ -122,14 +117,10 @@ def validate_uploads(
             continue
         sound.append((proxy, res))
         norms.append(delta_norm(upload, layout))
-        arrays.append(upload)
     valid = []
-    checked = check_norms(norms, config.max_update_norm, config.reject_norm_factor)
-    for (proxy, res), upload, why in zip(sound, arrays, checked, strict=True):
+    for (proxy, res), why in zip(sound, check_norms(norms, config.max_update_norm, config.reject_norm_factor), strict=True):
         if why is None:
             valid.append((proxy, res))
-            if decoded is not None:
-                decoded.append(upload)
         else:
             exclusions.reject(proxy, "norm", why, rejected)
     return valid, rejected
