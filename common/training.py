@@ -71,15 +71,31 @@ class TrainConfig:
             raise ValueError("the bpr loss needs num_negatives >= 1")
 
 
+# Up to this many (user, item) keys, a PositiveSet is a dense table (one lookup per test).
+DENSE_POSITIVES = 1 << 22
+
+
 class PositiveSet:
-    """Membership test for (user, item) pairs, used to reject sampled 'negatives'."""
+    """Membership test for (user, item) pairs, used to reject sampled 'negatives'.
+
+    A device tests a few hundred draws per pass against its own few users' rows; with
+    keys as small as that, a dense table answers in one lookup instead of a binary search
+    (the same answers; sampling draws a device's negatives with many such tests).
+    """
 
     def __init__(self, users: np.ndarray, items: np.ndarray, num_items: int) -> None:
         self.num_items = num_items
         self._keys = np.unique(users.astype(np.int64) * num_items + items.astype(np.int64))
+        size = int(self._keys[-1]) + 1 if len(self._keys) else 0
+        self._table: np.ndarray | None = None
+        if size <= DENSE_POSITIVES:
+            self._table = np.zeros(size + 1, dtype=bool)  # the last entry: every key past the largest
+            self._table[self._keys] = True
 
     def contains(self, users: np.ndarray, items: np.ndarray) -> np.ndarray:
-        keys = users.astype(np.int64) * self.num_items + items.astype(np.int64)
+        keys = np.asarray(users, np.int64) * self.num_items + np.asarray(items, np.int64)
+        if self._table is not None:
+            return np.take(self._table, keys, mode="clip")
         pos = np.searchsorted(self._keys, keys)
         pos[pos == len(self._keys)] = 0
         return self._keys[pos] == keys if len(self._keys) else np.zeros(len(keys), dtype=bool)

@@ -234,3 +234,22 @@ def test_user_learning_rate_sets_the_step_of_the_user_rows_only():
     trained, _, user = _first_adam_step(1e-8, user_learning_rate=0.001)
     assert torch.allclose(user, torch.full_like(user, 0.001), rtol=0.1)
     assert torch.allclose(trained, torch.full_like(trained, 0.01), rtol=0.1)
+
+
+def test_positive_set_dense_table_answers_as_the_binary_search(monkeypatch):
+    import common.training as training
+
+    rng = np.random.default_rng(3)
+    users, items = rng.integers(0, 4, 60), rng.integers(0, 50, 60)
+    dense = training.PositiveSet(users, items, 50)
+    monkeypatch.setattr(training, "DENSE_POSITIVES", 0)
+    searched = training.PositiveSet(users, items, 50)
+    assert dense._table is not None and searched._table is None
+    queries_u, queries_i = rng.integers(0, 6, 5000), rng.integers(0, 50, 5000)  # users past the largest too
+    expected = {(int(u), int(i)) for u, i in zip(users, items, strict=True)}
+    truth = np.array([(int(u), int(i)) in expected for u, i in zip(queries_u, queries_i, strict=True)])
+    assert truth.any() and not truth.all()
+    np.testing.assert_array_equal(dense.contains(queries_u, queries_i), truth)
+    np.testing.assert_array_equal(searched.contains(queries_u, queries_i), truth)
+    draws = [training.sample_training_negatives(users, s, np.random.default_rng(9)) for s in (dense, searched)]
+    np.testing.assert_array_equal(draws[0], draws[1])  # the same negatives from the same stream
