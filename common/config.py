@@ -150,7 +150,7 @@ class FedRecConfig:
                                 "ids (same run-config, same devices); flwr run and deployments sample at random.")
     backend: str = key("flower", "fedrec simulate: every device a ClientApp on Flower's Simulation Engine, or "
                        "\"vectorized\": the sampled devices train together in one process with batched tensors "
-                       "through the same server code (GMF and MF; not with secure-aggregation or record-dp).",
+                       "through the same server code (GMF, MF and ALS; not with secure-aggregation or record-dp).",
                        choices=BACKENDS)
     min_train_clients: int = key(2, "Fewest usable updates a round needs (see too-few-clients).", range=POSITIVE)
     min_available_clients: int = key(2, "Devices that must be connected before a round starts.", range=POSITIVE)

@@ -11,7 +11,8 @@ backend keeps everything the server does and replaces only the devices:
   as Flower's ``DefaultWorkflow`` does (sampling, validation, robust rules, user-level
   clipping and noise, the server step, evaluation, metrics and privacy records), with
   ``FitRes`` / ``EvaluateRes`` built in-process;
-- the sampled devices train together (:mod:`simulations.batched`), each with its own
+- ALS devices run their own closed-form round one after the other (:mod:`simulations.batched_als`);
+- the sampled GMF / MF devices train together (:mod:`simulations.batched`), each with its own
   user rows, optimizer state, examples and random streams, and each encodes its own
   upload as the ClientApp does (:mod:`common.updates`, :mod:`client.upload`);
 - the simulated fleet (dropouts, late joiners, leavers, uneven epochs) is
@@ -21,7 +22,7 @@ backend keeps everything the server does and replaces only the devices:
 
 What cannot be reproduced is refused with one line (:func:`check_supported`): SecAgg+
 (the server would get a sum quantized and masked by Flower's protocol, which this backend
-does not run), record-level DP (Opacus, per device), models other than GMF and MF, hybrid
+does not run), record-level DP (Opacus, per device), models other than GMF, MF and ALS, hybrid
 (item-features) models, FedProx's proximal term and the wall-clock ``round-deadline``.
 """
 
@@ -75,8 +76,8 @@ TRANSPORT = {"grid": "vectorized", "engine": "simulation", "network": False}
 def check_supported(config: FedRecConfig) -> None:
     """One line naming the key and the values this backend supports, for what it cannot reproduce."""
     refuse = "backend = 'vectorized' "
-    if config.model not in BATCHED_MODELS:
-        raise ConfigError(f"{refuse}trains model = 'gmf' or 'mf', got model = '{config.model}'; use backend = 'flower'")
+    if config.model not in (*BATCHED_MODELS, "als"):
+        raise ConfigError(f"{refuse}trains model = 'gmf', 'mf' or 'als', got model = '{config.model}'; use backend = 'flower'")
     if config.secure_aggregation:
         raise ConfigError(f"{refuse}cannot reproduce SecAgg+'s quantized, masked sum: secure-aggregation must be false "
                           "(or use backend = 'flower')")
@@ -318,7 +319,7 @@ def run_vectorized(overrides: Mapping[str, Any] | None) -> Context:
     run_config = fused_run_config(overrides)
     config = parse_run_config(run_config)
     check_supported(config)
-    fleet = Fleet(config, run_config)
+    fleet = _fleet(config, run_config)
     context = Context(run_id=0, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     mapping = {node_of(p): p for p in range(len(fleet))}
     run = start_run(context, dict(TRANSPORT), partitions=lambda: mapping)
@@ -329,6 +330,15 @@ def run_vectorized(overrides: Mapping[str, Any] | None) -> Context:
         _rounds(run, fleet, manager)
     finish_run(run)
     return context
+
+
+def _fleet(config: FedRecConfig, run_config: Mapping[str, Any]) -> Fleet:
+    """ALS devices solve in closed form (:mod:`simulations.batched_als`); GMF and MF train in batches."""
+    if config.model == "als":
+        from simulations.batched_als import AlsFleet  # it builds on Fleet
+
+        return AlsFleet(config, run_config)
+    return Fleet(config, run_config)
 
 
 def _rounds(run: ServerRun, fleet: Fleet, manager: SimpleClientManager) -> None:

@@ -99,6 +99,10 @@ MARKED: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "tests/test_resume.py": {"test_a_killed_run_resumes_after_its_last_completed_round_and_epsilon_goes_on": SLOW},
     "tests/test_secagg_dp.py": {"test_distributed_noise_end_to_end_in_simulation": SLOW},
+    "tests/test_vectorized_als.py": {
+        "test_plain_als_same_item_factors_and_metrics_each_round": SLOW,
+        "test_private_als_same_item_factors_metrics_and_epsilon": SLOW,
+    },
     "tests/test_sampling.py": {"test_two_simulations_of_one_run_config_train_the_same_devices_and_agree": SLOW},
 }
 
