@@ -245,7 +245,9 @@ def test_user_dp_under_secagg_noises_the_masked_sum(tmp_path):
     })
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     fits = [r for r in rows if r["phase"] == "fit"]
-    assert fits and all(r["clients_ok"] >= 3 for r in fits)
+    # Poisson sampling draws from the OS (secret, as DP requires), so a round's cohort size varies;
+    # what must hold is that every sampled device's masked update made it into the sum.
+    assert fits and all(r["clients_ok"] == r["clients_sampled"] > 0 for r in fits)
     dp = UserLevelDP(1.0, 0.1, num_clients=12, sampling="poisson", sampling_rate=0.7)
     assert [r["user_epsilon"] for r in fits] == pytest.approx([dp.epsilon(r["round"]) for r in fits])
     privacy = json.loads((run_dir / "privacy.json").read_text())
