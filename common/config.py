@@ -461,7 +461,7 @@ def check_ease(values: dict[str, Any]) -> None:
         return
     per_device = values["users_per_client"] if values["partitioning"] == "group" else 1
     conflicts = [
-        ("user-dp", values["user_dp"], "false (a private EASE is not implemented: the Gram is unbounded per user)"),
+        ("user-dp", values["user_dp"], "false (a private EASE is not built: see the privacy guide, docs/privacy.md)"),
         ("record-dp", values["record_dp"], "false (no gradient steps to clip)"),
         ("strategy", values["strategy"] != "fedavg", "'fedavg' (the server solves the weights, no optimizer step)"),
         ("item-features", values["item_features"], "false (no content tower)"),
