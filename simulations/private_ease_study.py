@@ -123,10 +123,9 @@ def user_vector(items: np.ndarray, num_items: int, weight: float, diagonal: floa
 
 def gram_from_triangle(vector: np.ndarray, num_items: int, diagonal: float = 1.0) -> np.ndarray:
     """The symmetric matrix whose upper triangle is ``vector``, its diagonal divided by ``diagonal`` (the server's decoding)."""
-    gram = np.zeros((num_items, num_items))
-    gram[np.triu_indices(num_items)] = vector
+    gram = ease.symmetric_gram(vector, num_items)
     gram[np.diag_indices(num_items)] /= diagonal
-    return gram + np.triu(gram, 1).T
+    return gram
 
 
 def weighted_gram(kept: list[np.ndarray], weights: np.ndarray, num_items: int) -> np.ndarray:
@@ -144,7 +143,7 @@ def noisy_release(gram: np.ndarray, noise_std: float, rng: np.random.Generator, 
     after decoding it is mirrored off the diagonal and ``noise_std / diagonal`` on it.
     """
     n = gram.shape[0]
-    noise = gram_from_triangle(rng.normal(0.0, noise_std, n * (n + 1) // 2), n, diagonal)
+    noise = gram_from_triangle(rng.normal(0.0, noise_std, ease.gram_size(n)), n, diagonal)
     return gram + noise
 
 
