@@ -152,7 +152,8 @@ class FedRecClient(NumPyClient):
                 result = self._train(state.client_data(catalogue_features(self.config)), parameters, local_state, state.record_history, config)
                 store.save(self.state_dir, state.with_local_state(result.local_state, result.record_history))
             forget_context_copies(self.context)
-        return finish_reply(self.config, result.upload, result.num_examples, bool(result.declined), result.metrics)
+        return finish_reply(self.config, result.upload, result.num_examples, bool(result.declined), result.metrics,
+                            int(config.get("server-round", 0)))
 
     def list_metrics(self) -> ListMetrics:
         """Beyond-accuracy measures; under DP no device sends the items of its lists (nothing accounts for them)."""

@@ -46,7 +46,7 @@ def clipping_norm_for(config: FedRecConfig, shared: list[np.ndarray]) -> float |
     return device_clipping_norm(config, sum(int(np.size(array)) for array in shared))
 
 
-def with_noise_share(config: FedRecConfig, upload: list[np.ndarray]) -> list[np.ndarray]:
+def with_noise_share(config: FedRecConfig, upload: list[np.ndarray], server_round: int) -> list[np.ndarray]:
     """Distributed DP: the clipped deltas plus this device's share of the Gaussian noise, in float64.
 
     Added before ``secaggplus_mod`` masks the upload, so the sum the server unmasks already
@@ -54,7 +54,7 @@ def with_noise_share(config: FedRecConfig, upload: list[np.ndarray]) -> list[np.
     Flower's quantization exact to well below one step; the float upload never leaves the
     device (SecAgg+ sends masked integers).
     """
-    sampler, std = SecureGaussian(), noise_share_std(config)
+    sampler, std = SecureGaussian(), noise_share_std(config, server_round)
     deltas = [array.astype(np.float64) + sampler.normal(0.0, std, array.shape) for array in upload[:-1]]
     return [*deltas, upload[-1].astype(np.float64)]
 
@@ -67,7 +67,8 @@ def dp_safe(config: FedRecConfig, metrics: dict) -> dict:
 
 
 def finish_reply(
-    config: FedRecConfig, upload: list[np.ndarray], num_examples: int, declined: bool, metrics: dict
+    config: FedRecConfig, upload: list[np.ndarray], num_examples: int, declined: bool, metrics: dict,
+    server_round: int,
 ) -> tuple[list[np.ndarray], int, dict]:
     """A trained round's upload as the device sends it: weight, transport dtype, noise share, DP-safe metrics.
 
@@ -79,5 +80,5 @@ def finish_reply(
     sent = for_transport(upload, config.transport_dtype)
     metrics = {**metrics, "upload_bytes": float(sum(a.nbytes for a in sent))}
     if distributed_noise(config):
-        sent = with_noise_share(config, upload)
+        sent = with_noise_share(config, upload, server_round)
     return sent, weight, dp_safe(config, metrics)

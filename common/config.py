@@ -230,6 +230,9 @@ class FedRecConfig:
                         "holds.", section="User-level differential privacy")
     user_dp_noise_multiplier: float = key(1.0, "Gaussian noise std on the sum of clipped updates = this x clipping "
                                           "norm.", range=NON_NEGATIVE)
+    user_dp_first_round_noise: float = key(1.0, "Round 1's noise multiplier is this x user-dp-noise-multiplier (the "
+                                           "accountant composes it so); > 1 suits a first round that only seeds the "
+                                           "model, as Private ALS's does.", range=POSITIVE)
     user_dp_clipping_norm: float = key(0.1, "Every device's update (all shared deltas) is clipped to this L2 norm.",
                                        range=POSITIVE)
     user_dp_delta: float = key(0.0, "Delta of the user-level guarantee; 0: min(1e-5, N^-1.1) for N devices; a delta "

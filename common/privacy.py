@@ -92,12 +92,13 @@ class UserLevelDP:
     sampling_rate: float = 0.0  # poisson: each client's probability of joining a round
     sample_size: int = 0  # fixed: clients per round
     delta: float = 0.0  # 0: default_delta(num_clients)
+    first_round_noise: float = 1.0  # round 1's noise multiplier is this x noise_multiplier
 
     def __post_init__(self) -> None:
         if self.sampling not in SAMPLINGS:
             raise ValueError(f"sampling must be one of {', '.join(SAMPLINGS)}; got {self.sampling!r}")
-        if self.noise_multiplier <= 0 or self.clipping_norm <= 0:
-            raise ValueError("noise_multiplier and clipping_norm must be > 0")
+        if self.noise_multiplier <= 0 or self.clipping_norm <= 0 or self.first_round_noise <= 0:
+            raise ValueError("noise_multiplier, clipping_norm and first_round_noise must be > 0")
         if self.num_clients < 1:
             raise ValueError(f"num_clients must be >= 1; got {self.num_clients}")
         if self.sampling == "poisson" and not 0 < self.sampling_rate <= 1:
@@ -113,8 +114,20 @@ class UserLevelDP:
 
     @property
     def noise_std(self) -> float:
-        """Std of the Gaussian noise added to the *sum* of clipped updates."""
+        """Std of the Gaussian noise added to the *sum* of clipped updates (every round after the first)."""
         return self.noise_multiplier * self.clipping_norm
+
+    def noise_multiplier_at(self, server_round: int) -> float:
+        """Round ``server_round``'s noise multiplier: ``first_round_noise`` times larger in round 1.
+
+        A first round that only seeds the model (Private ALS's start from random item factors)
+        can take more noise and leave more of the budget to the rounds that matter.
+        """
+        return self.noise_multiplier * (self.first_round_noise if server_round == 1 else 1.0)
+
+    def noise_std_at(self, server_round: int) -> float:
+        """Std of the noise on round ``server_round``'s sum of clipped updates."""
+        return self.noise_multiplier_at(server_round) * self.clipping_norm
 
     @property
     def expected_clients(self) -> float:
@@ -127,22 +140,30 @@ class UserLevelDP:
     def neighbouring(self) -> str:
         return "add or remove one client" if self.sampling == "poisson" else "replace one client"
 
-    def round_event(self) -> dp_accounting.DpEvent:
-        """One round of the mechanism as a dp-accounting event."""
+    def round_event(self, server_round: int = 2) -> dp_accounting.DpEvent:
+        """Round ``server_round`` of the mechanism as a dp-accounting event (any round but the first by default)."""
+        z = self.noise_multiplier_at(server_round)
         if self.sampling == "poisson":
-            return dp_accounting.PoissonSampledDpEvent(
-                self.sampling_rate, dp_accounting.GaussianDpEvent(self.noise_multiplier)
-            )
+            return dp_accounting.PoissonSampledDpEvent(self.sampling_rate, dp_accounting.GaussianDpEvent(z))
         return dp_accounting.SampledWithoutReplacementDpEvent(
-            self.num_clients, self.sample_size, dp_accounting.GaussianDpEvent(self.noise_multiplier / 2)
+            self.num_clients, self.sample_size, dp_accounting.GaussianDpEvent(z / 2)
         )
+
+    def rounds_event(self, rounds: int) -> dp_accounting.DpEvent:
+        """Rounds 1 to ``rounds`` composed: round 1's own event, then the others self-composed."""
+        if self.first_round_noise == 1.0:
+            return dp_accounting.SelfComposedDpEvent(self.round_event(), rounds)
+        events = [self.round_event(1)]
+        if rounds > 1:
+            events.append(dp_accounting.SelfComposedDpEvent(self.round_event(), rounds - 1))
+        return dp_accounting.ComposedDpEvent(events)
 
     def epsilon(self, rounds: int, accountant: str = "rdp") -> float:
         """Epsilon at ``target_delta`` after ``rounds`` rounds (0 for none)."""
         if rounds <= 0:
             return 0.0
         acc = _accountant(accountant, self.sampling)
-        acc.compose(dp_accounting.SelfComposedDpEvent(self.round_event(), rounds))
+        acc.compose(self.rounds_event(rounds))
         return float(acc.get_epsilon(self.target_delta))
 
     def max_rounds(self, budget: float, accountant: str = "rdp", upper: int = 100_000) -> int:
@@ -166,6 +187,7 @@ class UserLevelDP:
             "noise_multiplier": self.noise_multiplier,
             "clipping_norm": self.clipping_norm,
             "noise_std_on_sum": self.noise_std,
+            "first_round_noise": self.first_round_noise,
             "sampling": self.sampling,
             "sampling_rate": self.sampling_rate if self.sampling == "poisson" else self.sample_size / self.num_clients,
             "clients_per_round": self.expected_clients,

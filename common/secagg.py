@@ -91,14 +91,22 @@ def min_survivors(config: FedRecConfig) -> int:
     return max(1, config.min_train_clients)
 
 
-def noise_share_std(config: FedRecConfig) -> float:
-    """Per-coordinate std of one device's share, ``z C / sqrt(t)``: ``t`` shares make ``z C``."""
-    return config.user_dp_noise_multiplier * config.user_dp_clipping_norm / math.sqrt(min_survivors(config))
+def round_noise_multiplier(config: FedRecConfig, server_round: int) -> float:
+    """``z`` of round ``server_round`` (0: the largest of any round): round 1's is ``user-dp-first-round-noise`` x larger."""
+    first = config.user_dp_first_round_noise
+    factor = first if server_round == 1 else max(first, 1.0) if server_round == 0 else 1.0
+    return config.user_dp_noise_multiplier * factor
 
 
-def noise_multiplier_present(config: FedRecConfig, survivors: int) -> float:
+def noise_share_std(config: FedRecConfig, server_round: int = 0) -> float:
+    """Per-coordinate std of one device's share, ``z C / sqrt(t)``: ``t`` shares make ``z C`` (round 0: the largest)."""
+    z = round_noise_multiplier(config, server_round)
+    return z * config.user_dp_clipping_norm / math.sqrt(min_survivors(config))
+
+
+def noise_multiplier_present(config: FedRecConfig, survivors: int, server_round: int) -> float:
     """The noise multiplier a sum of ``survivors`` devices' shares really carries: ``z sqrt(k / t)``."""
-    return config.user_dp_noise_multiplier * math.sqrt(survivors / min_survivors(config))
+    return round_noise_multiplier(config, server_round) * math.sqrt(survivors / min_survivors(config))
 
 
 def check_distributed_noise(config: FedRecConfig, num_coordinates: int) -> None:

@@ -171,14 +171,14 @@ NEIGHBOURING = {
 }
 
 
-def user_round_event(params: dict[str, Any]) -> dp_accounting.DpEvent:
-    """One round of DP-FedAvg as the recorded parameters describe it.
+def user_round_event(params: dict[str, Any], first: bool = False) -> dp_accounting.DpEvent:
+    """One round of DP-FedAvg as the recorded parameters describe it (``first``: round 1's, ``first_round_noise`` x z).
 
     Poisson: each client joins with probability q, Gaussian noise of z sensitivities.
     Fixed: m of N without replacement under replace-one neighbouring, where swapping one
     client's clipped update moves the sum by up to 2 C, so the noise is z / 2 sensitivities.
     """
-    gaussian_z = float(params["noise_multiplier"])
+    gaussian_z = float(params["noise_multiplier"]) * (float(params.get("first_round_noise", 1.0)) if first else 1.0)
     if params["sampling"] == "poisson":
         return dp_accounting.PoissonSampledDpEvent(float(params["sampling_rate"]), dp_accounting.GaussianDpEvent(gaussian_z))
     population, sample = int(params["num_clients"]), int(round(float(params["clients_per_round"])))
@@ -201,10 +201,12 @@ def recompute_user_epsilon(params: dict[str, Any], rounds: int) -> float | None:
             accountant = pld.PLDAccountant(neighboring_relation=relation)
         else:
             return None
-        event = user_round_event(params)
-        if not accountant.supports(event):
+        events = [user_round_event(params, first=True)] + [user_round_event(params)] * (rounds > 1)
+        if not all(accountant.supports(event) for event in events):
             return None
-        accountant.compose(event, rounds)
+        accountant.compose(events[0])
+        if rounds > 1:
+            accountant.compose(events[1], rounds - 1)
         return float(accountant.get_epsilon(float(params["delta"])))
     except (KeyError, TypeError, ValueError):
         return None
@@ -267,6 +269,7 @@ def user_guarantee(user: dict[str, Any], fit_rounds: list[dict[str, Any]], ran: 
         "delta": user["delta"],
         "accountant": user["accountant"],
         "noise_multiplier": user["noise_multiplier"],
+        "first_round_noise": float(user.get("first_round_noise", 1.0)),
         "clipping_norm": user["clipping_norm"],
         "sampling": user["sampling"],
         "sampling_rate": user["sampling_rate"],

@@ -122,6 +122,7 @@ def user_level_dp(config: FedRecConfig, num_clients: int) -> UserLevelDP | None:
         raise ConfigError(delta_problem(config.user_dp_delta, num_clients))
     common = dict(
         noise_multiplier=config.user_dp_noise_multiplier,
+        first_round_noise=config.user_dp_first_round_noise,
         clipping_norm=config.user_dp_clipping_norm,
         num_clients=num_clients,
         delta=config.user_dp_delta,

@@ -289,7 +289,7 @@ class FedRecStrategy(Strategy):
         if self.gram_total is not None:  # EASE: the touched vector (users per item) is the Gram's diagonal
             upload = [upload[0], ease.gram_diagonal(upload[0], self.layout.num_items)]
         if self.user_dp is not None:
-            upload = self._privatize(upload, len(valid))
+            upload = self._privatize(upload, len(valid), server_round)
         total = sum(res.num_examples for _, res in valid)
         decoded = self._decode(upload, server_round, total)
         single = FitRes(Status(Code.OK, ""), ndarrays_to_parameters(decoded), total, {})
@@ -321,7 +321,7 @@ class FedRecStrategy(Strategy):
             self.gram_total += np.rint(upload[0] * float(count))  # whole counts (see common.ease.solve_from_sum)
             return [ease.solve_from_sum(self.gram_total, self.layout.num_items, self.config.ease_lambda)]
         return [solve_item_factors(upload[0].astype(np.float64) * count, self.layout.num_items, self.config,
-                                   self.user_dp)]
+                                   self.user_dp, server_round)]
 
     def _record_round(self, server_round: int, summary: dict[str, Scalar], client_metrics: list[dict[str, Scalar]]) -> None:
         """A finished round (trained or skipped): metrics, checkpoint, server state, progress line."""
@@ -366,15 +366,16 @@ class FedRecStrategy(Strategy):
             return validate_aggregate(self.layout, results)
         return validate_uploads(self.config, self.layout, self.user_dp, results, self.exclusions)
 
-    def _privatize(self, mean: list[np.ndarray], num_clients: int) -> list[np.ndarray]:
+    def _privatize(self, mean: list[np.ndarray], num_clients: int, server_round: int) -> list[np.ndarray]:
         assert self.user_dp is not None
-        return privatize(self.user_dp, mean, num_clients, self.noise_rng, noise_on_devices=self.noise_on_devices)
+        return privatize(self.user_dp, mean, num_clients, self.noise_rng, server_round=server_round,
+                         noise_on_devices=self.noise_on_devices)
 
     def _privacy_summary(self, server_round: int, client_metrics: list[dict[str, Scalar]]) -> dict[str, Scalar]:
         """Per-round privacy spend: user-level from the accountant, record-level from the devices."""
         summary: dict[str, Scalar] = self._user_privacy(server_round) if self.user_dp is not None else {}
         if self.user_dp is not None:
-            summary.update(noise_record(self.config, self.user_dp, len(client_metrics),
+            summary.update(noise_record(self.config, self.user_dp, len(client_metrics), server_round,
                                         noise_on_devices=self.noise_on_devices))
         if self.config.record_dp:
             summary.update(record_dp_summary(self.config, client_metrics))

@@ -21,13 +21,14 @@ def privatize(
     num_clients: int,
     rng: np.random.Generator | SecureGaussian,
     *,
+    server_round: int,
     noise_on_devices: bool = False,
 ) -> list[np.ndarray]:
     """DP-FedAvg on the aggregate: noise on the sum of clipped deltas, fixed denominator.
 
     The sum is recovered from the mean over the ``num_clients`` clients that made it (all
     weights are 1 under user-level DP), gets Gaussian noise of std ``z * C`` from ``rng``
-    (central DP), and is divided by the *expected* number of clients, which does not depend
+    (central DP; ``z`` is the round's, :meth:`UserLevelDP.noise_multiplier_at`), and is divided by the *expected* number of clients, which does not depend
     on who took part. With ``noise_on_devices`` (distributed DP under SecAgg+) the sum
     already carries the devices' noise shares and the server adds none. The touched
     vector is all ones by construction and is not data: it is reset, not noised.
@@ -36,13 +37,13 @@ def privatize(
     for delta in mean_upload[:-1]:
         total = delta.astype(np.float64) * num_clients
         if not noise_on_devices:
-            total += rng.normal(0.0, dp.noise_std, size=total.shape)
+            total += rng.normal(0.0, dp.noise_std_at(server_round), size=total.shape)
         noisy.append(total / dp.expected_clients)
     return [*noisy, np.ones_like(mean_upload[-1], dtype=np.float64)]
 
 
 def solve_item_factors(
-    total: np.ndarray, num_items: int, config: FedRecConfig, dp: UserLevelDP | None
+    total: np.ndarray, num_items: int, config: FedRecConfig, dp: UserLevelDP | None, server_round: int
 ) -> np.ndarray:
     """ALS's item step from the summed statistics; under user-level DP with Private ALS's scales and ridge.
 
@@ -51,10 +52,13 @@ def solve_item_factors(
     """
     if dp is None:
         return als.solve_items(total, num_items, config.embedding_dim).astype(np.float32)
-    return als.solve_items_private(total, num_items, config.embedding_dim, dp.noise_std).astype(np.float32)
+    noise_std = dp.noise_std_at(server_round)
+    return als.solve_items_private(total, num_items, config.embedding_dim, noise_std).astype(np.float32)
 
 
-def noise_record(config: FedRecConfig, dp: UserLevelDP, survivors: int, *, noise_on_devices: bool) -> dict[str, Scalar]:
+def noise_record(
+    config: FedRecConfig, dp: UserLevelDP, survivors: int, server_round: int, *, noise_on_devices: bool
+) -> dict[str, Scalar]:
     """The user-level noise this round's release really carries, and who added it.
 
     Distributed: ``survivors`` devices' shares, multiplier ``z sqrt(k / t)`` (the
@@ -62,9 +66,9 @@ def noise_record(config: FedRecConfig, dp: UserLevelDP, survivors: int, *, noise
     """
     if noise_on_devices:
         return {"user_noise_added_by": "devices", "server_noise_std": 0.0,
-                "noise_multiplier_present": noise_multiplier_present(config, survivors)}
-    return {"user_noise_added_by": "server", "server_noise_std": dp.noise_std,
-            "noise_multiplier_present": dp.noise_multiplier}
+                "noise_multiplier_present": noise_multiplier_present(config, survivors, server_round)}
+    return {"user_noise_added_by": "server", "server_noise_std": dp.noise_std_at(server_round),
+            "noise_multiplier_present": dp.noise_multiplier_at(server_round)}
 
 
 def user_privacy(config: FedRecConfig, dp: UserLevelDP, server_round: int) -> dict[str, Scalar]:

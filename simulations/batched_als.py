@@ -91,6 +91,6 @@ class AlsFleet(Fleet):
         upload, metrics = als_round(shared[0], data, clip=clipping_norm_for(config, shared),
                                     max_items=config.als_max_items,
                                     seed=[config.seed, server_round, client_key(data)])
-        sent, weight, metrics = finish_reply(config, upload, len(data.train_items), False, metrics)
+        sent, weight, metrics = finish_reply(config, upload, len(data.train_items), False, metrics, server_round)
         return FitRes(Status(Code.OK, ""), Parameters(CompactTensors(sent), _TENSOR_TYPE), weight,  # type: ignore[arg-type]
                       metrics)

@@ -201,11 +201,12 @@ class Fleet:
                 for index, result in zip(indices, trained, strict=True):
                     proxy, partition, _ = group[index]
                     self.user_rows[partition] = result.user_after
-                    results.append((proxy, self._reply(layout, before, shared, partition, result, seconds)))
+                    results.append((proxy, self._reply(layout, before, shared, partition, result, seconds,
+                                                       server_round)))
         return results
 
     def _reply(self, layout: UpdateLayout, before: dict[str, np.ndarray], shared: list[np.ndarray], partition: int,
-               result, seconds: float) -> FitRes:  # type: ignore[no-untyped-def]
+               result, seconds: float, server_round: int) -> FitRes:  # type: ignore[no-untyped-def]
         """The upload, weight and metrics :class:`client.numpy_client.FedRecClient.fit` would send."""
         config, data = self.config, self.data(partition)
         clipping_norm = clipping_norm_for(config, shared)
@@ -226,7 +227,7 @@ class Fleet:
         }
         if clipping_norm is not None:
             metrics["update_norm_before_clipping"] = clip_deltas(upload, clipping_norm)
-        sent, weight, metrics = finish_reply(config, upload, len(data.train_items), False, metrics)
+        sent, weight, metrics = finish_reply(config, upload, len(data.train_items), False, metrics, server_round)
         return FitRes(Status(Code.OK, ""), ndarrays_to_parameters(sent), weight, metrics)
 
     # --- evaluation ----------------------------------------------------------------

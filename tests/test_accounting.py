@@ -173,7 +173,7 @@ def test_realised_inclusion_rate_of_a_deployed_round_is_at_most_the_accounted_q(
     tiny = UserLevelDP(1e-9, 0.1, num_clients=1000, sampling="poisson", sampling_rate=0.1)
     strategy.user_dp = tiny
     mean = [np.full((50, 4), 0.02), np.full(3, 0.02), np.ones(50)]
-    np.testing.assert_allclose(strategy._privatize(mean, num_clients=30)[0], 0.6 / 100, rtol=1e-6)
+    np.testing.assert_allclose(strategy._privatize(mean, num_clients=30, server_round=2)[0], 0.6 / 100, rtol=1e-6)
 
 
 # --- what a plain upload tells the server ---------------------------------------------------
@@ -210,6 +210,43 @@ def test_report_recomputation_agrees_with_the_run_accountant_for_both_samplings(
     assert recompute_user_epsilon(record, 41) > accounted * 1.001  # one round more is another figure
     assert recompute_user_epsilon({**record, "neighbouring": "nonsense"}, 40) is None
     assert default_delta(500) == record["delta"]
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "pld"])
+def test_a_noisier_first_round_is_accounted_as_the_gaussians_it_composes(accountant):
+    # Every client in both rounds (q = 1): rounds of noise 2z and z are exactly one Gaussian
+    # mechanism of noise (1 / (2z)^2 + 1 / z^2)^-1/2, an epsilon the accountant must reproduce.
+    z = 1.5
+    schedule = UserLevelDP(z, 1.0, num_clients=943, sampling="poisson", sampling_rate=1.0, delta=1e-5,
+                           first_round_noise=2.0)
+    single = UserLevelDP((1 / (2 * z) ** 2 + 1 / z**2) ** -0.5, 1.0, num_clients=943, sampling="poisson",
+                         sampling_rate=1.0, delta=1e-5)
+    assert schedule.epsilon(2, accountant) == pytest.approx(single.epsilon(1, accountant), rel=2e-3)
+    assert schedule.noise_std_at(1) == 2 * z and schedule.noise_std_at(2) == schedule.noise_std_at(7) == z
+    # One round: round 1's noise alone; a first round noisier than the rest spends less than an even schedule.
+    assert schedule.epsilon(1, accountant) == pytest.approx(
+        UserLevelDP(2 * z, 1.0, num_clients=943, sampling="poisson", sampling_rate=1.0, delta=1e-5).epsilon(
+            1, accountant), rel=1e-9)
+    even = UserLevelDP(z, 1.0, num_clients=943, sampling="poisson", sampling_rate=1.0, delta=1e-5)
+    assert schedule.epsilon(5, accountant) < even.epsilon(5, accountant)
+    # The report's own recomputation reads the schedule from the record.
+    record = {**schedule.describe(), "accountant": accountant}
+    assert recompute_user_epsilon(record, 5) == pytest.approx(schedule.epsilon(5, accountant), rel=1e-9)
+    assert recompute_user_epsilon({**record, "first_round_noise": 1.0}, 5) == pytest.approx(
+        even.epsilon(5, accountant), rel=1e-9)
+
+
+def test_the_server_adds_the_first_rounds_larger_noise_in_round_1_only(tmp_path):
+    config = _config(**{"user-dp": True, "clients-per-round": 2, "user-dp-noise-multiplier": 1.0,
+                        "user-dp-clipping-norm": 0.1, "user-dp-first-round-noise": 3.0})
+    strategy = FedRecStrategy(config, LAYOUT, list(GLOBAL.values()), RunRecorder(tmp_path, {}, 10),
+                              user_dp=user_level_dp(config, 20))
+    mean = [np.zeros((50, 4)), np.zeros(3), np.ones(50)]
+    denominator = strategy.user_dp.expected_clients
+    for server_round, factor in ((1, 3.0), (2, 1.0), (3, 1.0)):
+        released = strategy._privatize(mean, num_clients=2, server_round=server_round)
+        measured = np.concatenate([a.ravel() for a in released[:-1]]).std() * denominator
+        assert measured == pytest.approx(factor * 0.1, rel=0.15), (server_round, measured)
 
 
 def test_a_skipped_round_is_accounted_and_recorded_with_its_epsilon(tmp_path):

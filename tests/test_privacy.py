@@ -137,7 +137,7 @@ def test_server_adds_noise_of_std_z_c_to_the_sum_and_divides_by_the_expected_cou
     )
     strategy.noise_rng = np.random.default_rng(0)
     mean = [np.full((50, 4), 0.01), np.full(3, 0.01), np.ones(50)]
-    noisy = strategy._privatize(mean, num_clients=4)
+    noisy = strategy._privatize(mean, num_clients=4, server_round=2)
     assert dp.expected_clients == 4
     residual = np.concatenate([(noisy[0] - 0.01).ravel(), (noisy[1] - 0.01).ravel()])
     # noise on the sum has std z*C = 1.0; divided by 4 expected clients: 0.25

@@ -238,7 +238,7 @@ def test_central_user_dp_keeps_server_noise_and_distributed_user_dp_adds_none(tm
                                                   user_dp=user_level_dp(config, 10))
         assert strategy.noise_on_devices is expected
         mean = [np.full((50, 4), 0.01), np.full(3, 0.01), np.ones(50)]
-        released = strategy._privatize(mean, num_clients=4)
+        released = strategy._privatize(mean, num_clients=4, server_round=2)
         assert np.allclose(released[0], 0.04 / strategy.user_dp.expected_clients) is expected
 
 
@@ -250,6 +250,7 @@ E2E = {
     "final-full-evaluation": False, "report": False, "checkpoint-every": 100,
     "user-dp": True, "secure-aggregation": True, "client-sampling": "fixed", "clients-per-round": 6,
     "min-train-clients": 4, "user-dp-noise-multiplier": 1.0, "user-dp-clipping-norm": C,
+    "user-dp-first-round-noise": 2.0,
 }
 
 
@@ -296,10 +297,10 @@ def test_distributed_noise_end_to_end_in_simulation(tmp_path, monkeypatch):
     fits = [row for row in rows if row["phase"] == "fit"]
     assert [row["round"] for row in fits] == [1, 2] and len(released) == 2
     assert server_draws == [], "the server drew no noise"
-    step, t, z = quantization_step(config), 4, 1.0
-    deviations = []
+    step, t = quantization_step(config), 4
     for row, (mean, k, kwargs) in zip(fits, released, strict=True):
-        assert kwargs == {"noise_on_devices": True} and row["clients_ok"] == k == 6
+        z = 2.0 if row["round"] == 1 else 1.0  # round 1 carries user-dp-first-round-noise x the noise
+        assert kwargs == {"server_round": row["round"], "noise_on_devices": True} and row["clients_ok"] == k == 6
         assert row["server_noise_std"] == 0.0 and row["user_noise_added_by"] == "devices"
         assert row["noise_multiplier_present"] == pytest.approx(z * math.sqrt(k / t))
         files = sorted(out.glob(f"{row['round']}-*.npz"))
@@ -315,9 +316,8 @@ def test_distributed_noise_end_to_end_in_simulation(tmp_path, monkeypatch):
         assert all(np.max(np.abs(a - b)) <= k * step for a, b in zip(total, noisy_sum, strict=True))
         for c in clipped:
             assert get_norm(c[:-1]) <= device_clipping_norm(config, sum(a.size for a in c[:-1])) * (1 + 1e-6)
-        deviations.append(np.concatenate([(a - b).ravel() for a, b in zip(total, clean_sum, strict=True)]))
-    measured = np.concatenate(deviations).std()
-    assert measured == pytest.approx(z * C * math.sqrt(6 / t), rel=0.1), measured
+        measured = np.concatenate([(a - b).ravel() for a, b in zip(total, clean_sum, strict=True)]).std()
+        assert measured == pytest.approx(z * C * math.sqrt(6 / t), rel=0.1), (row["round"], measured)
 
 
 def test_the_record_level_generator_the_run_records_is_the_one_opacus_gets():

@@ -137,7 +137,7 @@ def run_federation(
             participation[cid] += 1
         fit = [(None, FitRes(Status(Code.OK, ""), ndarrays_to_parameters(u), w, {})) for u, w in zip(uploads, weights, strict=True)]
         mean = weighted_mean(fit)  # type: ignore[arg-type]
-        released = privatize(dp, mean, len(chosen), noise) if dp is not None else mean
+        released = privatize(dp, mean, len(chosen), noise, server_round=rnd) if dp is not None else mean
         if observe is not None:
             observe(RoundView(rnd, chosen, uploads, weights, mean, released))
         lr = config.server_step(rnd) if config.strategy in ("fedavg", "fedprox") else 1.0
