@@ -114,11 +114,10 @@ def kept_items(items: np.ndarray, k_max: int, rng: np.random.Generator) -> np.nd
 
 def user_vector(items: np.ndarray, num_items: int, weight: float, diagonal: float = 1.0) -> np.ndarray:
     """What one device uploads: ``weight`` times the upper triangle (row-major) of ``x x^T``, diagonal times ``diagonal``."""
-    x = np.zeros(num_items)
-    x[items] = 1.0
-    outer = np.outer(x, x)
-    outer[np.diag_indices(num_items)] *= diagonal
-    return weight * outer[np.triu_indices(num_items)]
+    upper = ease.device_gram([items], num_items)  # the triangle a device of the product uploads
+    rows, cols = np.triu_indices(num_items)
+    upper[rows == cols] *= diagonal
+    return weight * upper
 
 
 def gram_from_triangle(vector: np.ndarray, num_items: int, diagonal: float = 1.0) -> np.ndarray:
