@@ -169,11 +169,13 @@ def _examples(devices: list[DeviceRound], config: TrainConfig, user_offsets: np.
     def gathered(field: str) -> np.ndarray:
         return np.concatenate([getattr(p[2], field).numpy()[p[3]] for p in pieces])
 
+    if item_rows is not None:  # (device, item) keys of the stacked rows, sorted: every example's item is among them
+        bound = int(item_rows.max()) + 1
+        keys = np.repeat(np.arange(len(devices), dtype=np.int64), _row_counts(devices)) * bound + item_rows
+
     def rows(items: np.ndarray) -> np.ndarray:
         if item_rows is None:
             return items.astype(np.int64)
-        bound = int(max(item_rows.max(), items.max())) + 1
-        keys = np.concatenate([np.full(n, i, np.int64) for i, n in enumerate(_row_counts(devices))]) * bound + item_rows
         return np.searchsorted(keys, device * bound + items)
 
     targets = gathered("targets")
