@@ -92,9 +92,18 @@ def min_survivors(config: FedRecConfig) -> int:
 
 
 def round_noise_multiplier(config: FedRecConfig, server_round: int) -> float:
-    """``z`` of round ``server_round`` (0: the largest of any round): round 1's is ``user-dp-first-round-noise`` x larger."""
+    """``z`` of round ``server_round``: round 1's is ``user-dp-first-round-noise`` x larger.
+
+    Round 0 (not known, e.g. a request without its number) gets the largest of any round:
+    a device that cannot tell errs towards more noise.
+    """
     first = config.user_dp_first_round_noise
-    factor = first if server_round == 1 else max(first, 1.0) if server_round == 0 else 1.0
+    if server_round == 1:
+        factor = first
+    elif server_round == 0:
+        factor = max(first, 1.0)
+    else:
+        factor = 1.0
     return config.user_dp_noise_multiplier * factor
 
 

@@ -333,3 +333,13 @@ def test_the_record_level_generator_the_run_records_is_the_one_opacus_gets():
     plan = privacy_plan(_config(**{"record-dp": True}), None, 1, "")
     assert plan["record_level"]["noise_generator"] == RECORD_NOISE_GENERATOR
     assert "mt19937" in RECORD_NOISE_GENERATOR and "not a CSPRNG" in RECORD_NOISE_GENERATOR
+
+
+@pytest.mark.parametrize("first", [0.5, 2.0])
+def test_a_device_that_does_not_know_the_round_adds_the_largest_share(first):
+    config = _config(**{"user-dp": True, "secure-aggregation": True, "min-train-clients": 4,
+                        "user-dp-noise-multiplier": 1.0, "user-dp-clipping-norm": 0.5,
+                        "user-dp-first-round-noise": first})
+    per_round = {r: noise_share_std(config, r) for r in (1, 2, 3)}
+    assert per_round[1] == pytest.approx(first * 0.5 / 2) and per_round[2] == per_round[3] == pytest.approx(0.5 / 2)
+    assert noise_share_std(config, 0) == max(per_round.values())
