@@ -241,6 +241,7 @@ def test_the_server_adds_the_first_rounds_larger_noise_in_round_1_only(tmp_path)
                         "user-dp-clipping-norm": 0.1, "user-dp-first-round-noise": 3.0})
     strategy = FedRecStrategy(config, LAYOUT, list(GLOBAL.values()), RunRecorder(tmp_path, {}, 10),
                               user_dp=user_level_dp(config, 20))
+    strategy.noise_rng = np.random.default_rng(0)  # seeded here only: a run's noise is the OS's (SecureGaussian)
     mean = [np.zeros((50, 4)), np.zeros(3), np.ones(50)]
     denominator = strategy.user_dp.expected_clients
     for server_round, factor in ((1, 3.0), (2, 1.0), (3, 1.0)):
