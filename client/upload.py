@@ -46,13 +46,13 @@ def clipping_norm_for(config: FedRecConfig, shared: list[np.ndarray]) -> float |
     return device_clipping_norm(config, sum(int(np.size(array)) for array in shared))
 
 
-def with_noise_share(config: FedRecConfig, upload: list[np.ndarray], server_round: int) -> list[np.ndarray]:
+def with_noise_share(config: FedRecConfig, upload: list[np.ndarray], server_round: int = 0) -> list[np.ndarray]:
     """Distributed DP: the clipped deltas plus this device's share of the Gaussian noise, in float64.
 
     Added before ``secaggplus_mod`` masks the upload, so the sum the server unmasks already
     carries the noise. The touched vector (all ones under user-dp) gets none. float64 keeps
     Flower's quantization exact to well below one step; the float upload never leaves the
-    device (SecAgg+ sends masked integers).
+    device (SecAgg+ sends masked integers). ``server_round`` 0 (not known): the largest share.
     """
     sampler, std = SecureGaussian(), noise_share_std(config, server_round)
     deltas = [array.astype(np.float64) + sampler.normal(0.0, std, array.shape) for array in upload[:-1]]

@@ -188,6 +188,7 @@ class UserLevelDP:
             "clipping_norm": self.clipping_norm,
             "noise_std_on_sum": self.noise_std,
             "first_round_noise": self.first_round_noise,
+            "noise_std_on_sum_round_1": self.noise_std_at(1),
             "sampling": self.sampling,
             "sampling_rate": self.sampling_rate if self.sampling == "poisson" else self.sample_size / self.num_clients,
             "clients_per_round": self.expected_clients,

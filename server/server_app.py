@@ -205,7 +205,8 @@ def noise_placement(config: FedRecConfig, num_coordinates: int) -> dict:
         return {"noise_added_by": "server (central DP: the server sees every clipped update before adding the noise)"}
     return {
         "noise_added_by": "devices (distributed DP: each adds a share before SecAgg+ masks its update)",
-        "noise_share_std_per_device": noise_share_std(config),
+        "noise_share_std_per_device": noise_share_std(config, 2),
+        "noise_share_std_per_device_round_1": noise_share_std(config, 1),
         "min_survivors": min_survivors(config),
         "server_noise_std": 0.0,
         "secagg_rounding_slack": rounding_slack(config, num_coordinates),
