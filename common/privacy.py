@@ -80,6 +80,20 @@ def secure_uniform(count: int) -> np.ndarray:
     return (words >> np.uint64(11)).astype(np.float64) * 2.0**-53
 
 
+def round_noise_factor(first_round_noise: float, server_round: int) -> float:
+    """How many times the base noise multiplier round ``server_round`` carries.
+
+    Round 1: ``first_round_noise``; later rounds: 1. Round 0 (not known, e.g. a device's
+    request without its number) gets the larger of the two: whoever cannot tell errs towards
+    more noise.
+    """
+    if server_round == 1:
+        return first_round_noise
+    if server_round == 0:
+        return max(first_round_noise, 1.0)
+    return 1.0
+
+
 @dataclass(frozen=True)
 class UserLevelDP:
     """DP-FedAvg's mechanism: clip each client's update to ``clipping_norm``, add Gaussian noise
@@ -118,12 +132,12 @@ class UserLevelDP:
         return self.noise_multiplier * self.clipping_norm
 
     def noise_multiplier_at(self, server_round: int) -> float:
-        """Round ``server_round``'s noise multiplier: ``first_round_noise`` times larger in round 1.
+        """Round ``server_round``'s noise multiplier: ``first_round_noise`` times larger in round 1 (:func:`round_noise_factor`).
 
         A first round that only seeds the model (Private ALS's start from random item factors)
         can take more noise and leave more of the budget to the rounds that matter.
         """
-        return self.noise_multiplier * (self.first_round_noise if server_round == 1 else 1.0)
+        return self.noise_multiplier * round_noise_factor(self.first_round_noise, server_round)
 
     def noise_std_at(self, server_round: int) -> float:
         """Std of the noise on round ``server_round``'s sum of clipped updates."""

@@ -25,6 +25,7 @@ import math
 
 from common.config import ConfigError, FedRecConfig
 from common.models import CLOSED_FORM_MODELS
+from common.privacy import round_noise_factor
 
 # Clipping runs in float32 on the device (relative error ~1e-7); this share of C covers it.
 FLOAT_ALLOWANCE = 1e-6
@@ -92,19 +93,8 @@ def min_survivors(config: FedRecConfig) -> int:
 
 
 def round_noise_multiplier(config: FedRecConfig, server_round: int) -> float:
-    """``z`` of round ``server_round``: round 1's is ``user-dp-first-round-noise`` x larger.
-
-    Round 0 (not known, e.g. a request without its number) gets the largest of any round:
-    a device that cannot tell errs towards more noise.
-    """
-    first = config.user_dp_first_round_noise
-    if server_round == 1:
-        factor = first
-    elif server_round == 0:
-        factor = max(first, 1.0)
-    else:
-        factor = 1.0
-    return config.user_dp_noise_multiplier * factor
+    """``z`` of round ``server_round`` as the run-config sets it (:func:`common.privacy.round_noise_factor`)."""
+    return config.user_dp_noise_multiplier * round_noise_factor(config.user_dp_first_round_noise, server_round)
 
 
 def noise_share_std(config: FedRecConfig, server_round: int = 0) -> float:

@@ -201,12 +201,12 @@ def recompute_user_epsilon(params: dict[str, Any], rounds: int) -> float | None:
             accountant = pld.PLDAccountant(neighboring_relation=relation)
         else:
             return None
-        events = [user_round_event(params, first=True)] + [user_round_event(params)] * (rounds > 1)
-        if not all(accountant.supports(event) for event in events):
+        first, later = user_round_event(params, first=True), user_round_event(params)
+        if not (accountant.supports(first) and accountant.supports(later)):
             return None
-        accountant.compose(events[0])
+        accountant.compose(first)
         if rounds > 1:
-            accountant.compose(events[1], rounds - 1)
+            accountant.compose(later, rounds - 1)
         return float(accountant.get_epsilon(float(params["delta"])))
     except (KeyError, TypeError, ValueError):
         return None

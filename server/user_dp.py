@@ -29,9 +29,10 @@ def privatize(
     The sum is recovered from the mean over the ``num_clients`` clients that made it (all
     weights are 1 under user-level DP), gets Gaussian noise of std ``z * C`` from ``rng``
     (central DP; ``z`` is the round's, :meth:`UserLevelDP.noise_multiplier_at`), and is
-    divided by the *expected* number of clients, which does not depend on who took part. With ``noise_on_devices`` (distributed DP under SecAgg+) the sum
-    already carries the devices' noise shares and the server adds none. The touched
-    vector is all ones by construction and is not data: it is reset, not noised.
+    divided by the *expected* number of clients, which does not depend on who took part.
+    With ``noise_on_devices`` (distributed DP under SecAgg+) the sum already carries the
+    devices' noise shares and the server adds none. The touched vector is all ones by
+    construction and is not data: it is reset, not noised.
     """
     noisy = []
     for delta in mean_upload[:-1]:
