@@ -13,13 +13,43 @@ from flwr.common import FitRes, Parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
 from common.config import FedRecConfig
+from common.wire import parameters_arrays
 from server.robust import robust_mean
 
 
 def in_content_order(results: list[tuple[ClientProxy, FitRes]]) -> list[tuple[ClientProxy, FitRes]]:
     """Results sorted by their uploads' content, not their arrival: aggregates are then the same
-    bit for bit however the clients' replies interleave."""
-    return sorted(results, key=lambda item: _content_digest(item[1].parameters))
+    bit for bit however the clients' replies interleave.
+
+    The order is by a fingerprint of each upload (:func:`_fingerprint`), and uploads whose
+    fingerprints tie by a SHA-256 of all their bytes: a function of the content either way.
+    Hashing every upload in full cost 0.3 ms per MovieLens-1M-shape upload, a tenth of the
+    vectorized backend's time per device.
+    """
+    groups: dict[bytes, list[tuple[ClientProxy, FitRes]]] = {}
+    for item in results:
+        groups.setdefault(_fingerprint(item[1]), []).append(item)
+    ordered: list[tuple[ClientProxy, FitRes]] = []
+    for key in sorted(groups):
+        group = groups[key]
+        ordered.extend(sorted(group, key=lambda item: _content_digest(item[1].parameters)) if len(group) > 1 else group)
+    return ordered
+
+
+# Bytes of a large tensor the fingerprint reads: one in this many (small tensors are read whole).
+_FINGERPRINT_STRIDE = 1021
+_SMALL_TENSOR = 1 << 16
+
+
+def _fingerprint(res: FitRes) -> bytes:
+    """SHA-256 over an upload's weight, its tensors' sizes, its small tensors (the touched vector, the dense
+    layers) and an evenly spaced sample of its large ones: different for different devices' uploads
+    but for a rare tie, which :func:`in_content_order` breaks by the full content."""
+    digest = hashlib.sha256(str(res.num_examples).encode())
+    for tensor in res.parameters.tensors:
+        digest.update(len(tensor).to_bytes(8, "little"))
+        digest.update(tensor if len(tensor) <= _SMALL_TENSOR else tensor[::_FINGERPRINT_STRIDE])
+    return digest.digest()
 
 
 def _content_digest(parameters: Parameters) -> bytes:
@@ -39,13 +69,15 @@ def weighted_mean(results: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]
     total = float(sum(res.num_examples for _, res in results))
     mean: list[np.ndarray] | None = None
     for _, res in in_content_order(results):
-        arrays = parameters_to_ndarrays(res.parameters)
+        arrays = parameters_arrays(res.parameters)
         weight = res.num_examples / total
         if mean is None:
             mean = [a.astype(np.float64) * weight for a in arrays]
+            scratch = [np.empty_like(a) for a in arrays]
         else:
-            for acc, a in zip(mean, arrays, strict=True):
-                acc += a * weight
+            for acc, a, product in zip(mean, arrays, scratch, strict=True):
+                # a * weight in the upload's dtype, as before; into a kept buffer (no new pages per upload)
+                acc += np.multiply(a, weight, out=product) if a.dtype == product.dtype else a * weight
     assert mean is not None
     return mean
 
@@ -60,5 +92,5 @@ def mean_upload(
         return weighted_mean(valid)
     ordered = in_content_order(valid)
     # float16 uploads (transport-dtype) are widened: Flower's rules compute in the input's dtype.
-    uploads = [[a.astype(np.float32) for a in parameters_to_ndarrays(res.parameters)] for _, res in ordered]
+    uploads = [[a.astype(np.float32) for a in parameters_arrays(res.parameters)] for _, res in ordered]
     return robust_mean(config, uploads, [res.num_examples for _, res in ordered])

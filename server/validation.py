@@ -18,6 +18,7 @@ from flwr.supercore.differential_privacy import get_norm
 
 from common.config import FedRecConfig
 from common.privacy import UserLevelDP
+from common.wire import parameters_arrays
 from common.updates import REJECTION_REASONS, UpdateLayout, UpdateRejected, delta_norm, validate_upload
 
 Results = list[tuple[ClientProxy, FitRes]]
@@ -108,7 +109,7 @@ def validate_uploads(
         try:
             if res.num_examples <= 0:
                 raise UpdateRejected("no_examples", "reported no training examples")
-            upload = parameters_to_ndarrays(res.parameters)
+            upload = parameters_arrays(res.parameters)
             validate_upload(layout, upload, positives_per_example=config.client_weight == "examples")
             if user_dp is not None:
                 check_clipped(upload, user_dp.clipping_norm)

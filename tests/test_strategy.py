@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+from flwr.common import ndarray_to_bytes, Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 
 from common.config import parse_run_config
 from common.updates import POPULAR_ITEMS_KEY, UpdateLayout, decode_item_list, encode_update
@@ -228,6 +228,28 @@ def test_the_mean_is_the_same_bit_for_bit_whatever_order_replies_arrive_in():
         return acc
 
     assert any(not np.array_equal(in_arrival_order(results), in_arrival_order(order)) for order in orders)
+
+
+def test_uploads_alike_in_what_the_fingerprint_reads_are_still_summed_in_content_order():
+    """Large uploads are ordered by a sample of their bytes first; a tie falls back to all of them."""
+    from server.aggregate import _fingerprint, in_content_order, weighted_mean
+
+    base = np.random.default_rng(5).normal(size=(8192, 4)).astype(np.float32)  # 128 KiB: sampled, not read whole
+    unsampled = next(i for i in range(base.size) if all((128 + 4 * i + b) % 1021 for b in range(4)))
+    results = []
+    for node, scale in enumerate([1.0, 1e-7, 1e7]):
+        table = base.copy()
+        table.flat[unsampled] = scale  # outside every sampled byte: the fingerprints tie
+        parameters = ndarrays_to_parameters([table, np.ones(3, np.float32)])
+        assert len(parameters.tensors[0]) > 1 << 16 and len(parameters.tensors[0]) - len(ndarray_to_bytes(table)) == 0
+        results.append((SimpleNamespace(node_id=node), FitRes(Status(Code.OK, ""), parameters, 7, {})))
+    assert len({_fingerprint(res) for _, res in results}) == 1
+    orders = [results, results[::-1], [results[i] for i in (1, 2, 0)]]
+    ordered = [[proxy.node_id for proxy, _ in in_content_order(order)] for order in orders]
+    assert ordered[0] == ordered[1] == ordered[2]
+    means = [weighted_mean(order)[0] for order in orders]
+    for mean in means[1:]:
+        np.testing.assert_array_equal(means[0], mean)
 
 
 def test_a_simulated_round_waits_until_every_supernode_has_connected(tmp_path):
