@@ -29,7 +29,15 @@ from common.evaluation import (
 from common.federation import ClientData
 from common.metrics import sums
 from common.models import ModelConfig, RecModel, build_model, empty_model
-from common.training import Examples, PositiveSet, TrainConfig, build_examples, make_optimizer, train_epoch
+from common.training import (
+    Examples,
+    PositiveSet,
+    TrainConfig,
+    build_examples,
+    make_optimizer,
+    sorted_unique,
+    train_epoch,
+)
 from common.updates import UpdateLayout, clip_deltas, encode_update, positive_counts
 
 
@@ -127,7 +135,7 @@ def plan_epochs(data: ClientData, config: TrainConfig, seed: list[int]) -> Epoch
     touched = np.concatenate(
         [e.items.numpy() for e in epochs] + ([e.targets.numpy() for e in epochs] if config.loss == "bpr" else [])
     )
-    return EpochPlan(epochs, generator, touched, np.unique(touched))
+    return EpochPlan(epochs, generator, touched, sorted_unique(touched))
 
 
 def run_epochs(

@@ -75,6 +75,20 @@ class TrainConfig:
 DENSE_POSITIVES = 1 << 22
 
 
+def sorted_unique(values: np.ndarray) -> np.ndarray:
+    """``np.unique(values)`` of a 1-d integer array, by sorting.
+
+    numpy 2.4 finds unique integers with a hash table first: 85 us for a device's 825 item
+    ids here, where a sort and a comparison take 9 us; a simulated round calls this a few
+    times per device. The same sorted values either way.
+    """
+    ordered = np.sort(np.asarray(values).ravel())
+    keep = np.empty(len(ordered), dtype=bool)
+    keep[:1] = True
+    np.not_equal(ordered[1:], ordered[:-1], out=keep[1:])
+    return ordered[keep]
+
+
 class PositiveSet:
     """Membership test for (user, item) pairs, used to reject sampled 'negatives'.
 
@@ -85,7 +99,7 @@ class PositiveSet:
 
     def __init__(self, users: np.ndarray, items: np.ndarray, num_items: int) -> None:
         self.num_items = num_items
-        self._keys = np.unique(users.astype(np.int64) * num_items + items.astype(np.int64))
+        self._keys = sorted_unique(users.astype(np.int64) * num_items + items.astype(np.int64))
         size = int(self._keys[-1]) + 1 if len(self._keys) else 0
         self._table: np.ndarray | None = None
         if size <= DENSE_POSITIVES:

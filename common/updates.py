@@ -81,14 +81,14 @@ def encode_update(
     """
     touched = np.zeros(layout.num_items, dtype=np.float32)
     if rowwise:
-        touched[np.unique(touched_items)] = 1.0
+        touched[np.asarray(touched_items, dtype=np.int64)] = 1.0  # repeats set the same flag
     else:
         touched[:] = 1.0
     upload = []
     for name in layout.names:
-        delta = (after[name] - before[name]).astype(np.float32, copy=False)
+        delta = (after[name] - before[name]).astype(np.float32, copy=False)  # a new array: masked in place
         if name in layout.item_rows:
-            delta = delta * touched.reshape(-1, *([1] * (delta.ndim - 1)))
+            delta *= touched.reshape(-1, *([1] * (delta.ndim - 1)))
         upload.append(delta)
     if layout.positives:
         if positives is None or np.shape(positives) != (layout.num_items,):

@@ -255,8 +255,9 @@ class BatchTrainer:
         if train_shared:  # each device's own copy of the item rows its round trains, in the order first trained
             self.layout = _FirstTouch(self.examples, self.item_offsets, config.loss == "bpr")
             item_rows = item_rows[self.layout.order]
-            self.items = {name: torch.from_numpy(np.asarray(shared[name], np.float32)[item_rows])
-                          for name in ITEM_TABLES[self.kind]}
+            rows = torch.from_numpy(item_rows)
+            self.items = {name: torch.from_numpy(np.asarray(shared[name], np.float32)).index_select(0, rows)
+                          for name in ITEM_TABLES[self.kind]}  # torch's row gather: a third of numpy's time
         else:  # frozen: the shared tables, read in place
             self.items = {name: torch.from_numpy(np.asarray(shared[name], np.float32)) for name in ITEM_TABLES[self.kind]}
         self.users = {name: torch.from_numpy(np.concatenate(
