@@ -179,18 +179,6 @@ def remap_items(examples: Examples, rows: np.ndarray, targets_are_items: bool) -
     return Examples(examples.users, position(examples.items), targets)
 
 
-def with_all_rows(
-    before: dict[str, np.ndarray], trained: dict[str, np.ndarray], rows: np.ndarray, tables: list[str]
-) -> dict[str, np.ndarray]:
-    """Full shared arrays after a round trained on ``rows`` only: ``before`` with those rows replaced."""
-    after = dict(trained)
-    for name in tables:
-        full = before[name].copy()
-        full[rows] = trained[name]
-        after[name] = full
-    return after
-
-
 def train_round(
     model_config: ModelConfig,
     train_config: TrainConfig,
@@ -246,15 +234,13 @@ def train_round(
                                        reference=reference)
         loss, touched = private.loss, np.arange(data.num_items)
         extra = {"record_epsilon": private.epsilon, "record_dp_declined": float(private.declined)}
-    after = model.shared_state()
-    if item_rows is not None:
-        after = with_all_rows(before, after, item_rows, model.item_row_parameter_names())
     # Under either DP the touched vector is all ones: DP-SGD noise moves every item row, and
     # which rows a device trained is exactly what user-level DP must not reveal.
     upload = encode_update(
-        layout, before, after, touched,
+        layout, before, model.shared_state(), touched,
         rowwise=rowwise and clipping_norm is None and record_dp is None,
         positives=positive_counts(data.train_users, data.train_items, data.num_items) if count_positives else None,
+        rows=item_rows,
     )
     if private is not None and private.declined:
         # Nothing was trained: a zero update that moves no row (touched ones only where the

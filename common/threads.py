@@ -71,3 +71,17 @@ def use_threads(environ: MutableMapping[str, str] | None = None) -> int | None:
     if torch is not None and hasattr(torch, "set_num_threads") and torch.get_num_threads() != count:
         torch.set_num_threads(count)
     return count
+
+
+def available_cores() -> int:
+    """The cores this process may run on (its CPU affinity, not the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def compute_processes() -> int:
+    """How many cores fedrec's own parallel work uses: ``FEDREC_THREADS`` (1 unless set), or every core
+    this process may run on when it is 0 (the vectorized backend's workers, the server's array threads)."""
+    return chosen_threads() or available_cores()

@@ -72,12 +72,16 @@ def encode_update(
     *,
     rowwise: bool = True,
     positives: np.ndarray | None = None,
+    rows: np.ndarray | None = None,
 ) -> list[np.ndarray]:
     """Arrays a client uploads: masked deltas, [the positives vector,] then the touched-items vector.
 
     With ``rowwise=False`` every row counts as touched, which turns the server's decode
     into plain FedAvg over whole tables (kept for comparison). ``positives`` (required when
     the layout carries it): per item, how many of the device's users have a positive on it.
+    ``rows`` (sorted item ids): the item tables of ``after`` hold only these rows, the model
+    of a round that trained only them; every other row is ``before``'s, so its delta is zero
+    and only these rows are subtracted (the same upload as from the whole tables).
     """
     touched = np.zeros(layout.num_items, dtype=np.float32)
     if rowwise:
@@ -86,9 +90,14 @@ def encode_update(
         touched[:] = 1.0
     upload = []
     for name in layout.names:
-        delta = (after[name] - before[name]).astype(np.float32, copy=False)  # a new array: masked in place
-        if name in layout.item_rows:
-            delta *= touched.reshape(-1, *([1] * (delta.ndim - 1)))
+        if rows is not None and name in layout.item_rows:
+            delta = np.zeros(np.shape(before[name]), np.float32)
+            mask = touched[rows].reshape(-1, *([1] * (delta.ndim - 1)))
+            delta[rows] = (after[name] - before[name][rows]) * mask
+        else:
+            delta = (after[name] - before[name]).astype(np.float32, copy=False)  # a new array: masked in place
+            if name in layout.item_rows:
+                delta *= touched.reshape(-1, *([1] * (delta.ndim - 1)))
         upload.append(delta)
     if layout.positives:
         if positives is None or np.shape(positives) != (layout.num_items,):

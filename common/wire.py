@@ -26,14 +26,14 @@ _HEADERS: dict[bytes, tuple[tuple[int, ...], np.dtype, int] | None] = {}  # head
 _MAX_HEADERS = 4096  # a run has a handful; a hostile stream of distinct headers cannot grow this without bound
 
 
-def _header_end(tensor: bytes) -> int:
+def _header_end(tensor: bytes | memoryview) -> int:
     """Where the ``np.save`` header ends (the data starts), or 0 if this is not one."""
-    if len(tensor) < 10 or not tensor.startswith(_MAGIC):
+    if len(tensor) < 12 or bytes(tensor[:6]) != _MAGIC:
         return 0
     major = tensor[6]
     if major == 1:
         return 10 + int.from_bytes(tensor[8:10], "little")
-    if major in (2, 3) and len(tensor) >= 12:
+    if major in (2, 3):
         return 12 + int.from_bytes(tensor[8:12], "little")
     return 0
 
@@ -53,10 +53,11 @@ def _parse(header: bytes) -> tuple[tuple[int, ...], np.dtype, int] | None:
     return shape, dtype, math.prod(shape)
 
 
-def tensor_to_array(tensor: bytes) -> np.ndarray:
-    """The array of one tensor: a read-only view of its bytes, or Flower's ``bytes_to_ndarray`` for the unusual."""
+def tensor_to_array(tensor: bytes | memoryview) -> np.ndarray:
+    """The array of one tensor (bytes, or a memoryview of them): a read-only view of its data, or Flower's
+    ``bytes_to_ndarray`` for the unusual."""
     end = _header_end(tensor)
-    header = tensor[:end] if end else b""
+    header = bytes(tensor[:end]) if end else b""
     if end and header not in _HEADERS:
         if len(_HEADERS) >= _MAX_HEADERS:
             _HEADERS.clear()
@@ -65,8 +66,10 @@ def tensor_to_array(tensor: bytes) -> np.ndarray:
     if parsed is not None:
         shape, dtype, count = parsed
         if len(tensor) - end == count * dtype.itemsize:
-            return np.frombuffer(tensor, dtype=dtype, count=count, offset=end).reshape(shape)
-    return bytes_to_ndarray(tensor)
+            array = np.frombuffer(tensor, dtype=dtype, count=count, offset=end).reshape(shape)
+            array.flags.writeable = False  # also over a writable buffer: an upload is never written into
+            return array
+    return bytes_to_ndarray(bytes(tensor))
 
 
 def parameters_arrays(parameters: Parameters) -> list[np.ndarray]:
@@ -77,10 +80,14 @@ def parameters_arrays(parameters: Parameters) -> list[np.ndarray]:
 _SAVED_HEADERS: dict[tuple[tuple[int, ...], str], bytes] = {}
 
 
-def array_to_tensor(array: np.ndarray) -> bytes:
-    """``flwr.common.ndarray_to_bytes``'s exact bytes, with the header written once per shape and dtype."""
+def tensor_parts(array: np.ndarray) -> list:
+    """The buffers whose concatenation is ``flwr.common.ndarray_to_bytes(array)``: its header, then its data.
+
+    The header is written once per shape and dtype. An array a plain buffer cannot give (not
+    C-contiguous, objects) comes as Flower's bytes whole.
+    """
     if not array.flags.c_contiguous or array.dtype.hasobject:
-        return ndarray_to_bytes(array)
+        return [ndarray_to_bytes(array)]
     key = (array.shape, array.dtype.str)
     header = _SAVED_HEADERS.get(key)
     if header is None:
@@ -88,7 +95,12 @@ def array_to_tensor(array: np.ndarray) -> bytes:
             _SAVED_HEADERS.clear()
         header = ndarray_to_bytes(np.empty(array.shape, array.dtype))[: -array.nbytes or None]
         _SAVED_HEADERS[key] = header
-    return b"".join((header, array))  # one copy of the data (header + tobytes() made two)
+    return [header, array.reshape(-1).view(np.uint8)]
+
+
+def array_to_tensor(array: np.ndarray) -> bytes:
+    """``flwr.common.ndarray_to_bytes``'s exact bytes, in one copy of the data (``np.save`` into a buffer makes more)."""
+    return b"".join(tensor_parts(array))
 
 
 def arrays_parameters(arrays: list[np.ndarray]) -> Parameters:

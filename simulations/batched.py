@@ -381,16 +381,34 @@ def _loss_and_slope(loss: str, score: torch.Tensor, target: torch.Tensor) -> tup
     return -torch.nn.functional.logsigmoid(score), torch.sigmoid(score) - 1
 
 
-def batches(devices: list[DeviceRound], max_rows: int = MAX_BATCH_ROWS) -> list[list[int]]:
-    """Indices of ``devices`` in batches of at most about ``max_rows`` item rows, similar step counts together."""
-    order = sorted(range(len(devices)), key=lambda i: -devices[i].steps)
+def planned_size(data: ClientData, config: TrainConfig) -> tuple[int, int]:
+    """A device's steps in a round and a bound on its item rows, known before its examples are drawn.
+
+    The example counts per pass follow from its interactions and the loss (negatives are
+    drawn, their number is not); its rows are at most its positives' items and every pass's
+    negatives, and at most the catalogue. So a round's batches are fixed before any device
+    draws its plan, wherever the plans are drawn.
+    """
+    interactions = len(data.train_items)
+    negatives = 0 if config.loss == "mse" else interactions * config.num_negatives  # drawn afresh each pass
+    per_pass = {"bce": interactions + negatives, "bpr": negatives}.get(config.loss, interactions)
+    steps = config.epochs * math.ceil(per_pass / config.batch_size)
+    return steps, min(data.num_items, interactions + config.epochs * negatives)
+
+
+def batches(steps: list[int], rows: list[int], max_rows: int = MAX_BATCH_ROWS) -> list[list[int]]:
+    """Indices of devices in batches of at most about ``max_rows`` item rows, similar step counts together.
+
+    ``steps`` and ``rows``: per device, its steps and (a bound on) its item rows.
+    """
+    order = sorted(range(len(steps)), key=lambda i: -steps[i])
     groups: list[list[int]] = [[]]
-    rows = 0
+    total = 0
     for index in order:
-        size = len(devices[index].plan.rows)
-        if groups[-1] and rows + size > max_rows:
+        size = rows[index]
+        if groups[-1] and total + size > max_rows:
             groups.append([])
-            rows = 0
+            total = 0
         groups[-1].append(index)
-        rows += size
+        total += size
     return [g for g in groups if g]

@@ -26,10 +26,7 @@ from client.als_local import als_round
 from client.local import client_key
 from client.upload import clipping_norm_for, finish_reply
 from common.training import TrainConfig
-from simulations.vectorized import Fleet
-
-_TENSOR_TYPE = "numpy.ndarray"  # what flwr.common.ndarrays_to_parameters writes
-
+from simulations.vectorized import TENSOR_TYPE, Fleet
 
 class _Stored:
     """One array as its shape, dtype and non-zero entries (or whole, when that is smaller)."""
@@ -92,5 +89,5 @@ class AlsFleet(Fleet):
                                     max_items=config.als_max_items,
                                     seed=[config.seed, server_round, client_key(data)])
         sent, weight, metrics = finish_reply(config, upload, len(data.train_items), False, metrics, server_round)
-        return FitRes(Status(Code.OK, ""), Parameters(CompactTensors(sent), _TENSOR_TYPE), weight,  # type: ignore[arg-type]
+        return FitRes(Status(Code.OK, ""), Parameters(CompactTensors(sent), TENSOR_TYPE), weight,  # type: ignore[arg-type]
                       metrics)

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import replace
 from types import SimpleNamespace
 from typing import Any
@@ -45,6 +45,7 @@ from flwr.common import (
     EvaluateRes,
     FitIns,
     FitRes,
+    Parameters,
     Status,
     parameters_to_ndarrays,
 )
@@ -55,20 +56,21 @@ from flwr.server.client_proxy import ClientProxy
 
 from client.device_state import save_local_state
 from client.fleet import absence, round_epochs
-from client.local import client_key, user_seed, with_all_rows
+from client.local import client_key, user_seed
 from client.numpy_client import FedRecClient
 from client.upload import clipping_norm_for, finish_reply
 from common.config import FLEET_FAILURE_PREFIX, ROUND_ATTEMPT_KEY, ConfigError, FedRecConfig, parse_run_config
 from common.federation import ClientData, slicer_cached
 from common.models import ModelConfig, build_model
-from common.threads import use_threads
+from common.threads import compute_processes, use_threads
 from common.training import TrainConfig
-from common.wire import arrays_parameters
+from common.wire import tensor_parts
 from common.updates import UpdateLayout, clip_deltas, encode_update, positive_counts
 from server.disclosure import ReceivedFields
 from server.fleet import retrying
 from server.server_app import ServerRun, finish_run, start_run
-from simulations.batched import BATCHED_MODELS, ITEM_TABLES, BatchTrainer, batches, device_round
+from simulations.batched import BATCHED_MODELS, BatchTrainer, batches, device_round, planned_size
+from simulations.forked import forked_results
 
 TRANSPORT = {"grid": "vectorized", "engine": "simulation", "network": False}
 
@@ -110,6 +112,39 @@ class DeviceProxy(ClientProxy):
 def node_of(partition: int) -> int:
     """The node id of a partition's device (never 0, the SuperLink's own id in Flower)."""
     return partition + 1
+
+
+# A round is split among forked workers only with at least this many devices per worker (a fork
+# and its copy-on-write faults cost tens of milliseconds; a device's training about one).
+MIN_DEVICES_PER_WORKER = 64
+
+
+def round_workers(devices: int) -> int:
+    """How many forked workers train a round of ``devices`` devices: ``FEDREC_THREADS`` of them (all the
+    cores this process may use when it is 0), fewer for a small round, 1 (in this process) for the smallest."""
+    wanted = compute_processes()
+    return max(1, min(wanted, devices // MIN_DEVICES_PER_WORKER))
+
+
+def balanced_shares(costs: list[int], workers: int) -> list[list[int]]:
+    """Batch indices per worker, each batch to the worker with the least cost so far (largest batches first)."""
+    shares: list[list[int]] = [[] for _ in range(workers)]
+    loads = [0] * workers
+    for batch in sorted(range(len(costs)), key=lambda b: -costs[b]):
+        least = loads.index(min(loads))
+        shares[least].append(batch)
+        loads[least] += costs[batch]
+    return [sorted(share) for share in shares]
+
+
+TENSOR_TYPE = "numpy.ndarray"  # what flwr.common.ndarrays_to_parameters writes
+
+
+def upload_bytes(layout: UpdateLayout, config: FedRecConfig) -> int:
+    """The bytes of one device's upload as it travels (its arrays in the transport dtype, with their headers)."""
+    dtype = np.float16 if config.transport_dtype == "float16" else np.float32
+    return sum(sum(memoryview(part).nbytes for part in tensor_parts(np.zeros(shape, dtype)))
+               for shape in layout.upload_shapes())
 
 
 def fresh_user_rows(model_config: ModelConfig, num_users: int, seed: int) -> dict[str, np.ndarray]:
@@ -179,44 +214,70 @@ class Fleet:
 
     def _train(self, present: list[tuple[ClientProxy, int, TrainConfig]], shared: list[np.ndarray],
                server_round: int) -> list[tuple[ClientProxy, FitRes]]:
+        """Every present device's reply, in the order given; batches in forked workers when the round is large.
+
+        The batches are fixed here from the devices' sizes alone (:func:`simulations.batched.planned_size`),
+        so a device trains beside the same devices however many workers share the round: the
+        model is the same bit for bit for any ``FEDREC_THREADS``.
+        """
         model = build_model(self.config.model_config, 1, 1)
         names = model.shared_parameter_names()
         before = {name: np.asarray(value, dtype=np.float32) for name, value in zip(names, shared, strict=True)}
         layout = UpdateLayout.from_state(before, model.item_row_parameter_names(), self.slicer.prepared.num_items,
                                          positives=self.config.popularity == "positives")
         # Devices with the same number of epochs train together (the batch's optimizer steps line up by step).
-        by_epochs: dict[int, list[tuple[ClientProxy, int, TrainConfig]]] = {}
-        for entry in present:
-            by_epochs.setdefault(entry[2].epochs, []).append(entry)
-        results: list[tuple[ClientProxy, FitRes]] = []
+        by_epochs: dict[int, list[tuple[int, int, TrainConfig]]] = {}
+        for position, (_, partition, train_config) in enumerate(present):
+            by_epochs.setdefault(train_config.epochs, []).append((position, partition, train_config))
+        planned: list[list[tuple[int, int, TrainConfig]]] = []
+        costs: list[int] = []
         for group in by_epochs.values():
-            train_config = group[0][2]
+            sizes = [planned_size(self.data(partition), train_config) for _, partition, train_config in group]
+            for batch in batches([s for s, _ in sizes], [r for _, r in sizes]):
+                planned.append([group[i] for i in batch])
+                costs.append(sum(sizes[i][0] * sizes[i][1] for i in batch))  # steps x rows: what the optimizer steps
+        workers = round_workers(len(present))
+        shares = balanced_shares(costs, workers)
+
+        def share(index: int) -> Iterator[tuple[tuple[int, int, dict, dict[str, np.ndarray]], int, list[list]]]:
+            return self._train_batches([planned[b] for b in shares[index]], layout, before, shared, server_round)
+
+        replies: dict[int, FitRes] = {}
+        stream = forked_results(share, workers, len(present), upload_bytes(layout, self.config)) if workers > 1 else \
+            ((small, [b"".join(parts) for parts in tensors]) for small, _, tensors in share(0))
+        for (position, weight, metrics, user_rows), tensors in stream:
+            self.user_rows[present[position][1]] = user_rows
+            replies[position] = FitRes(Status(Code.OK, ""), Parameters(tensors, TENSOR_TYPE), weight, metrics)
+        return [(present[position][0], replies[position]) for position in sorted(replies)]
+
+    def _train_batches(self, planned: list[list[tuple[int, int, TrainConfig]]], layout: UpdateLayout,
+                       before: dict[str, np.ndarray], shared: list[np.ndarray],
+                       server_round: int) -> Iterator[tuple[tuple[int, int, dict, dict[str, np.ndarray]], int, list[list]]]:
+        """Each device's ``((position, weight, metrics, user rows after), position, upload)`` for every batch of
+        ``(position, partition, config)``; the upload as each tensor's buffers (:func:`common.wire.tensor_parts`)."""
+        for batch in planned:
+            train_config = batch[0][2]
             rounds = [device_round(self.data(p), train_config, [self.config.seed, server_round, client_key(self.data(p))],
-                                   self.rows_of(p)) for _, p, _ in group]
-            for indices in batches(rounds):
-                started = time.perf_counter()
-                trained = BatchTrainer(self.config.model_config, train_config, before,
-                                       [rounds[i] for i in indices]).run()
-                seconds = (time.perf_counter() - started) / len(indices)
-                for index, result in zip(indices, trained, strict=True):
-                    proxy, partition, _ = group[index]
-                    self.user_rows[partition] = result.user_after
-                    results.append((proxy, self._reply(layout, before, shared, partition, result, seconds,
-                                                       server_round)))
-        return results
+                                   self.rows_of(p)) for _, p, _ in batch]
+            started = time.perf_counter()
+            trained = BatchTrainer(self.config.model_config, train_config, before, rounds).run()
+            seconds = (time.perf_counter() - started) / len(batch)
+            for (position, partition, _), result in zip(batch, trained, strict=True):
+                sent, weight, metrics = self._reply(layout, before, shared, partition, result, seconds, server_round)
+                yield (position, weight, metrics, result.user_after), position, [tensor_parts(a) for a in sent]
 
     def _reply(self, layout: UpdateLayout, before: dict[str, np.ndarray], shared: list[np.ndarray], partition: int,
-               result, seconds: float, server_round: int) -> FitRes:  # type: ignore[no-untyped-def]
+               result, seconds: float, server_round: int) -> tuple[list[np.ndarray], int, dict]:  # type: ignore[no-untyped-def]
         """The upload, weight and metrics :class:`client.numpy_client.FedRecClient.fit` would send."""
         config, data = self.config, self.data(partition)
         clipping_norm = clipping_norm_for(config, shared)
         trained = {**{name: value.reshape(before[name].shape) for name, value in result.dense_after.items()},
                    **result.items_after}
-        after = with_all_rows(before, trained, result.item_rows, list(ITEM_TABLES[config.model]))
         upload = encode_update(
-            layout, before, after, result.item_rows,
+            layout, before, trained, result.item_rows,
             rowwise=config.row_wise_aggregation and clipping_norm is None,
             positives=positive_counts(data.train_users, data.train_items, data.num_items) if layout.positives else None,
+            rows=result.item_rows,
         )
         metrics: dict[str, float] = {
             "train_loss": result.loss,
@@ -227,8 +288,7 @@ class Fleet:
         }
         if clipping_norm is not None:
             metrics["update_norm_before_clipping"] = clip_deltas(upload, clipping_norm)
-        sent, weight, metrics = finish_reply(config, upload, len(data.train_items), False, metrics, server_round)
-        return FitRes(Status(Code.OK, ""), arrays_parameters(sent), weight, metrics)  # Flower's bytes, written faster
+        return finish_reply(config, upload, len(data.train_items), False, metrics, server_round)
 
     # --- evaluation ----------------------------------------------------------------
     def evaluate(self, instructions: list) -> tuple[list, list]:  # type: ignore[type-arg]
@@ -267,7 +327,7 @@ class Fleet:
         rounds = [device_round(self.data(p), refit, [self.config.seed, 7, client_key(self.data(p))], self.rows_of(p))
                   for p in partitions]
         out: dict[int, dict[str, np.ndarray]] = {}
-        for indices in batches(rounds):
+        for indices in batches([r.steps for r in rounds], [len(r.plan.rows) for r in rounds]):
             trained = BatchTrainer(self.config.model_config, refit, full, [rounds[i] for i in indices],
                                    train_shared=False).run()
             for index, result in zip(indices, trained, strict=True):
@@ -294,6 +354,8 @@ class Received:
             first, count = kinds.get(signature, (res, 0))
             kinds[signature] = (first, count + 1)
         for res, count in kinds.values():
+            if isinstance(res, FitRes):  # Flower's record holds bytes (a forked worker's upload is a view)
+                res = replace(res, parameters=replace(res.parameters, tensors=[bytes(t) for t in res.parameters.tensors]))
             content = compat.fitres_to_recorddict(res, True) if isinstance(res, FitRes) else \
                 compat.evaluateres_to_recorddict(res)
             reply = SimpleNamespace(has_content=lambda: True, content=content)

@@ -78,3 +78,19 @@ def test_validate_upload_rejects_wrong_count_shape_and_nan():
     with pytest.raises(ValueError, match="expected 3 arrays"):
         decode_mean_update(layout, list(global_state.values()), good[:2])
 
+
+
+@pytest.mark.parametrize("rowwise", [True, False])
+def test_an_update_from_the_trained_rows_alone_is_the_one_from_the_whole_tables(rowwise):
+    rng = np.random.default_rng(11)
+    before = OrderedDict(item=rng.normal(size=(30, 4)).astype(np.float32), dense=rng.normal(size=3).astype(np.float32))
+    layout = UpdateLayout.from_state(before, ["item"], num_items=30)
+    rows = np.array([2, 5, 6, 17, 29])
+    trained = {"item": rng.normal(size=(5, 4)).astype(np.float32), "dense": rng.normal(size=3).astype(np.float32)}
+    whole = {"item": before["item"].copy(), "dense": trained["dense"]}
+    whole["item"][rows] = trained["item"]
+    from_rows = encode_update(layout, before, trained, rows, rowwise=rowwise, rows=rows)
+    from_whole = encode_update(layout, before, whole, rows, rowwise=rowwise)
+    for a, b in zip(from_rows, from_whole, strict=True):
+        assert a.dtype == b.dtype and a.tobytes() == b.tobytes()  # the same bits (signed zeros included)
+    assert np.count_nonzero(from_rows[0].any(axis=1)) == len(rows)

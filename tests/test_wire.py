@@ -20,9 +20,10 @@ ARRAYS = [
 def test_written_bytes_are_flowers_and_read_back_as_flower_reads_them(array):
     tensor = ndarray_to_bytes(array)
     assert array_to_tensor(array) == tensor
-    view, flowers = tensor_to_array(tensor), bytes_to_ndarray(tensor)
-    assert view.dtype == flowers.dtype and view.shape == flowers.shape
-    np.testing.assert_array_equal(view, flowers)
+    flowers = bytes_to_ndarray(tensor)
+    for view in (tensor_to_array(tensor), tensor_to_array(memoryview(bytearray(tensor)))):  # bytes, or a view of them
+        assert view.dtype == flowers.dtype and view.shape == flowers.shape and not view.flags.writeable
+        np.testing.assert_array_equal(view, flowers)
 
 
 def test_a_read_array_is_a_read_only_view_of_the_message_bytes():
