@@ -25,6 +25,7 @@ and each mode's client updates per second over the no-op floor's.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -33,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -41,6 +43,7 @@ from flwr.client import NumPyClient
 from flwr.clientapp import ClientApp
 
 from common.config import parse_run_config
+from common.threads import THREADS_ENV, available_cores, use_threads
 from common.federation import slicer_cached
 from common.models import build_model
 from common.training import PositiveSet, build_examples, make_optimizer, train_epoch
@@ -149,6 +152,22 @@ def _overrides(args: argparse.Namespace, run_dir: Path) -> dict[str, Any]:
     }
 
 
+@contextlib.contextmanager
+def compute_cores(workers: int) -> Iterator[None]:
+    """``FEDREC_THREADS`` set to ``workers`` (0: every core, as Flower's simulation starts one Ray actor per
+    core) while the vectorized backend runs, then this process's own setting again."""
+    saved = os.environ.get(THREADS_ENV)
+    os.environ[THREADS_ENV] = str(workers or available_cores())
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop(THREADS_ENV)
+        else:
+            os.environ[THREADS_ENV] = saved
+        use_threads()
+
+
 def federated(mode: str, args: argparse.Namespace) -> dict[str, float]:
     """One simulated run (fedrec's or the no-op ClientApp, or the vectorized backend); medians of rounds 2..R."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -158,7 +177,8 @@ def federated(mode: str, args: argparse.Namespace) -> dict[str, float]:
         app = noop_app(slicer_cached(config).prepared.num_items) if mode == "noop" else None
         with PeakMemory() as memory:
             if mode == "vectorized":
-                run_vectorized({**overrides, "backend": "vectorized"})
+                with compute_cores(args.workers):
+                    run_vectorized({**overrides, "backend": "vectorized"})
             else:
                 run_in_process(overrides, num_clients, client_app=app)
         rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -218,7 +238,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--local-epochs", type=int, default=1)
     parser.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
     parser.add_argument("-c", "--run-config", default="", help="extra run-config overrides, TOML pairs")
+    parser.add_argument("--workers", type=int, default=0,
+                        help="FEDREC_THREADS of the vectorized mode: its forked training workers and the server's "
+                             "threads (default 0: every core, as Flower's simulation runs one Ray actor per core)")
     args = parser.parse_args(argv)
+    if args.workers < 0:
+        parser.error(f"--workers must be >= 0, got {args.workers}")
     modes = [m for m in args.modes.split(",") if m]
     unknown = sorted(set(modes) - set(MODES))
     if unknown:
@@ -227,7 +252,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--rounds must be >= 2 (round 1 starts the workers and is not timed)")
     print(f"synthetic {args.users} users x {args.items} items (mean {args.mean_interactions} interactions), "
           f"{args.model}, {args.clients_per_round} clients per round, {args.local_epochs} local epoch(s), "
-          f"medians of rounds 2..{args.rounds}", flush=True)
+          f"medians of rounds 2..{args.rounds}; vectorized on {args.workers or available_cores()} core(s), "
+          f"Flower's engine on {available_cores()}", flush=True)
     print("| mode | s/round | client updates/s | s per update | MB per update (up+down) | peak memory GB (PSS) |")
     print("|---|---|---|---|---|---|", flush=True)
     results = {}
