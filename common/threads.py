@@ -14,6 +14,11 @@ ServerApp, each ClientApp, the benchmarks and the tests) uses ``FEDREC_THREADS``
 - ``FEDREC_THREADS=N`` (N >= 1): N, for torch and for the OpenMP/MKL/OpenBLAS pools;
 - ``FEDREC_THREADS=0``: fedrec sets nothing; every library keeps its own default.
 
+fedrec's own parallel work takes the same number (:func:`compute_processes`; every core the
+process may use when it is 0): the vectorized backend's forked training workers (each with
+one thread) and the server's threads that check and sum uploads. Its results do not depend
+on the number.
+
 The pool sizes of the native libraries are read from the environment when they load,
 so :func:`use_threads` must run before numpy or torch is imported to cover them; torch's
 own count is also set directly when torch is already loaded. Child processes (Ray

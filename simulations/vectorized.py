@@ -14,7 +14,9 @@ backend keeps everything the server does and replaces only the devices:
 - ALS devices run their own closed-form round one after the other (:mod:`simulations.batched_als`);
 - the sampled GMF / MF devices train together (:mod:`simulations.batched`), each with its own
   user rows, optimizer state, examples and random streams, and each encodes its own
-  upload as the ClientApp does (:mod:`common.updates`, :mod:`client.upload`);
+  upload as the ClientApp does (:mod:`common.updates`, :mod:`client.upload`); a large
+  round's batches are shared among ``FEDREC_THREADS`` forked workers
+  (:mod:`simulations.forked`), the same model bit for bit for any number of them;
 - the simulated fleet (dropouts, late joiners, leavers, uneven epochs) is
   :mod:`client.fleet`'s, drawn from the same seeds;
 - evaluation runs :class:`client.numpy_client.FedRecClient`'s own code per device (user
