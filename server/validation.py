@@ -18,9 +18,9 @@ from flwr.supercore.differential_privacy import get_norm
 
 from common.config import FedRecConfig
 from common.privacy import UserLevelDP
+from common.updates import REJECTION_REASONS, UpdateLayout, UpdateRejected, delta_norm, validate_upload
 from common.wire import parameters_arrays
 from server.threads import in_threads
-from common.updates import REJECTION_REASONS, UpdateLayout, UpdateRejected, delta_norm, validate_upload
 
 Results = list[tuple[ClientProxy, FitRes]]
 

@@ -66,8 +66,8 @@ from common.federation import ClientData, slicer_cached
 from common.models import ModelConfig, build_model
 from common.threads import compute_processes, use_threads
 from common.training import TrainConfig
-from common.wire import tensor_parts
 from common.updates import UpdateLayout, clip_deltas, encode_update, positive_counts
+from common.wire import tensor_parts
 from server.disclosure import ReceivedFields
 from server.fleet import retrying
 from server.server_app import ServerRun, finish_run, start_run
