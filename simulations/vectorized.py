@@ -381,6 +381,9 @@ def run_vectorized(overrides: Mapping[str, Any] | None) -> Context:
     from common.config import fused_run_config
 
     use_threads()
+    # FEDREC_THREADS here sizes the forked workers (each with one thread), not torch's pool: an
+    # OpenMP pool the parent has used can hang a forked child's next parallel region.
+    torch.set_num_threads(1)
     run_config = fused_run_config(overrides)
     config = parse_run_config(run_config)
     check_supported(config)
