@@ -14,10 +14,9 @@ ServerApp, each ClientApp, the benchmarks and the tests) uses ``FEDREC_THREADS``
 - ``FEDREC_THREADS=N`` (N >= 1): N, for torch and for the OpenMP/MKL/OpenBLAS pools;
 - ``FEDREC_THREADS=0``: fedrec sets nothing; every library keeps its own default.
 
-fedrec's own parallel work takes the same number (:func:`compute_processes`; every core the
-process may use when it is 0): the vectorized backend's forked training workers (each with
-one thread) and the server's threads that check and sum uploads. Its results do not depend
-on the number.
+The vectorized backend takes the same number of forked training workers
+(:func:`compute_processes`; every core the process may use when it is 0), each with one
+thread; its results do not depend on the number.
 
 The pool sizes of the native libraries are read from the environment when they load,
 so :func:`use_threads` must run before numpy or torch is imported to cover them; torch's
@@ -87,6 +86,6 @@ def available_cores() -> int:
 
 
 def compute_processes() -> int:
-    """How many cores fedrec's own parallel work uses: ``FEDREC_THREADS`` (1 unless set), or every core
-    this process may run on when it is 0 (the vectorized backend's workers, the server's array threads)."""
+    """How many processes fedrec's own parallel work uses (the vectorized backend's workers):
+    ``FEDREC_THREADS`` (1 unless set), or every core this process may run on when it is 0."""
     return chosen_threads() or available_cores()

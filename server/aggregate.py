@@ -13,9 +13,7 @@ from flwr.common import FitRes, Parameters, parameters_to_ndarrays
 from flwr.server.client_proxy import ClientProxy
 
 from common.config import FedRecConfig
-from common.threads import compute_processes
 from common.wire import parameters_arrays
-from server.threads import element_ranges, in_threads
 from server.robust import robust_mean
 
 
@@ -66,36 +64,21 @@ def weighted_mean(results: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]
     """Example-weighted mean of the uploads: what SecAgg+ would hand us, computed in the clear.
 
     Summed in an order fixed by the uploads' content, not by their arrival, so a run with the
-    same seed gives the same model bit for bit however the clients' replies interleave. With
-    ``FEDREC_THREADS`` > 1 each thread sums a range of elements (:mod:`server.threads`): every
-    element is still summed upload by upload in that order, so the mean is the same bit for bit.
+    same seed gives the same model bit for bit however the clients' replies interleave.
     """
     total = float(sum(res.num_examples for _, res in results))
-    uploads = [(parameters_arrays(res.parameters), res.num_examples / total) for _, res in in_content_order(results)]
-    if not uploads:
-        raise ValueError("the weighted mean of no uploads")
-    first = uploads[0][0]
-    mean = [np.empty(np.shape(a), np.float64) for a in first]
-    threads = compute_processes()
-
-    def accumulate(part: int) -> None:
-        for index, array in enumerate(first):
-            span = element_ranges(array.size, threads)[part]
-            acc = mean[index].reshape(-1)[span]
-            product = np.empty(acc.shape, array.dtype)  # a kept buffer: no new pages per upload
-            for arrays, weight in uploads:
-                if np.shape(arrays[index]) != np.shape(array):
-                    raise ValueError(f"upload array {index} has shape {np.shape(arrays[index])}, "
-                                     f"the first upload's {np.shape(array)}")
-                a = np.asarray(arrays[index]).reshape(-1)[span]
-                if arrays is first:
-                    np.multiply(a.astype(np.float64), weight, out=acc)
-                elif a.dtype == product.dtype:
-                    acc += np.multiply(a, weight, out=product)  # a * weight in the upload's dtype, as before
-                else:
-                    acc += a * weight
-
-    in_threads(accumulate, range(threads))
+    mean: list[np.ndarray] | None = None
+    for _, res in in_content_order(results):
+        arrays = parameters_arrays(res.parameters)
+        weight = res.num_examples / total
+        if mean is None:
+            mean = [a.astype(np.float64) * weight for a in arrays]
+            scratch = [np.empty_like(a) for a in arrays]
+        else:
+            for acc, a, product in zip(mean, arrays, scratch, strict=True):
+                # a * weight in the upload's dtype, as before; into a kept buffer (no new pages per upload)
+                acc += np.multiply(a, weight, out=product) if a.dtype == product.dtype else a * weight
+    assert mean is not None
     return mean
 
 

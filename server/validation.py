@@ -18,9 +18,8 @@ from flwr.supercore.differential_privacy import get_norm
 
 from common.config import FedRecConfig
 from common.privacy import UserLevelDP
-from common.updates import REJECTION_REASONS, UpdateLayout, UpdateRejected, delta_norm, validate_upload
 from common.wire import parameters_arrays
-from server.threads import in_threads
+from common.updates import REJECTION_REASONS, UpdateLayout, UpdateRejected, delta_norm, validate_upload
 
 Results = list[tuple[ClientProxy, FitRes]]
 
@@ -103,15 +102,10 @@ def validate_aggregate(layout: UpdateLayout, results: Results) -> tuple[Results,
 def validate_uploads(
     config: FedRecConfig, layout: UpdateLayout, user_dp: UserLevelDP | None, results: Results, exclusions: Exclusions
 ) -> tuple[Results, dict[str, int]]:
-    """Drop bad uploads with a logged reason per client; count them by reason.
-
-    The uploads are checked on ``FEDREC_THREADS`` threads (:mod:`server.threads`; numpy's array
-    work runs without the GIL); rejections are logged and counted in the order given.
-    """
+    """Drop bad uploads with a logged reason per client; count them by reason."""
     rejected = dict.fromkeys(REJECTION_REASONS, 0)
-
-    def check(res: FitRes) -> UpdateRejected | float:
-        """The upload's delta norm, or why it is rejected."""
+    sound, norms = [], []
+    for proxy, res in results:
         try:
             if res.num_examples <= 0:
                 raise UpdateRejected("no_examples", "reported no training examples")
@@ -120,16 +114,10 @@ def validate_uploads(
             if user_dp is not None:
                 check_clipped(upload, user_dp.clipping_norm)
         except UpdateRejected as err:
-            return err
-        return delta_norm(upload, layout)
-
-    sound, norms = [], []
-    for (proxy, res), outcome in zip(results, in_threads(check, [res for _, res in results]), strict=True):
-        if isinstance(outcome, UpdateRejected):
-            exclusions.reject(proxy, outcome.reason, str(outcome), rejected)
+            exclusions.reject(proxy, err.reason, str(err), rejected)
             continue
         sound.append((proxy, res))
-        norms.append(outcome)
+        norms.append(delta_norm(upload, layout))
     valid = []
     for (proxy, res), why in zip(sound, check_norms(norms, config.max_update_norm, config.reject_norm_factor), strict=True):
         if why is None:

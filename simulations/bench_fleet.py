@@ -239,8 +239,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--modes", default=",".join(MODES), help=f"any of {', '.join(MODES)}")
     parser.add_argument("-c", "--run-config", default="", help="extra run-config overrides, TOML pairs")
     parser.add_argument("--workers", type=int, default=0,
-                        help="FEDREC_THREADS of the vectorized mode: its forked training workers and the server's "
-                             "threads (default 0: every core, as Flower's simulation runs one Ray actor per core)")
+                        help="FEDREC_THREADS of the vectorized mode: its forked training workers (default 0: every "
+                             "core, as Flower's simulation runs one Ray actor per core)")
     args = parser.parse_args(argv)
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")

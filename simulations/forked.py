@@ -18,6 +18,7 @@ a millisecond (a fresh half-megabyte object's page faults), more than the traini
 
 from __future__ import annotations
 
+import ctypes
 import mmap
 import multiprocessing
 import os
@@ -30,6 +31,19 @@ from typing import Any
 Result = tuple[Any, int, Sequence[Sequence[Any]]]
 
 _ITEM, _DONE, _FAILED = "item", "done", "failed"
+
+
+def _return_free_memory() -> None:
+    """Give the heap's free pages back to the system before forking (glibc's ``malloc_trim``; elsewhere nothing).
+
+    A forked worker allocates out of the free heap it inherits: every page it writes there
+    is copied, and the parent's page still counts, so a parent that had freed a gigabyte
+    (Flower's messages of an earlier run in the same process) had its workers double it.
+    """
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc
+        pass
 
 
 def _flat(part: Any) -> memoryview:
@@ -48,6 +62,7 @@ def forked_results(work: Callable[[int], Iterable[Result]], shares: int, regions
     raises here with the worker's traceback; the other workers are stopped.
     """
     context = multiprocessing.get_context("fork")
+    _return_free_memory()
     memory = mmap.mmap(-1, max(1, regions * region_bytes))  # anonymous, shared: the forked workers write these pages
     view = memoryview(memory).toreadonly()
     workers, pipes = [], []

@@ -95,25 +95,6 @@ def test_each_malformed_update_is_rejected_with_its_reason_and_the_round_goes_on
     assert f"node 2 ({reason})" in caplog.text
 
 
-def test_uploads_checked_on_three_threads_are_rejected_and_logged_as_on_one(tmp_path, monkeypatch, caplog):
-    replies = [_raw(1, _good_arrays())] + [_raw(n, _bad_upload(reason)) for n, reason in
-                                          enumerate(["arrays", "shape", "dtype", "non_finite", "touched"], start=2)]
-    replies += [_raw(n, _good_arrays(1.0 + n)) for n in range(7, 12)] + [_raw(12, _good_arrays(), num_examples=0)]
-    outcomes = []
-    for threads in ("1", "3"):
-        monkeypatch.setenv("FEDREC_THREADS", threads)
-        caplog.clear()
-        params, summary = _strategy(tmp_path / threads).aggregate_fit(1, replies, [])
-        lines = [r.getMessage() for r in caplog.records if "rejecting" in r.getMessage()]
-        outcomes.append((parameters_to_ndarrays(params), {k: v for k, v in summary.items() if k.startswith("rejected_")},
-                         lines))
-    (one, one_counts, one_lines), (three, three_counts, three_lines) = outcomes
-    assert one_counts == three_counts and sum(one_counts.values()) == 6
-    assert one_lines == three_lines and len(one_lines) == 6  # logged in the order the replies came
-    for a, b in zip(one, three, strict=True):
-        np.testing.assert_array_equal(a, b)
-
-
 def test_no_examples_and_absurd_norms_are_rejected(tmp_path):
     strategy = _strategy(tmp_path, **{"reject-norm-factor": 10.0})
     honest = [_raw(n, _good_arrays(1.0 + 0.1 * n)) for n in range(1, 6)]
@@ -247,24 +228,6 @@ def test_the_mean_is_the_same_bit_for_bit_whatever_order_replies_arrive_in():
         return acc
 
     assert any(not np.array_equal(in_arrival_order(results), in_arrival_order(order)) for order in orders)
-
-
-def test_the_mean_on_three_threads_is_the_one_threads_bit_for_bit(monkeypatch):
-    from server.strategy import weighted_mean
-
-    rng = np.random.default_rng(8)
-    results = [
-        _result(node, {"item_embedding": rng.normal(scale=10.0 ** rng.integers(-6, 6), size=(4, 2)).astype(np.float32),
-                       "output": rng.normal(size=3).astype(np.float32)}, [1, 0, 1, 1], num_examples=int(n))
-        for node, n in enumerate(rng.integers(1, 50, size=9))
-    ]
-    means = []
-    for threads in ("1", "3"):
-        monkeypatch.setenv("FEDREC_THREADS", threads)
-        means.append(weighted_mean(results))
-    for one, three in zip(*means, strict=True):
-        assert one.dtype == three.dtype == np.float64
-        np.testing.assert_array_equal(one, three)
 
 
 def test_uploads_alike_in_what_the_fingerprint_reads_are_still_summed_in_content_order():
