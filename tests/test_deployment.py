@@ -1,11 +1,12 @@
 """End to end on loopback: a real SuperLink and three real SuperNodes, TLS, node auth, SecAgg+.
 
-The test starts ``flower-superlink`` and ``flower-supernode`` processes with the exact
-commands ``fedrec superlink`` / ``fedrec supernode`` run, registers the nodes' keys with
-``flwr supernode register``, submits fedrec with ``flwr run`` and checks the run dir. It also
-checks the two refusals a deployment relies on: a SuperNode whose key was never registered,
-and a SuperNode that does not trust the federation's CA. Everything listens on 127.0.0.1
-only, and every process is stopped by the test within a bounded time.
+The documented walk-through (docker/walkthrough.sh) deploys a federation and trains once, with
+user-level DP whose noise the devices add under SecAgg+; two tests read that one run (what the
+walk-through promises, and who added the noise). A second federation, started here with the exact
+commands ``fedrec superlink`` / ``fedrec supernode`` run, checks the refusals a deployment relies on:
+a SuperNode whose key was never registered, a SuperNode that does not trust the federation's CA,
+and a round plan a node short. Everything listens on 127.0.0.1 only, and every process is stopped
+by the test within a bounded time.
 """
 
 from __future__ import annotations
@@ -115,36 +116,6 @@ def federation(tmp_path_factory):
         fed.stop()
 
 
-def test_user_dp_with_secagg_noise_shares_over_tls(federation, tmp_path):
-    """User-level DP + SecAgg+ in a deployment: the devices add the noise, the server none.
-
-    Poisson sampling with q = 1 (every kiosk every round) and min-train-clients = 3, so each
-    device adds N(0, (z C)**2 / 3) and the unmasked sum carries exactly z C.
-    """
-    run_dir = tmp_path / "run"
-    dp = ("user-dp=true client-sampling='poisson' fraction-train=1.0 min-train-clients=3 user-dp-noise-multiplier=1.0 "
-          f"user-dp-population={NODES}")
-    result = federation.flwr(
-        "run", ".", CONNECTION, "--stream",
-        "--run-config", f"{RUN_CONFIG} {dp} run-dir='{run_dir}'",
-        timeout=RUN_SECONDS,
-    )
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-4000:]
-    plan = json.loads((run_dir / "privacy.json").read_text())
-    assert plan["user_level"]["noise_added_by"].startswith("devices")
-    assert plan["user_level"]["min_survivors"] == 3 and plan["user_level"]["server_noise_std"] == 0.0
-    assert plan["user_level"]["device_clipping_norm"] < plan["user_level"]["clipping_norm"]
-    assert plan["secure_aggregation_parameters"]["max_weight"] == 1.0
-    fits = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    fits = [row for row in fits if row["phase"] == "fit"]
-    assert [row["round"] for row in fits] == [1, 2]
-    for row in fits:
-        assert row["clients_ok"] == NODES and row["user_noise_added_by"] == "devices", row
-        assert row["server_noise_std"] == 0.0 and row["noise_multiplier_present"] == 1.0, row
-    assert output.count("Secure aggregation completed") == 3, output[-4000:]  # 2 training rounds + the evaluation
-
-
 def test_supernode_with_unregistered_key_is_refused(federation):
     log = federation.root / "unregistered.log"
     process = federation.start(federation.supernode(NODES + 1, 0, attempts=1), log)
@@ -250,15 +221,26 @@ def _processes_mentioning(text: str) -> list[str]:
     return found
 
 
-@pytest.mark.deployment
-def test_walkthrough_script_deploys_trains_and_cleans_up(tmp_path):
-    """docker/walkthrough.sh, the script docs/deployment.md shows, run as it is (ports and paths moved)."""
+# User-level DP with the devices adding the noise under SecAgg+: Poisson sampling with q = 1 (every
+# kiosk every round) and min-train-clients = 3, so each device adds N(0, (z C)**2 / 3) and the
+# unmasked sum carries exactly z C. The walk-through's run is this one, so a deployment trains once.
+DEVICE_NOISE = ("user-dp=true client-sampling='poisson' fraction-train=1.0 min-train-clients=3 "
+                f"user-dp-noise-multiplier=1.0 user-dp-population={NODES}")
+
+
+@pytest.fixture(scope="module")
+def walkthrough(tmp_path_factory):
+    """docker/walkthrough.sh, the script docs/deployment.md shows, run as it is (ports and paths moved).
+
+    Returns its exit code, its output (which streams ``flwr run``), the processes it left and the run dir.
+    """
+    tmp_path = tmp_path_factory.mktemp("walkthrough")
     deploy, run_dir = tmp_path / "deploy", tmp_path / "deployed"
     env = flower_env() | {
         # The venv's python: flower_env puts its directory first on PATH.
         "FEDREC": "python -m simulations.cli", "DEPLOY": str(deploy), "RUN_DIR": str(run_dir),
         "PORT": str(free_port()), "NODE_PORT": str(_free_port_run(NODES)), "ROUNDS": "2",
-        "RUN_CONFIG": "local-epochs=1 evaluate-every=2", "WAIT": "400", "RUN_TIMEOUT": "1000",
+        "RUN_CONFIG": f"local-epochs=1 evaluate-every=2 {DEVICE_NOISE}", "WAIT": "400", "RUN_TIMEOUT": "1000",
         "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])),
     }
     log = tmp_path / "walkthrough.log"
@@ -270,12 +252,17 @@ def test_walkthrough_script_deploys_trains_and_cleans_up(tmp_path):
         except subprocess.TimeoutExpired:
             script.send_signal(signal.SIGTERM)  # the script's trap stops what it started
             script.wait(timeout=60)
-    output = log.read_text(errors="replace")
     leftovers = _processes_mentioning(str(deploy))
     for pid in ([] if not leftovers else descendants(script.pid)):
         os.kill(pid, signal.SIGKILL)
+    return script.returncode, log.read_text(errors="replace"), leftovers, run_dir
+
+
+@pytest.mark.deployment
+def test_walkthrough_script_deploys_trains_and_cleans_up(walkthrough):
+    returncode, output, leftovers, run_dir = walkthrough
     assert leftovers == [], f"the walk-through left processes running: {leftovers}"
-    assert script.returncode == 0, output[-6000:]
+    assert returncode == 0, output[-6000:]
     assert "walkthrough: done" in output
     fits = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     fits = [row for row in fits if row["phase"] == "fit"]
@@ -291,6 +278,24 @@ def test_walkthrough_script_deploys_trains_and_cleans_up(tmp_path):
     assert final["eval_clients"] == NODES and final["eval_failures"] == 0
     assert 0.0 <= final["test_sampled_hr@10"] <= 1.0
     assert (run_dir / "checkpoints" / "final.npz").is_file()
+
+
+def test_user_dp_with_secagg_noise_shares_over_tls(walkthrough):
+    """User-level DP + SecAgg+ in a deployment (TLS, node auth): the devices add the noise, the server none."""
+    returncode, output, _, run_dir = walkthrough
+    assert returncode == 0, output[-4000:]
+    plan = json.loads((run_dir / "privacy.json").read_text())
+    assert plan["user_level"]["noise_added_by"].startswith("devices")
+    assert plan["user_level"]["min_survivors"] == 3 and plan["user_level"]["server_noise_std"] == 0.0
+    assert plan["user_level"]["device_clipping_norm"] < plan["user_level"]["clipping_norm"]
+    assert plan["secure_aggregation_parameters"]["max_weight"] == 1.0
+    fits = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    fits = [row for row in fits if row["phase"] == "fit"]
+    assert [row["round"] for row in fits] == [1, 2]
+    for row in fits:
+        assert row["clients_ok"] == NODES and row["user_noise_added_by"] == "devices", row
+        assert row["server_noise_std"] == 0.0 and row["noise_multiplier_present"] == 1.0, row
+    assert output.count("Secure aggregation completed") == 3, output[-4000:]  # 2 training rounds + the evaluation
 
 
 def test_a_round_plan_a_node_short_is_refused_and_recorded(federation, tmp_path):

@@ -196,45 +196,59 @@ def _final(run_dir: Path) -> dict[str, np.ndarray]:
     return load_checkpoint(run_dir / "checkpoints" / "final.npz")[1]
 
 
-def test_dp_off_is_the_non_private_path_bit_for_bit_and_dp_on_changes_it(tmp_path):
-    plain = _final(_run(tmp_path, "plain", {}))
+BUDGET_DP = UserLevelDP(1.0, 0.1, num_clients=12, sampling="poisson", sampling_rate=0.5)
+BUDGET = (BUDGET_DP.epsilon(2) + BUDGET_DP.epsilon(3)) / 2  # round 3 would overspend
+
+
+@pytest.fixture(scope="module")
+def budget_run(tmp_path_factory) -> Path:
+    """User-level DP (z = 1 by default, C = 0.1, Poisson q = 0.5) whose budget stops it after 2 of 3 rounds."""
+    return _run(tmp_path_factory.mktemp("privacy"), "budget", {
+        "user-dp": True, "client-sampling": "poisson", "fraction-train": 0.5, "user-dp-clipping-norm": 0.1,
+        "user-dp-epsilon-budget": BUDGET,
+    })
+
+
+def _checkpoint(run_dir: Path, server_round: int) -> dict[str, np.ndarray]:
+    return load_checkpoint(run_dir / "checkpoints" / f"round-{server_round:05d}.npz")[1]
+
+
+def test_dp_off_is_the_non_private_path_bit_for_bit_and_dp_on_changes_it(tmp_path, budget_run):
+    every_round = {"checkpoint-every": 1}  # not a computation knob: each round's model can be compared
+    plain_dir = _run(tmp_path, "plain", every_round)
     # Every DP knob moved, but both switches off: must be the very same computation.
-    off = _final(_run(tmp_path, "off", {
-        "user-dp-noise-multiplier": 7.0, "user-dp-clipping-norm": 0.001, "user-dp-epsilon-budget": 0.5,
+    off_dir = _run(tmp_path, "off", {
+        **every_round, "user-dp-noise-multiplier": 7.0, "user-dp-clipping-norm": 0.001, "user-dp-epsilon-budget": 0.5,
         "record-dp-noise-multiplier": 3.0, "record-dp-epsilon-budget": 0.1,
-    }))
-    assert plain.keys() == off.keys()
-    for name in plain:
-        assert np.array_equal(plain[name], off[name]), name
-    on_dir = _run(tmp_path, "on", {"user-dp": True, "client-sampling": "poisson", "fraction-train": 0.5,
-                                   "user-dp-noise-multiplier": 1.0, "user-dp-clipping-norm": 0.1})
-    on = _final(on_dir)
+    })
+    for server_round in (1, 2, 3):
+        plain, off = _checkpoint(plain_dir, server_round), _checkpoint(off_dir, server_round)
+        assert plain.keys() == off.keys()
+        for name in plain:
+            assert np.array_equal(plain[name], off[name]), (server_round, name)
+    # DP on (the budget run: same data and seeds, stopped after round 2): round 2's model differs.
+    plain, on = _checkpoint(plain_dir, 2), _final(budget_run)
+    assert load_checkpoint(budget_run / "checkpoints" / "final.npz")[0] == 2
     assert any(not np.allclose(plain[name], on[name]) for name in plain)
 
     # Per-round epsilon in the run dir equals the accountant for the same parameters.
-    dp = UserLevelDP(1.0, 0.1, num_clients=12, sampling="poisson", sampling_rate=0.5)
-    fits = [json.loads(line) for line in (on_dir / "metrics.jsonl").read_text().splitlines()]
-    fits = [row for row in fits if row["phase"] == "fit"]
+    fits = _fit_rows(budget_run)
     assert fits, "at least one round must have trained"
     for row in fits:
-        assert row["user_epsilon"] == pytest.approx(dp.epsilon(row["round"]), rel=1e-9)
+        assert row["user_epsilon"] == pytest.approx(BUDGET_DP.epsilon(row["round"]), rel=1e-9)
         assert row["user_delta"] == 1e-5  # min(1e-5, 12^-1.1)
-    privacy = json.loads((on_dir / "privacy.json").read_text())
+    privacy = json.loads((budget_run / "privacy.json").read_text())
     assert privacy["user_level"]["sampling"] == "poisson" and privacy["user_level"]["noise_multiplier"] == 1.0
     assert privacy["user_level"]["noise_generator"].startswith("os.urandom")
 
 
-def test_server_stops_before_the_budget_is_exceeded_and_says_why(tmp_path):
-    dp = UserLevelDP(1.0, 0.1, num_clients=12, sampling="poisson", sampling_rate=0.5)
-    budget = (dp.epsilon(2) + dp.epsilon(3)) / 2  # round 3 would overspend
-    run_dir = _run(tmp_path, "budget", {"user-dp": True, "client-sampling": "poisson", "fraction-train": 0.5,
-                                        "user-dp-clipping-norm": 0.1, "user-dp-epsilon-budget": budget})
-    summary = json.loads((run_dir / "summary.json").read_text())
+def test_server_stops_before_the_budget_is_exceeded_and_says_why(budget_run):
+    summary = json.loads((budget_run / "summary.json").read_text())
     assert summary["rounds"] == 2
     assert "stopped after 2 of 3 rounds" in summary["stop_reason"]
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (budget_run / "metrics.jsonl").read_text().splitlines()]
     assert max(r["round"] for r in rows) == 2
-    assert all(r["user_epsilon"] <= budget for r in rows if r["phase"] == "fit")
+    assert all(r["user_epsilon"] <= BUDGET for r in rows if r["phase"] == "fit")
 
 
 def test_user_dp_under_secagg_noises_the_masked_sum(tmp_path):
