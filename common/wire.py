@@ -5,7 +5,7 @@ Python-level ``ast.literal_eval``) and copies its data; ``ndarrays_to_parameters
 each through ``np.save`` into a ``BytesIO``. A round of 6,040 MovieLens-1M-shape uploads
 decodes about 24,000 arrays twice (validation, then the mean): in the vectorized backend
 that was a third of the server's time, more than the training (``cProfile``, see
-``results/fast-backend-speed.md``). Every upload of a round has the same few headers, so
+``results/fast-backend-cores.md``). Every upload of a round has the same few headers, so
 here a header is parsed once (by numpy's own ``read_array_header_*``) and cached, and the
 data is a read-only view of the bytes the message already holds: nothing is copied, so
 decoding twice costs no memory either. Anything unusual (Fortran order, object dtypes,

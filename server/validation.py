@@ -18,8 +18,8 @@ from flwr.supercore.differential_privacy import get_norm
 
 from common.config import FedRecConfig
 from common.privacy import UserLevelDP
-from common.wire import parameters_arrays
 from common.updates import REJECTION_REASONS, UpdateLayout, UpdateRejected, delta_norm, validate_upload
+from common.wire import parameters_arrays
 
 Results = list[tuple[ClientProxy, FitRes]]
 
@@ -33,6 +33,15 @@ def check_clipped(upload: list[np.ndarray], clipping_norm: float, slack: float =
         raise UpdateRejected(
             "clipping", "under user-dp the touched vector must be all ones (it would leak which items were trained)"
         )
+
+
+def readable_arrays(res: FitRes) -> list[np.ndarray]:
+    """The upload's arrays; bytes that are no numpy array (truncated, not ``np.save``'s) are a rejected upload,
+    not an error that ends the round."""
+    try:
+        return parameters_arrays(res.parameters)
+    except (ValueError, EOFError) as err:
+        raise UpdateRejected("arrays", f"update arrays cannot be read: {err}") from None
 
 
 def check_norms(norms: list[float], max_norm: float, factor: float) -> list[str | None]:
@@ -109,7 +118,7 @@ def validate_uploads(
         try:
             if res.num_examples <= 0:
                 raise UpdateRejected("no_examples", "reported no training examples")
-            upload = parameters_arrays(res.parameters)
+            upload = readable_arrays(res)
             validate_upload(layout, upload, positives_per_example=config.client_weight == "examples")
             if user_dp is not None:
                 check_clipped(upload, user_dp.clipping_norm)

@@ -95,6 +95,16 @@ def test_each_malformed_update_is_rejected_with_its_reason_and_the_round_goes_on
     assert f"node 2 ({reason})" in caplog.text
 
 
+def test_bytes_that_are_no_array_are_rejected_and_the_round_goes_on(tmp_path, caplog):
+    strategy = _strategy(tmp_path)
+    good, broken = _raw(1, _good_arrays()), _raw(2, _good_arrays())
+    broken[1].parameters.tensors[0] = broken[1].parameters.tensors[0][:-4]  # truncated on the way
+    params, summary = strategy.aggregate_fit(1, [good, broken], [])
+    assert summary["clients_ok"] == 1 and summary["rejected_arrays"] == 1
+    np.testing.assert_allclose(parameters_to_ndarrays(params)[1], 5.0 * 1.0)  # only the good client's delta
+    assert "node 2 (arrays): update arrays cannot be read" in caplog.text
+
+
 def test_no_examples_and_absurd_norms_are_rejected(tmp_path):
     strategy = _strategy(tmp_path, **{"reject-norm-factor": 10.0})
     honest = [_raw(n, _good_arrays(1.0 + 0.1 * n)) for n in range(1, 6)]
