@@ -14,8 +14,9 @@ from simulations.batched import device_round, planned_size
 from simulations.forked import forked_results
 from simulations.vectorized import DeviceProxy, Fleet
 
-FLEET = {"dataset": "synthetic", "synthetic-users": 40, "synthetic-items": 150, "synthetic-mean-interactions": 20, "eval-negatives": 20,
-         "model": "gmf", "batch-size": 16, "local-epochs": 2, "dropout-probability": 0.2, "local-epochs-min": 1}
+FLEET = {"dataset": "synthetic", "synthetic-users": 40, "synthetic-items": 150, "synthetic-mean-interactions": 20,
+         "eval-negatives": 20, "model": "gmf", "batch-size": 16, "local-epochs": 2, "dropout-probability": 0.2,
+         "local-epochs-min": 1}
 
 
 @pytest.mark.parametrize("model,loss,epochs", [("gmf", "bce", 2), ("mf", "bpr", 1), ("mf", "mse", 3)])
