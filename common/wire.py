@@ -21,6 +21,7 @@ import math
 import numpy as np
 from flwr.common import Parameters, bytes_to_ndarray, ndarray_to_bytes
 
+TENSOR_TYPE = "numpy.ndarray"  # what flwr.common.ndarrays_to_parameters writes
 _MAGIC = b"\x93NUMPY"
 _HEADERS: dict[bytes, tuple[tuple[int, ...], np.dtype, int] | None] = {}  # header -> (shape, dtype, size); None: not ours
 _MAX_HEADERS = 4096  # a run has a handful; a hostile stream of distinct headers cannot grow this without bound
@@ -96,13 +97,3 @@ def tensor_parts(array: np.ndarray) -> list:
         header = ndarray_to_bytes(np.empty(array.shape, array.dtype))[: -array.nbytes or None]
         _SAVED_HEADERS[key] = header
     return [header, array.reshape(-1).view(np.uint8)]
-
-
-def array_to_tensor(array: np.ndarray) -> bytes:
-    """``flwr.common.ndarray_to_bytes``'s exact bytes, in one copy of the data (``np.save`` into a buffer makes more)."""
-    return b"".join(tensor_parts(array))
-
-
-def arrays_parameters(arrays: list[np.ndarray]) -> Parameters:
-    """``flwr.common.ndarrays_to_parameters`` with :func:`array_to_tensor`: the same bytes."""
-    return Parameters(tensors=[array_to_tensor(a) for a in arrays], tensor_type="numpy.ndarray")

@@ -26,7 +26,8 @@ from client.als_local import als_round
 from client.local import client_key
 from client.upload import clipping_norm_for, finish_reply
 from common.training import TrainConfig
-from simulations.vectorized import TENSOR_TYPE, Fleet
+from common.wire import TENSOR_TYPE
+from simulations.vectorized import Fleet
 
 class _Stored:
     """One array as its shape, dtype and non-zero entries (or whole, when that is smaller)."""

@@ -67,7 +67,7 @@ from common.models import ModelConfig, build_model
 from common.threads import compute_processes, use_threads
 from common.training import TrainConfig
 from common.updates import UpdateLayout, clip_deltas, encode_update, positive_counts
-from common.wire import tensor_parts
+from common.wire import TENSOR_TYPE, tensor_parts
 from server.disclosure import ReceivedFields
 from server.fleet import retrying
 from server.server_app import ServerRun, finish_run, start_run
@@ -143,9 +143,6 @@ def balanced_shares(costs: list[int], workers: int) -> list[list[int]]:
         shares[least].append(batch)
         loads[least] += costs[batch]
     return [sorted(share) for share in shares]
-
-
-TENSOR_TYPE = "numpy.ndarray"  # what flwr.common.ndarrays_to_parameters writes
 
 
 def upload_bytes(layout: UpdateLayout, config: FedRecConfig) -> int:
