@@ -18,7 +18,7 @@ from flwr.supercore.differential_privacy import get_norm
 
 from common.config import FedRecConfig
 from common.privacy import UserLevelDP
-from common.updates import REJECTION_REASONS, UpdateLayout, UpdateRejected, delta_norm, validate_upload
+from common.updates import REJECTION_REASONS, UpdateLayout, UpdateRejected, validate_upload
 from common.wire import parameters_arrays
 
 Results = list[tuple[ClientProxy, FitRes]]
@@ -119,14 +119,14 @@ def validate_uploads(
             if res.num_examples <= 0:
                 raise UpdateRejected("no_examples", "reported no training examples")
             upload = readable_arrays(res)
-            validate_upload(layout, upload, positives_per_example=config.client_weight == "examples")
+            norm = validate_upload(layout, upload, positives_per_example=config.client_weight == "examples")
             if user_dp is not None:
                 check_clipped(upload, user_dp.clipping_norm)
         except UpdateRejected as err:
             exclusions.reject(proxy, err.reason, str(err), rejected)
             continue
         sound.append((proxy, res))
-        norms.append(delta_norm(upload, layout))
+        norms.append(norm)
     valid = []
     for (proxy, res), why in zip(sound, check_norms(norms, config.max_update_norm, config.reject_norm_factor), strict=True):
         if why is None:

@@ -5,7 +5,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from common.updates import UpdateLayout, decode_mean_update, encode_update, validate_upload
+from common.updates import UpdateLayout, decode_mean_update, delta_norm, encode_update, validate_upload
 
 
 def _layout():
@@ -77,6 +77,22 @@ def test_validate_upload_rejects_wrong_count_shape_and_nan():
         validate_upload(layout, bad)
     with pytest.raises(ValueError, match="expected 3 arrays"):
         decode_mean_update(layout, list(global_state.values()), good[:2])
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_validation_finds_one_nan_or_infinity_and_passes_values_whose_squares_overflow(dtype):
+    layout = UpdateLayout.from_state(OrderedDict(item=np.zeros((5001, 1), np.float32)), ["item"], num_items=5001)
+    values = np.linspace(-3.0, 3.0, 5001).astype(dtype).reshape(-1, 1)
+    touched = np.ones(5001, dtype)
+    assert validate_upload(layout, [values, touched]) == pytest.approx(delta_norm([values, touched], layout), rel=1e-6)
+    for bad in (np.nan, np.inf, -np.inf):
+        broken = values.copy()
+        broken[4321, 0] = bad
+        with pytest.raises(ValueError, match="NaN or Inf"):
+            validate_upload(layout, [broken, touched])
+    huge = (np.linspace(-1.0, 1.0, 5001) * float(np.finfo(dtype).max) / 2).astype(dtype).reshape(-1, 1)
+    assert np.all(np.isfinite(huge))
+    assert validate_upload(layout, [huge, touched]) == delta_norm([huge, touched], layout)  # finite, norm beyond range
 
 
 
