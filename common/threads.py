@@ -16,7 +16,8 @@ ServerApp, each ClientApp, the benchmarks and the tests) uses ``FEDREC_THREADS``
 
 The vectorized backend takes the same number of forked training workers
 (:func:`compute_processes`; every core the process may use when it is 0), each with one
-thread; its results do not depend on the number.
+thread, and the server sums a round's uploads in that many threads; no result depends on
+the number.
 
 The pool sizes of the native libraries are read from the environment when they load,
 so :func:`use_threads` must run before numpy or torch is imported to cover them; torch's

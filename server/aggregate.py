@@ -7,6 +7,7 @@ the same seed gives the same model bit for bit however the clients' replies inte
 from __future__ import annotations
 
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 from flwr.common import FitRes, Parameters, parameters_to_ndarrays
@@ -60,36 +61,54 @@ def _content_digest(parameters: Parameters) -> bytes:
     return digest.digest()
 
 
-def weighted_mean(results: list[tuple[ClientProxy, FitRes]]) -> list[np.ndarray]:
+def weighted_mean(results: list[tuple[ClientProxy, FitRes]], threads: int = 1) -> list[np.ndarray]:
     """Example-weighted mean of the uploads: what SecAgg+ would hand us, computed in the clear.
 
     Summed in an order fixed by the uploads' content, not by their arrival, so a run with the
     same seed gives the same model bit for bit however the clients' replies interleave.
+    ``threads`` > 1 splits every array into that many spans, each summed over all uploads
+    in the same order by its own thread (numpy lets go of the GIL in the loops): every
+    element is the same sum, so the mean is the same bit for bit for any count.
     """
     total = float(sum(res.num_examples for _, res in results))
-    mean: list[np.ndarray] | None = None
-    for _, res in in_content_order(results):
-        arrays = parameters_arrays(res.parameters)
-        weight = res.num_examples / total
-        if mean is None:
-            mean = [a.astype(np.float64) * weight for a in arrays]
-            scratch = [np.empty_like(a) for a in arrays]
-        else:
-            for acc, a, product in zip(mean, arrays, scratch, strict=True):
-                # a * weight in the upload's dtype, as before; into a kept buffer (no new pages per upload)
-                acc += np.multiply(a, weight, out=product) if a.dtype == product.dtype else a * weight
-    assert mean is not None
+    ordered = in_content_order(results)
+    uploads = [parameters_arrays(res.parameters) for _, res in ordered]
+    weights = [res.num_examples / total for _, res in ordered]
+    mean = [np.empty(a.shape, np.float64) for a in uploads[0]]
+
+    def add_span(index: int, start: int, stop: int) -> None:
+        total_span = mean[index].reshape(-1)[start:stop]
+        first = uploads[0][index].reshape(-1)[start:stop]
+        np.multiply(first.astype(np.float64), weights[0], out=total_span)
+        product = np.empty_like(first)  # a * weight in the upload's dtype, into a kept buffer (no new pages per upload)
+        for upload, weight in zip(uploads[1:], weights[1:], strict=True):
+            part = upload[index].reshape(-1)[start:stop]
+            total_span += np.multiply(part, weight, out=product) if part.dtype == product.dtype else part * weight
+
+    spans = [(index, *span) for index, a in enumerate(mean) for span in _spans(a.size, threads)]
+    if threads > 1 and len(uploads) > 1:
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda span: add_span(*span), spans))
+    else:
+        for span in spans:
+            add_span(*span)
     return mean
 
 
+def _spans(size: int, parts: int) -> list[tuple[int, int]]:
+    """``parts`` contiguous ``(start, stop)`` ranges covering ``range(size)`` (fewer for a tiny size)."""
+    bounds = np.linspace(0, size, min(max(parts, 1), max(size, 1)) + 1).astype(int)
+    return [(int(start), int(stop)) for start, stop in zip(bounds[:-1], bounds[1:], strict=True)]
+
+
 def mean_upload(
-    config: FedRecConfig, valid: list[tuple[ClientProxy, FitRes]], *, uploads_are_aggregated: bool
+    config: FedRecConfig, valid: list[tuple[ClientProxy, FitRes]], *, uploads_are_aggregated: bool, threads: int = 1
 ) -> list[np.ndarray]:
-    """The round's mean upload: SecAgg+'s sum, the weighted mean, or a robust rule's stand-in."""
+    """The round's mean upload: SecAgg+'s sum, the weighted mean (in ``threads`` threads), or a robust rule's stand-in."""
     if uploads_are_aggregated:
         return parameters_to_ndarrays(valid[0][1].parameters)
     if config.aggregation == "mean" and config.norm_bound == 0:
-        return weighted_mean(valid)
+        return weighted_mean(valid, threads)
     ordered = in_content_order(valid)
     # float16 uploads (transport-dtype) are widened: Flower's rules compute in the input's dtype.
     uploads = [[a.astype(np.float32) for a in parameters_arrays(res.parameters)] for _, res in ordered]

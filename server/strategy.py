@@ -41,6 +41,7 @@ from common.config import FedRecConfig
 from common.privacy import SecureGaussian, UserLevelDP
 from common.private_eval import CATALOGUE_COUNTS_KEY
 from common.secagg import distributed_noise
+from common.threads import compute_processes
 from common.updates import UpdateLayout, decode_mean_update
 from server import popularity
 from server.aggregate import in_content_order, mean_upload, weighted_mean
@@ -129,6 +130,7 @@ class FedRecStrategy(Strategy):
         self.inner = build_inner_strategy(config, ndarrays_to_parameters(self.current))
         self.recorder = recorder
         self.uploads_are_aggregated = uploads_are_aggregated
+        self.threads = compute_processes()  # summing uploads (FEDREC_THREADS; the mean does not depend on it)
         self._round_started = time.perf_counter()
         self._created = time.perf_counter()
         self.progress = RoundProgress(self.num_rounds)
@@ -285,7 +287,8 @@ class FedRecStrategy(Strategy):
                 server_round, len(valid))
             self._record_round(server_round, summary, [])
             return None, summary
-        upload = mean_upload(self.config, valid, uploads_are_aggregated=self.uploads_are_aggregated)
+        upload = mean_upload(self.config, valid, uploads_are_aggregated=self.uploads_are_aggregated,
+                             threads=self.threads)
         if self.gram_total is not None:  # EASE: the touched vector (users per item) is the Gram's diagonal
             upload = [upload[0], ease.gram_diagonal(upload[0], self.layout.num_items)]
         if self.user_dp is not None:

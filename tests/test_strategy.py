@@ -240,6 +240,46 @@ def test_the_mean_is_the_same_bit_for_bit_whatever_order_replies_arrive_in():
     assert any(not np.array_equal(in_arrival_order(results), in_arrival_order(order)) for order in orders)
 
 
+def test_summing_uploads_in_threads_gives_the_same_model_log_and_counts(tmp_path, caplog):
+    rng = np.random.default_rng(8)
+    replies = []
+    for node in range(1, 31):
+        scale = 10.0 ** rng.integers(-6, 6)
+        after = {"item_embedding": rng.normal(scale=scale, size=(4, 2)).astype(np.float32),
+                 "output": rng.normal(size=3).astype(np.float32)}
+        replies.append(_result(node, after, [t for t in range(4) if rng.random() < 0.6], int(rng.integers(1, 40))))
+        if node % 7 == 0:
+            replies.append(_raw(100 + node, _bad_upload(["shape", "non_finite", "touched", "dtype"][node // 7 - 1])))
+    outcomes = []
+    for threads in (1, 3):
+        strategy = _strategy(tmp_path / str(threads), **{"reject-norm-factor": 1000.0})
+        strategy.threads = threads
+        caplog.clear()
+        params, summary = strategy.aggregate_fit(1, replies, [])
+        log = [record.getMessage() for record in caplog.records if "rejecting" in record.getMessage()]
+        counts = {k: v for k, v in summary.items() if "seconds" not in k and v == v}  # (NaN: no client reported it)
+        outcomes.append((parameters_to_ndarrays(params), counts, log))
+    (model, summary, log), (threaded_model, threaded_summary, threaded_log) = outcomes
+    assert summary["rejected_norm"] > 0 and sum(v for k, v in summary.items() if k.startswith("rejected_")) > 4
+    for a, b in zip(model, threaded_model, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert threaded_summary == summary and threaded_log == log and len(log) == summary["clients_rejected"]
+
+
+@pytest.mark.parametrize("threads", [2, 3, 7])
+def test_the_weighted_mean_in_threads_is_the_same_bit_for_bit(threads):
+    from server.aggregate import weighted_mean
+
+    rng = np.random.default_rng(4)
+    results = [
+        _result(node, {"item_embedding": rng.normal(scale=10.0 ** rng.integers(-8, 8), size=(4, 2)).astype(np.float32),
+                       "output": rng.normal(size=3).astype(np.float32)}, [0, 1, 3], num_examples=int(n))
+        for node, n in enumerate(rng.integers(1, 50, size=25))
+    ]
+    for a, b in zip(weighted_mean(results), weighted_mean(results, threads), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_uploads_alike_in_what_the_fingerprint_reads_are_still_summed_in_content_order():
     """Large uploads are ordered by a sample of their bytes first; a tie falls back to all of them."""
     from server.aggregate import _fingerprint, in_content_order, weighted_mean
