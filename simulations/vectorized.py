@@ -72,7 +72,7 @@ from server.disclosure import ReceivedFields
 from server.fleet import retrying
 from server.server_app import ServerRun, finish_run, start_run
 from simulations.batched import BATCHED_MODELS, BatchTrainer, batches, device_round, planned_size
-from simulations.forked import forked_results
+from simulations.forked import SharedRegions, forked_results
 
 TRANSPORT = {"grid": "vectorized", "engine": "simulation", "network": False}
 
@@ -178,6 +178,7 @@ class Fleet:
         self.slicer = slicer_cached(config)
         self.user_rows: dict[int, dict[str, np.ndarray]] = {}
         self._data: dict[int, ClientData] = {}
+        self._uploads = SharedRegions()  # the forked workers' uploads, one region per device of a round
 
     def __len__(self) -> int:
         return len(self.slicer)
@@ -244,12 +245,14 @@ class Fleet:
         workers = round_workers(len(present))
         shares = balanced_shares(costs, workers)
 
-        def share(index: int) -> Iterator[tuple[tuple[int, int, dict, dict[str, np.ndarray]], int, list[list]]]:
+        def share(index: int) -> Iterator[tuple[tuple[int, int, dict, dict[str, np.ndarray]], list[list]]]:
             return self._train_batches([planned[b] for b in shares[index]], layout, before, shared, server_round)
 
         replies: dict[int, FitRes] = {}
-        stream = forked_results(share, workers, len(present), upload_bytes(layout, self.config)) if workers > 1 else \
-            ((small, [b"".join(parts) for parts in tensors]) for small, _, tensors in share(0))
+        region = upload_bytes(layout, self.config)
+        sizes = [sum(len(planned[b]) for b in batches_of) for batches_of in shares]
+        stream = forked_results(share, sizes, self._uploads.claim(len(present) * region), region) if workers > 1 \
+            else ((small, [b"".join(parts) for parts in tensors]) for small, tensors in share(0))
         for (position, weight, metrics, user_rows), tensors in stream:
             self.user_rows[present[position][1]] = user_rows
             replies[position] = FitRes(Status(Code.OK, ""), Parameters(tensors, TENSOR_TYPE), weight, metrics)
@@ -257,8 +260,8 @@ class Fleet:
 
     def _train_batches(self, planned: list[list[tuple[int, int, TrainConfig]]], layout: UpdateLayout,
                        before: dict[str, np.ndarray], shared: list[np.ndarray],
-                       server_round: int) -> Iterator[tuple[tuple[int, int, dict, dict[str, np.ndarray]], int, list[list]]]:
-        """Each device's ``((position, weight, metrics, user rows after), position, upload)`` for every batch of
+                       server_round: int) -> Iterator[tuple[tuple[int, int, dict, dict[str, np.ndarray]], list[list]]]:
+        """Each device's ``((position, weight, metrics, user rows after), upload)`` for every batch of
         ``(position, partition, config)``; the upload as each tensor's buffers (:func:`common.wire.tensor_parts`)."""
         for batch in planned:
             train_config = batch[0][2]
@@ -269,7 +272,7 @@ class Fleet:
             seconds = (time.perf_counter() - started) / len(batch)
             for (position, partition, _), result in zip(batch, trained, strict=True):
                 sent, weight, metrics = self._reply(layout, before, shared, partition, result, seconds, server_round)
-                yield (position, weight, metrics, result.user_after), position, [tensor_parts(a) for a in sent]
+                yield (position, weight, metrics, result.user_after), [tensor_parts(a) for a in sent]
 
     def _reply(self, layout: UpdateLayout, before: dict[str, np.ndarray], shared: list[np.ndarray], partition: int,
                result, seconds: float, server_round: int) -> tuple[list[np.ndarray], int, dict]:  # type: ignore[no-untyped-def]

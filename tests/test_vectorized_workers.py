@@ -11,7 +11,7 @@ from common.config import fused_run_config, parse_run_config
 from common.federation import slicer_cached
 from common.models import build_model
 from simulations.batched import device_round, planned_size
-from simulations.forked import forked_results
+from simulations.forked import SharedRegions, forked_results
 from simulations.vectorized import DeviceProxy, Fleet
 
 FLEET = {"dataset": "synthetic", "synthetic-users": 40, "synthetic-items": 150, "synthetic-mean-interactions": 20,
@@ -62,7 +62,7 @@ def test_a_round_in_three_forked_workers_gives_the_in_process_replies_bit_for_bi
 
 def _work(share: int):
     for index in range(3):
-        yield (share, index), 3 * share + index, _tensors(share, index)
+        yield (share, index), _tensors(share, index)
     if share == 1:
         raise ValueError("share 1 broke")
 
@@ -78,7 +78,7 @@ def _expected(share: int, index: int) -> list[bytes]:
 def test_a_failing_worker_raises_in_the_parent_with_its_traceback():
     got = []
     with pytest.raises(RuntimeError, match="(?s)worker 1 failed.*share 1 broke"):
-        for small, tensors in forked_results(_work, 2, regions=6, region_bytes=1024):
+        for small, tensors in forked_results(_work, [3, 3], SharedRegions().claim(6 * 1024), 1024):
             got.append(small)
             assert [bytes(t) for t in tensors] == _expected(*small)
     assert set(got) <= {(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)}
@@ -87,9 +87,29 @@ def test_a_failing_worker_raises_in_the_parent_with_its_traceback():
 @pytest.mark.parametrize("region_bytes", [1024, 200])  # 200: the largest results do not fit and travel pickled
 def test_every_result_of_every_share_arrives_with_its_bytes(region_bytes):
     def work(share):
-        return (((share, index), 40 * share + index, _tensors(share, index)) for index in range(40))
+        return (((share, index), _tensors(share, index)) for index in range(40))
 
-    got = {small: [bytes(t) for t in tensors] for small, tensors in forked_results(work, 3, 120, region_bytes)}
+    # share 1 has regions for 30 results: its last 10 travel pickled and leave share 2's regions alone
+    memory = SharedRegions().claim(110 * region_bytes)
+    got = {small: [bytes(t) for t in tensors] for small, tensors in forked_results(work, [40, 30, 40], memory, region_bytes)}
     assert sorted(got) == [(share, index) for share in range(3) for index in range(40)]
     for (share, index), tensors in got.items():
         assert tensors == _expected(share, index)
+
+
+def test_shared_memory_is_handed_out_again_only_when_no_result_of_it_is_read_any_more():
+    def work(share):
+        return (((share, index), _tensors(share, index)) for index in range(10))
+
+    regions = SharedRegions()
+    first = regions.claim(20 * 1024)
+    kept = [(small, tensors) for small, tensors in forked_results(work, [10, 10], first, 1024) if small == (1, 3)]
+    second = regions.claim(20 * 1024)
+    assert second is not first  # a view of the first round's memory is alive: writing there would change it
+    assert [bytes(t) for t in kept[0][1]] == _expected(1, 3)
+    got = {small: [bytes(t) for t in tensors] for small, tensors in forked_results(work, [10, 10], second, 1024)}
+    assert got == {(share, index): _expected(share, index) for share in range(2) for index in range(10)}
+    assert [bytes(t) for t in kept[0][1]] == _expected(1, 3)  # the old result unchanged by the new round
+    del got, kept
+    assert regions.claim(20 * 1024) is second  # nothing reads it now
+    assert regions.claim(40 * 1024) is not second  # too small for the larger round
