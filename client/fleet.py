@@ -62,17 +62,24 @@ def _rng(config: FedRecConfig, stream: int, key: int, *when: int) -> np.random.G
 
 
 def device_traits(config: FedRecConfig, key: int) -> DeviceTraits:
-    """The traits of the device with stable ``key`` (its partition-id)."""
+    """The traits of the device with stable ``key`` (its partition-id).
+
+    A trait whose fraction is 0 draws nothing (a draw in [0, 1) is never below 0, and every
+    trait has a stream of its own): three generators per device per round took 0.4 s of a
+    6,040-device round of the vectorized backend.
+    """
     last = config.num_server_rounds
-    straggler = bool(_rng(config, _STRAGGLER, key).random() < config.straggler_fraction)
+    straggler = config.straggler_fraction > 0 and bool(_rng(config, _STRAGGLER, key).random() < config.straggler_fraction)
     joins_at = 1
-    join = _rng(config, _JOIN, key)
-    if join.random() < config.late_join_fraction and last >= 2:
-        joins_at = int(join.integers(2, last + 1))
+    if config.late_join_fraction > 0 and last >= 2:
+        join = _rng(config, _JOIN, key)
+        if join.random() < config.late_join_fraction:
+            joins_at = int(join.integers(2, last + 1))
     leaves_at = last + 1
-    leave = _rng(config, _LEAVE, key)
-    if leave.random() < config.leave_fraction and joins_at < last:
-        leaves_at = int(leave.integers(joins_at + 1, last + 1))
+    if config.leave_fraction > 0 and joins_at < last:
+        leave = _rng(config, _LEAVE, key)
+        if leave.random() < config.leave_fraction:
+            leaves_at = int(leave.integers(joins_at + 1, last + 1))
     return DeviceTraits(straggler, joins_at, leaves_at)
 
 

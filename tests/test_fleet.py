@@ -17,7 +17,7 @@ from flwr.app.message_type import MessageType
 from flwr.common.constant import ErrorCode
 from flwr.supercore.task_identity import TaskIdentity
 
-from client.fleet import FIT_CONFIG_KEY, LOCAL_EPOCHS_KEY, absence, device_traits, fleet_mod, round_epochs
+from client.fleet import FIT_CONFIG_KEY, LOCAL_EPOCHS_KEY, DeviceTraits, absence, device_traits, fleet_mod, round_epochs
 from common.config import ConfigError, parse_run_config
 from server.fleet import DeadlineGrid, with_deadline
 from server.strategy import progress_line
@@ -42,6 +42,20 @@ def test_traits_follow_the_configured_shares_and_replay_exactly():
     other_seed = _config(**{"seed": 7, "straggler-fraction": 0.2, "late-join-fraction": 0.3, "leave-fraction": 0.1,
                             "num-server-rounds": 20})
     assert traits != [device_traits(other_seed, key) for key in range(4000)]
+
+
+def test_each_trait_keeps_its_draws_whatever_the_other_knobs_and_none_is_drawn_at_zero(monkeypatch):
+    rounds = {"num-server-rounds": 20}
+    alone = [device_traits(_config(**{"straggler-fraction": 0.2, **rounds}), key) for key in range(500)]
+    leaving = [device_traits(_config(**{"leave-fraction": 0.3, **rounds}), key) for key in range(500)]
+    both = [device_traits(_config(**{"straggler-fraction": 0.2, "leave-fraction": 0.3, **rounds}), key)
+            for key in range(500)]
+    assert [t.straggler for t in both] == [t.straggler for t in alone] and any(t.straggler for t in both)
+    assert [t.leaves_at for t in both] == [t.leaves_at for t in leaving] and any(t.leaves_at <= 20 for t in both)
+    plain = _config(**rounds)
+    monkeypatch.setattr("client.fleet._rng", lambda *args: pytest.fail("a trait of fraction 0 drew a number"))
+    assert {device_traits(plain, key) for key in range(50)} == {DeviceTraits(False, 1, 21)}
+    assert absence(plain, 3, 5) == ""
 
 
 def test_dropout_draws_are_per_round_and_do_not_move_with_other_knobs():
@@ -113,7 +127,7 @@ def test_mod_refuses_for_absent_devices_and_sets_epochs_for_present_ones(task_id
 
 
 def test_mod_drops_stragglers_past_the_deadline_on_virtual_time_only(task_identity):
-    run_config = fused_run_config({"straggler-fraction": 0.5, "straggler-slowdown": 1e6, "round-deadline": 60.0})
+    run_config = fused_run_config({"straggler-fraction": 0.5, "straggler-slowdown": 1e12, "round-deadline": 60.0})
     config = parse_run_config(run_config)
     slow = _first_key(config, lambda k: device_traits(config, k).straggler)
     fast = _first_key(config, lambda k: not device_traits(config, k).straggler)
