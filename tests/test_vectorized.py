@@ -109,8 +109,11 @@ def test_user_dp_same_model_metrics_and_epsilon(tmp_path, monkeypatch):
     assert eps[0] == eps[1] and eps[1][-1] > 0
 
 
+@pytest.mark.parametrize("lookup", [True, False])  # False: examples find their rows by a search of the sorted keys
 @pytest.mark.parametrize("model,loss,optimizer", [("gmf", "bce", "adam"), ("mf", "mse", "adam"), ("gmf", "bpr", "sgd")])
-def test_batched_devices_train_as_each_device_alone(model, loss, optimizer):
+def test_batched_devices_train_as_each_device_alone(model, loss, optimizer, lookup, monkeypatch):
+    if not lookup:
+        monkeypatch.setattr("simulations.batched._LOOKUP_ENTRIES", 0)
     settings = {**SMALL, "model": model, "loss": loss, "local-optimizer": optimizer, "local-epochs": 3,
                 "user-learning-rate": 0.01, "shared-adam-epsilon": 1e-3}
     config = parse_run_config(fused_run_config(settings))
