@@ -69,11 +69,10 @@ import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 import torch
-from opacus import PrivacyEngine
-from opacus.accountants.analysis import rdp as privacy_analysis
-from opacus.accountants.utils import get_noise_multiplier
 from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
@@ -81,6 +80,12 @@ from torch.utils.data import DataLoader, TensorDataset
 from common.federation import ClientData
 from common.models import RecModel
 from common.training import Examples, PositiveSet, TrainConfig, build_examples, make_optimizer
+
+# Opacus is imported where record-level DP uses it, not with this module: the import takes
+# about 1.9 s (it loads torch.distributed, sympy and scipy), which every Ray worker of every
+# simulation paid, and every ClientApp start, with or without record-level DP.
+if TYPE_CHECKING:
+    from opacus import PrivacyEngine
 
 GRAD_SAMPLE_MODES = ("ghost", "hooks")
 # Ghost clipping never materialises per-example gradients of the embedding tables
@@ -184,6 +189,8 @@ def history_epsilon(history: History, delta: float) -> float:
     if not events:
         return 0.0
     rdp = sum(steps * np.asarray(_rdp_per_step(z, q)) for z, q, steps in events)
+    from opacus.accountants.analysis import rdp as privacy_analysis
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")
         eps, _ = privacy_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
@@ -192,6 +199,8 @@ def history_epsilon(history: History, delta: float) -> float:
 
 @lru_cache(maxsize=4096)
 def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, ...]:
+    from opacus.accountants.analysis import rdp as privacy_analysis
+
     curve = privacy_analysis.compute_rdp(q=sample_rate, noise_multiplier=noise_multiplier, steps=1, orders=list(RDP_ORDERS))
     return tuple(float(v) for v in curve)
 
@@ -199,6 +208,8 @@ def _rdp_per_step(noise_multiplier: float, sample_rate: float) -> tuple[float, .
 @lru_cache(maxsize=1024)
 def _noise_for_target(target_epsilon: float, delta: float, sample_rate: float, steps: int) -> float:
     """Opacus' binary search (1-5 s), once per process for each setting."""
+    from opacus.accountants.utils import get_noise_multiplier
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")  # probes far from the answer
         return float(
@@ -415,6 +426,8 @@ def private_local_epochs(
 
 
 def _engine() -> PrivacyEngine:
+    from opacus import PrivacyEngine
+
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         return PrivacyEngine(accountant="rdp")

@@ -26,10 +26,15 @@ import logging
 import math
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import dp_accounting
 import numpy as np
-from dp_accounting import pld, rdp
+
+# dp-accounting is imported where an accountant is built or an event described: the import
+# takes about 0.85 s (it loads scipy.signal and scipy.stats), which every ClientApp paid for
+# SecureGaussian alone.
+if TYPE_CHECKING:
+    import dp_accounting
 
 # dp-accounting logs a warning for every RDP order whose series does not converge and is
 # dropped from the minimum; that is expected for small orders at large q and not actionable.
@@ -156,6 +161,8 @@ class UserLevelDP:
 
     def round_event(self, server_round: int = 2) -> dp_accounting.DpEvent:
         """Round ``server_round`` of the mechanism as a dp-accounting event (any round but the first by default)."""
+        import dp_accounting
+
         z = self.noise_multiplier_at(server_round)
         if self.sampling == "poisson":
             return dp_accounting.PoissonSampledDpEvent(self.sampling_rate, dp_accounting.GaussianDpEvent(z))
@@ -165,6 +172,8 @@ class UserLevelDP:
 
     def rounds_event(self, rounds: int) -> dp_accounting.DpEvent:
         """Rounds 1 to ``rounds`` composed: round 1's own event, then the others self-composed."""
+        import dp_accounting
+
         if self.first_round_noise == 1.0:
             return dp_accounting.SelfComposedDpEvent(self.round_event(), rounds)
         events = [self.round_event(1)]
@@ -250,6 +259,9 @@ def calibrate_noise(
 
 
 def _accountant(name: str, sampling: str) -> dp_accounting.PrivacyAccountant:
+    import dp_accounting
+    from dp_accounting import pld, rdp
+
     relation = (
         dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
         if sampling == "poisson"

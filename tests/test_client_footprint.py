@@ -42,9 +42,14 @@ config = parse_run_config(run_config)
 shared = list(build_model(config.model_config, 0, config.synthetic_items, seed=1).shared_state().values())
 upload, weight, metrics = client.fit(shared, {"server-round": 1})
 _, users, evaluation = client.evaluate([a + 0.0 for a in shared], {})
+# A device under record-level DP (Opacus) as well: what it imports must be listed too.
+private_config = get_fused_config_from_dir(Path(sys.argv[2]), {**overrides, "record-dp": True})
+private = FedRecClient(Context(run_id=1, node_id=2, node_config=node, state=RecordDict(), run_config=private_config))
+_, _, private_metrics = private.fit(shared, {"server-round": 1})
 print(json.dumps({
     "threads": torch.get_num_threads(), "weight": weight, "arrays": len(upload), "users": users,
     "loss": metrics["train_loss"], "hr_count": evaluation["test_count"],
+    "record_epsilon": private_metrics.get("record_epsilon", 0.0),
     "modules": sorted({m.split(".")[0] for m in sys.modules}),
 }))
 """
@@ -60,6 +65,7 @@ def test_client_app_trains_and_evaluates_with_server_and_simulation_packages_blo
     assert device["threads"] == 1  # the node-config thread limit is honoured
     assert device["weight"] > 0 and device["arrays"] > 0 and device["loss"] > 0
     assert device["users"] == 1 and device["hr_count"] == 1
+    assert device["record_epsilon"] > 0  # the private device trained with Opacus and spent budget
     assert not set(device["modules"]) & set(SERVER_OR_SIMULATION_ONLY)
     # What the device imported of fedrec's own dependencies is exactly client/requirements.txt.
     pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
