@@ -28,6 +28,7 @@ import itertools
 import mmap
 import multiprocessing
 import os
+import sys
 import traceback
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from multiprocessing.connection import Connection, wait
@@ -100,11 +101,10 @@ def forked_results(work: Callable[[int], Iterable[Result]], sizes: Sequence[int]
     _return_free_memory()
     view = memoryview(memory).toreadonly()
     workers, pipes = [], []
-    for share, first in enumerate(itertools.accumulate(sizes, initial=0)):
-        if share == len(sizes):
-            break
+    starts = list(itertools.accumulate(sizes, initial=0))
+    for share, size in enumerate(sizes):
         receive, send = context.Pipe(duplex=False)
-        regions = range(first, min(first + sizes[share], len(memory) // max(1, region_bytes)))
+        regions = range(starts[share], min(starts[share] + size, len(memory) // max(1, region_bytes)))
         process = context.Process(target=_serve, args=(work, share, send, memory, regions, region_bytes), daemon=True)
         process.start()
         send.close()  # the parent's copy: the worker's end closing is what ends the pipe
@@ -150,18 +150,19 @@ def _drain(pipe: Connection, open_pipes: list, share: int, view: memoryview,  # 
 
 
 # Results a worker sends per message: one message per result cost the worker 0.15 ms in its
-# write (the parent woken for each) and the parent as much again.
+# write (the parent woken for each, cProfile of a worker).
 _RESULTS_PER_MESSAGE = 32
 
 # Linux's madvise(MADV_POPULATE_WRITE) (5.14 and later): maps a range's pages at once, where
 # writing a half-megabyte upload into shared memory took 116 page faults, 0.13 ms.
-_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
+# Python 3.11's mmap module does not name it; 23 is its value in Linux's headers, and only there.
+_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23 if sys.platform.startswith("linux") else None)
 
 
 def _map_for_writing(memory: mmap.mmap, start: int, stop: int) -> None:
     """Map the pages of ``memory[start:stop]`` into this process in one call (nothing when the kernel cannot)."""
     start -= start % mmap.PAGESIZE
-    if stop > start and hasattr(memory, "madvise"):
+    if stop > start and _POPULATE_WRITE is not None and hasattr(memory, "madvise"):
         try:
             memory.madvise(_POPULATE_WRITE, start, stop - start)
         except (OSError, ValueError):  # an older kernel, or not Linux: the writes fault the pages in
