@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -230,6 +231,9 @@ def run_in_process(
         "init_args": {"num_cpus": os.cpu_count() or 1, "logging_level": "ERROR", "log_to_driver": verbose},
     }
     _SERVER_CONTEXTS[:] = [context]
+    # Ray's start prints a tip that a future Ray will stop hiding GPUs from actors given
+    # num_gpus=0; fedrec's devices train on CPU either way, so the tip is console noise.
+    warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
     try:
         with tempfile.TemporaryDirectory(prefix="fedrec-app-") as config_dir:
             write_app_config(Path(config_dir))
