@@ -43,6 +43,14 @@ def test_fedavg_applies_the_row_wise_mean_times_the_server_learning_rate(tmp_pat
     assert summary["clients_ok"] == 2 and summary["item_rows_updated"] == 2
 
 
+@pytest.mark.parametrize("name", ["fedavg", "fedadam"])
+def test_the_inner_flower_strategy_adds_no_warning_to_the_console(tmp_path, caplog, name):
+    strategy = _strategy(tmp_path, strategy=name)
+    with caplog.at_level("WARNING"):
+        strategy.aggregate_fit(1, [_result(1, _after(1.0, 1.0), [0])], [])
+    assert "fit_metrics_aggregation_fn" not in caplog.text
+
+
 def test_the_decayed_server_learning_rate_scales_later_rounds(tmp_path):
     strategy = _strategy(tmp_path, strategy="fedavg", **{
         "server-learning-rate": 2.0, "server-learning-rate-decay": 0.5, "server-learning-rate-decay-from": 1,
