@@ -68,7 +68,6 @@ import secrets
 import warnings
 from dataclasses import dataclass
 from functools import lru_cache
-
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -188,9 +187,9 @@ def history_epsilon(history: History, delta: float) -> float:
     events = [(z, q, steps) for z, q, steps in _normalise(history) if steps > 0]
     if not events:
         return 0.0
-    rdp = sum(steps * np.asarray(_rdp_per_step(z, q)) for z, q, steps in events)
     from opacus.accountants.analysis import rdp as privacy_analysis
 
+    rdp = sum(steps * np.asarray(_rdp_per_step(z, q)) for z, q, steps in events)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Optimal order is the")
         eps, _ = privacy_analysis.get_privacy_spent(orders=list(RDP_ORDERS), rdp=rdp, delta=delta)
